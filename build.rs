@@ -1,0 +1,5 @@
+include!("fast/link_libtorch.rs");
+
+fn main() {
+    link_libtorch();
+}

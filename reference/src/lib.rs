@@ -1,0 +1,1 @@
+//! The oracle: every MiniMind pretraining component in plain float64 ndarray.

@@ -1,0 +1,1 @@
+//! The harness: fixtures and verification shared by `verify`, `tests/` and `benches/`.
