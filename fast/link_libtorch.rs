@@ -3,19 +3,21 @@
 // The linker drops libtorch_cuda.so under --as-needed because no symbol of ours names it,
 // and CUDA is then silently unavailable at run time. Link it explicitly, and put the
 // libtorch lib dir in the rpath so the binaries run without LD_LIBRARY_PATH.
+#[allow(dead_code)]
+fn libtorch_lib_dir() -> Option<std::path::PathBuf> {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(Into::into)
+}
+
 fn link_libtorch() {
-    let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        Ok(lib) => lib,
-        Err(_) => {
-            println!("cargo:warning=DEP_TCH_LIBTORCH_LIB is not set; run `make setup` first");
-            return;
-        }
+    let Some(lib) = libtorch_lib_dir() else {
+        println!("cargo:warning=DEP_TCH_LIBTORCH_LIB is not set; run `make setup` first");
+        return;
     };
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
 }

@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine: `make pretrain` and `make test`.
+# Set-up is idempotent: a second run installs nothing.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+TORCH_VERSION := 2.11.0
+# Stamp files record what is installed, so re-running set-up costs nothing.
+TORCH_STAMP := $(VENV)/.stamp-torch-$(TORCH_VERSION)
+EXTRAS_STAMP := $(VENV)/.stamp-extras-1
+
+.PHONY: setup test pretrain release doctor verify bench clean-venv
+
+setup: $(TORCH_STAMP) $(EXTRAS_STAMP)
+
+$(TORCH_STAMP):
+	@command -v python3 >/dev/null || { echo "python3 is needed to install libtorch (torch==$(TORCH_VERSION))"; exit 1; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check --quiet "torch==$(TORCH_VERSION)"
+	# tch finds libtorch through this link (.cargo/config.toml sets LIBTORCH=.venv/libtorch).
+	ln -sfn "$$($(PY) -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null)" $(VENV)/libtorch
+	test -f $(VENV)/libtorch/lib/libtorch_cpu.so
+	touch $@
+
+# Python packages used only by tests that compare against the Python ecosystem.
+$(EXTRAS_STAMP): $(TORCH_STAMP)
+	$(PY) -m pip install --disable-pip-version-check --quiet numpy
+	touch $@
+
+test: setup
+	cargo test --workspace
+
+pretrain: setup
+	cargo run --release -p fast -- pretrain
+
+release: setup
+	cargo build --release --workspace
+
+doctor: setup
+	cargo run --release -p fast -- doctor
+
+verify: setup
+	cargo run --release -p harness --bin verify -- --fixtures golden/minimind --path reference
+	cargo run --release -p harness --bin verify -- --fixtures golden/minimind --path fast --device cpu --precision fp32
+
+bench: setup
+	cargo bench --workspace
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,95 @@
+// libtorch's multi-tensor ("foreach") and fused optimizer ops, which tch's generated API does not
+// expose. Each entry point takes arrays of `at::Tensor*` (tch's C_tensor), never throws into Rust,
+// and returns nullptr on success or a malloc'd error message the caller frees with mm_free_error.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_sub.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/_foreach_zero.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/stack.h>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+std::vector<at::Tensor> list(at::Tensor **ts, int64_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+
+char *error(const char *what) {
+  char *s = static_cast<char *>(std::malloc(std::strlen(what) + 1));
+  std::strcpy(s, what);
+  return s;
+}
+
+template <typename F>
+char *guard(F f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error(e.what());
+  } catch (...) {
+    return error("unknown C++ exception");
+  }
+}
+}  // namespace
+
+extern "C" {
+void mm_free_error(char *e) { std::free(e); }
+
+// torch.optim.AdamW(fused=True) for one step: params, grads, exp_avg, exp_avg_sq and step
+// counters (float32 scalars, incremented in place) are parallel arrays of n tensors. `lr` is a
+// one-element float tensor on the params' device, so a captured graph can replay with new rates.
+// grad_scale / found_inf may be null (fp16 scaler: grads are unscaled and the step skipped inside).
+char *mm_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **exp_avgs,
+                     at::Tensor **exp_avg_sqs, at::Tensor **steps, int64_t n, at::Tensor *lr,
+                     double beta1, double beta2, double weight_decay, double eps,
+                     at::Tensor *grad_scale, at::Tensor *found_inf) {
+  return guard([&] {
+    std::optional<at::Tensor> gs, fi;
+    if (grad_scale) gs = *grad_scale;
+    if (found_inf) fi = *found_inf;
+    auto st = list(steps, n);
+    // As torch/optim/adamw.py does: the kernel reads the already-incremented step, and a step
+    // skipped for non-finite grads (fp16) does not count.
+    at::_foreach_add_(st, 1);
+    at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {},
+                      st, *lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                      /*maximize=*/false, gs, fi);
+    if (fi) at::_foreach_sub_(st, std::vector<at::Tensor>(n, fi->reshape({})));
+  });
+}
+
+// clip_grad_norm_: total = ||all grads||_2 jointly; grads *= min(1, max_norm / (total + 1e-6)).
+// Writes the total (before clipping) into *total_out. No host synchronisation.
+char *mm_clip_grad_norm(at::Tensor **grads, int64_t n, double max_norm, at::Tensor **total_out) {
+  return guard([&] {
+    auto gs = list(grads, n);
+    auto norms = at::_foreach_norm(gs, 2);
+    auto total = at::linalg_vector_norm(at::stack(norms), 2);
+    auto coef = total.add(1e-6).reciprocal().mul(max_norm).clamp_max(1.0);
+    at::_foreach_mul_(gs, coef);
+    *total_out = new at::Tensor(total);
+  });
+}
+
+// GradScaler.unscale_: grads *= inv_scale; found_inf = 1 if any grad is non-finite.
+char *mm_unscale(at::Tensor **grads, int64_t n, at::Tensor *found_inf, at::Tensor *inv_scale) {
+  return guard([&] {
+    auto gs = list(grads, n);
+    at::_amp_foreach_non_finite_check_and_unscale_(gs, *found_inf, *inv_scale);
+  });
+}
+
+char *mm_zero(at::Tensor **ts, int64_t n) {
+  return guard([&] { at::_foreach_zero_(list(ts, n)); });
+}
+}

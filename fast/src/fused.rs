@@ -1,0 +1,273 @@
+//! Safe wrappers over fast/csrc/ops.cpp: libtorch's multi-tensor kernels (fused AdamW, foreach
+//! norm/mul/zero, AMP unscale) that tch's generated API does not expose. One launch (or a few)
+//! per step instead of several per parameter, and no host synchronisation.
+use anyhow::{anyhow, Result};
+use std::ffi::{c_char, CStr};
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn mm_free_error(e: *mut c_char);
+    fn mm_fused_adamw(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        steps: *const *mut C_tensor,
+        n: i64,
+        lr: *mut C_tensor,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        grad_scale: *mut C_tensor,
+        found_inf: *mut C_tensor,
+    ) -> *mut c_char;
+    fn mm_clip_grad_norm(
+        grads: *const *mut C_tensor,
+        n: i64,
+        max_norm: f64,
+        total_out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn mm_unscale(
+        grads: *const *mut C_tensor,
+        n: i64,
+        found_inf: *mut C_tensor,
+        inv_scale: *mut C_tensor,
+    ) -> *mut c_char;
+    fn mm_zero(ts: *const *mut C_tensor, n: i64) -> *mut c_char;
+}
+
+fn ptrs(ts: &[Tensor]) -> Vec<*mut C_tensor> {
+    ts.iter().map(|t| t.as_ptr() as *mut C_tensor).collect()
+}
+
+fn opt_ptr(t: Option<&Tensor>) -> *mut C_tensor {
+    t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut C_tensor)
+}
+
+fn check(what: &str, err: *mut c_char) -> Result<()> {
+    if err.is_null() {
+        return Ok(());
+    }
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { mm_free_error(err) };
+    Err(anyhow!("{what}: {msg}"))
+}
+
+fn same_len(what: &str, lens: &[usize]) -> Result<()> {
+    if lens.windows(2).any(|w| w[0] != w[1]) {
+        return Err(anyhow!("{what}: tensor lists differ in length: {lens:?}"));
+    }
+    Ok(())
+}
+
+/// Hyper-parameters of torch.optim.AdamW.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWHyper {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// One fused AdamW step (torch's `_fused_adamw_`, the kernel behind `AdamW(fused=True)`).
+/// `steps` are float32 scalars on the params' device, incremented in place; `lr` a one-element
+/// float32 tensor on that device. With `grad_scale`/`found_inf` (fp16), grads are unscaled inside
+/// and the whole step is skipped when `found_inf` is non-zero.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    steps: &[Tensor],
+    lr: &Tensor,
+    h: AdamWHyper,
+    grad_scale: Option<&Tensor>,
+    found_inf: Option<&Tensor>,
+) -> Result<()> {
+    same_len(
+        "fused AdamW",
+        &[
+            params.len(),
+            grads.len(),
+            exp_avgs.len(),
+            exp_avg_sqs.len(),
+            steps.len(),
+        ],
+    )?;
+    let (p, g, m, v, s) = (
+        ptrs(params),
+        ptrs(grads),
+        ptrs(exp_avgs),
+        ptrs(exp_avg_sqs),
+        ptrs(steps),
+    );
+    let err = unsafe {
+        mm_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.as_ptr(),
+            params.len() as i64,
+            lr.as_ptr() as *mut C_tensor,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            opt_ptr(grad_scale),
+            opt_ptr(found_inf),
+        )
+    };
+    check("fused AdamW", err)
+}
+
+/// `clip_grad_norm_`: returns the joint L2 norm before clipping (a device scalar) and scales the
+/// grads in place by `min(1, max_norm / (total + 1e-6))`.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<Tensor> {
+    let g = ptrs(grads);
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let err = unsafe { mm_clip_grad_norm(g.as_ptr(), grads.len() as i64, max_norm, &mut out) };
+    check("clip_grad_norm", err)?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// GradScaler.unscale_: grads *= inv_scale, found_inf set to 1 if any element is not finite.
+pub fn unscale(grads: &[Tensor], found_inf: &Tensor, inv_scale: &Tensor) -> Result<()> {
+    let g = ptrs(grads);
+    let err = unsafe {
+        mm_unscale(
+            g.as_ptr(),
+            grads.len() as i64,
+            found_inf.as_ptr() as *mut C_tensor,
+            inv_scale.as_ptr() as *mut C_tensor,
+        )
+    };
+    check("unscale", err)
+}
+
+/// Zero every tensor in one multi-tensor launch.
+pub fn zero(ts: &[Tensor]) -> Result<()> {
+    let p = ptrs(ts);
+    check("zero", unsafe { mm_zero(p.as_ptr(), ts.len() as i64) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// Fused AdamW equals torch's AdamW update written out (DESIGN.md), one step, fp32 on the CPU.
+    #[test]
+    fn fused_adamw_matches_the_written_out_update() {
+        tch::manual_seed(0);
+        let p0 = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let g = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let p = p0.copy();
+        let m = p0.zeros_like();
+        let v = p0.zeros_like();
+        let step = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        let lr = Tensor::from(1e-2f32);
+        let h = AdamWHyper {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        adamw_step(
+            &[p.shallow_clone()],
+            &[g.shallow_clone()],
+            &[m],
+            &[v],
+            &[step.shallow_clone()],
+            &lr,
+            h,
+            None,
+            None,
+        )
+        .unwrap();
+        let (lr, b1, b2) = (1e-2, 0.9, 0.999);
+        let expect_m = &g * (1.0 - b1);
+        let expect_v = &g * &g * (1.0 - b2);
+        let mhat = expect_m / (1.0 - b1);
+        let vhat = expect_v / (1.0 - b2);
+        let expect = &p0 * (1.0 - lr * 0.1) - mhat / (vhat.sqrt() + 1e-8) * lr;
+        let err = f64::try_from((&p - &expect).abs().max()).unwrap();
+        // fp32: a handful of roundings of O(1) values, so ~1e-7 each; 1e-6 is 10 ulps of slack.
+        assert!(err < 1e-6, "max abs error {err}");
+        assert_eq!(f64::try_from(step).unwrap(), 1.0);
+    }
+
+    /// clip_grad_norm scales by max/(total+1e-6) only when that is below 1, and reports the total.
+    #[test]
+    fn clip_scales_only_above_the_threshold() {
+        let a = Tensor::from_slice(&[3.0f32, 0.0]);
+        let b = Tensor::from_slice(&[4.0f32]);
+        let total = clip_grad_norm(&[a.shallow_clone(), b.shallow_clone()], 1.0).unwrap();
+        assert!((f64::try_from(&total).unwrap() - 5.0).abs() < 1e-6);
+        let coef = 1.0 / (5.0 + 1e-6);
+        assert!((f64::try_from(a.get(0)).unwrap() - 3.0 * coef).abs() < 1e-6);
+        let total = clip_grad_norm(&[a.shallow_clone(), b.shallow_clone()], 10.0).unwrap();
+        assert!((f64::try_from(&total).unwrap() - 1.0).abs() < 1e-5);
+        assert!(
+            (f64::try_from(a.get(0)).unwrap() - 3.0 * coef).abs() < 1e-6,
+            "no clip below max"
+        );
+    }
+
+    /// With fp16's found_inf set, the fused step changes nothing and the step count stays.
+    #[test]
+    fn fused_adamw_skips_when_found_inf() {
+        let p = Tensor::from_slice(&[1.0f32, 2.0]);
+        let q = Tensor::from_slice(&[3.0f32]);
+        let g = [
+            Tensor::from_slice(&[0.5f32, 0.5]),
+            Tensor::from_slice(&[0.5f32]),
+        ];
+        let zeros = |t: &Tensor| t.zeros_like();
+        let steps = [
+            Tensor::zeros([], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([], (Kind::Float, Device::Cpu)),
+        ];
+        let found = Tensor::ones([1], (Kind::Float, Device::Cpu));
+        let scale = Tensor::ones([1], (Kind::Float, Device::Cpu));
+        let h = AdamWHyper {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let params = [p.shallow_clone(), q.shallow_clone()];
+        adamw_step(
+            &params,
+            &g,
+            &[zeros(&p), zeros(&q)],
+            &[zeros(&p), zeros(&q)],
+            &steps,
+            &Tensor::from(0.1f32),
+            h,
+            Some(&scale),
+            Some(&found),
+        )
+        .unwrap();
+        assert_eq!(Vec::<f32>::try_from(&p).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(Vec::<f32>::try_from(&q).unwrap(), vec![3.0]);
+        assert_eq!(f64::try_from(&steps[1]).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn unscale_flags_non_finite_and_zero_clears() {
+        let g = Tensor::from_slice(&[2.0f32, f32::INFINITY]);
+        let found = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        let inv = Tensor::from_slice(&[0.5f32]);
+        unscale(&[g.shallow_clone()], &found, &inv).unwrap();
+        assert_eq!(f64::try_from(found.get(0)).unwrap(), 1.0);
+        assert_eq!(f64::try_from(g.get(0)).unwrap(), 1.0);
+        zero(&[g.shallow_clone()]).unwrap();
+        assert_eq!(f64::try_from(g.abs().sum(Kind::Float)).unwrap(), 0.0);
+    }
+}
