@@ -6,7 +6,8 @@ PY    := $(VENV)/bin/python
 TORCH_VERSION := 2.11.0
 # Stamp files record what is installed, so re-running set-up costs nothing.
 TORCH_STAMP := $(VENV)/.stamp-torch-$(TORCH_VERSION)
-EXTRAS_STAMP := $(VENV)/.stamp-extras-1
+EXTRAS_STAMP := $(VENV)/.stamp-extras-2
+CUDA_STAMP   := $(VENV)/.stamp-cuda-toolkit-13.0.2
 
 .PHONY: setup test pretrain release doctor verify bench clean-venv
 
@@ -23,7 +24,8 @@ $(TORCH_STAMP):
 
 # Python packages used only by tests that compare against the Python ecosystem.
 $(EXTRAS_STAMP): $(TORCH_STAMP)
-	$(PY) -m pip install --disable-pip-version-check --quiet numpy
+	# numpy: fixture scripts; transformers: the test that loads our exported folder in Hugging Face.
+	$(PY) -m pip install --disable-pip-version-check --quiet numpy "transformers==5.23.0"
 	touch $@
 
 test: setup

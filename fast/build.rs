@@ -4,6 +4,7 @@ fn main() {
     link_libtorch();
     build_ops();
     build_nccl();
+    build_cuda_graph();
 }
 
 /// fast/csrc/ops.cpp: libtorch's foreach and fused-optimizer ops that tch does not expose.
@@ -80,6 +81,52 @@ fn build_nccl() {
     // libtorch_cuda holds ProcessGroupNCCL; libtorch_cpu holds TCPStore and PrefixStore.
     println!("cargo:rustc-link-search=native={}", lib.display());
     for l in ["torch_cuda", "c10_cuda", "torch_cpu", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={l}");
+    }
+}
+
+/// fast/csrc/cuda_graph.cpp: whole-step CUDA graph capture (at::cuda::CUDAGraph).
+/// Only with `--features cuda` (which also turns on `nccl`): needs the CUDA headers of
+/// `make setup-cuda`.
+fn build_cuda_graph() {
+    println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let lib = libtorch_lib_dir()
+        .expect("feature cuda: DEP_TCH_LIBTORCH_LIB is not set; run `make setup`");
+    let root = lib
+        .parent()
+        .and_then(|p| p.canonicalize().ok())
+        .expect("feature cuda: cannot resolve the libtorch root");
+    let site = root
+        .parent()
+        .expect("feature cuda: libtorch root has no parent");
+    let includes = [
+        root.join("include"),
+        root.join("include/torch/csrc/api/include"),
+        site.join("nvidia/cu13/include"),
+        site.join("nvidia/cu13/include/cccl"),
+    ];
+    if let Some(missing) = includes.iter().find(|d| !d.is_dir()) {
+        panic!(
+            "feature cuda: missing {}; install the CUDA headers with `make setup-cuda`",
+            missing.display()
+        );
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("csrc/cuda_graph.cpp")
+        .includes(&includes);
+    build
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .warnings(false)
+        .compile("mm_cuda_graph");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    for l in ["torch_cuda", "c10_cuda"] {
         println!("cargo:rustc-link-lib=dylib={l}");
     }
 }

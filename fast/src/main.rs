@@ -12,12 +12,32 @@ struct Cli {
 enum Command {
     /// Print libtorch and CUDA facts and measure a bf16 matmul and causal attention per device.
     Doctor(fast::doctor::DoctorArgs),
+    /// Pretrain a MiniMind model (MiniMind's train_pretrain.py options; no options = embedded poems).
+    // A repeated option takes its last value, as with MiniMind's argparse.
+    #[command(args_override_self = true)]
+    Pretrain(fast::cli::PretrainArgs),
+    /// Train MiniMind's byte-level BPE tokenizer on a JSONL corpus.
+    TrainTokenizer(fast::tokenizer_train::TrainTokenizerArgs),
+    /// Check the data-parallel communicator (run under torchrun) and time a gradient all-reduce.
+    DistCheck(fast::dist::selftest::DistCheckArgs),
+    /// Continue a prompt with a model (.pth or .safetensors), streaming text (KV-cached sampling).
+    Generate(fast::generate::GenerateArgs),
+    /// Write a Hugging Face folder (config.json, model.safetensors, tokenizer) from weights.
+    Export(fast::export::ExportArgs),
+    /// Held-out loss and perplexity of a model over a JSONL (token-weighted over counted labels).
+    Eval(fast::eval::EvalArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => fast::doctor::run(&args),
+        Command::Pretrain(args) => fast::train::run(&args).map(|_| ()),
+        Command::TrainTokenizer(args) => fast::tokenizer_train::run(&args),
+        Command::DistCheck(args) => fast::dist::selftest::run(&args),
+        Command::Generate(args) => fast::generate::run(&args),
+        Command::Export(args) => fast::export::run(&args),
+        Command::Eval(args) => fast::eval::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

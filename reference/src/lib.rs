@@ -1,1 +1,28 @@
 //! The oracle: every MiniMind pretraining component in plain float64 ndarray.
+//!
+//! One file per component; each layer is a `forward` / `backward` pair whose doc comment gives the
+//! shapes and what is cached for backward. Activations are 2-D `[N, C]` with `N = B*T` (row
+//! `b*T + t`), matching PyTorch's contiguous `[B, T, C]` layout. Semantics: `shared/DESIGN.md`.
+
+pub mod accumulation;
+pub mod adamw;
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod dataset;
+pub mod embedding;
+pub mod linear;
+pub mod loss;
+pub mod mlp;
+pub mod model;
+pub mod moe;
+pub mod params;
+pub mod rmsnorm;
+pub mod rope;
+pub mod sampler;
+pub mod scaler;
+pub mod schedule;
+pub mod train;
+
+pub use config::ModelConfig;
+pub use params::Params;

@@ -1,0 +1,165 @@
+//! Batches built on worker threads ahead of the training loop.
+//!
+//! The loop hands over the epoch's batches (lists of item indices, already permuted, skipped and
+//! sharded by the samplers); `workers` threads tokenize and lay out rows while the device trains
+//! on earlier batches. At most `depth` batches are in flight (dispatched and not yet taken), so
+//! memory stays bounded however far ahead the workers could run. Batches come out in order;
+//! the time the loop spends blocked waiting for one is recorded, so a run can report what share
+//! of its step time went to waiting for data.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+
+use super::dataset::{counted_labels, Row, TokenDataset};
+
+/// One batch on the host: `rows` x `cols` row-major.
+#[derive(Clone, Debug)]
+pub struct HostBatch {
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub rows: usize,
+    pub cols: usize,
+    /// Labels the shifted loss counts (useful tokens).
+    pub counted_labels: usize,
+}
+
+impl HostBatch {
+    pub fn from_rows(rows: &[Row], cols: usize) -> Self {
+        let mut input_ids = Vec::with_capacity(rows.len() * cols);
+        let mut labels = Vec::with_capacity(rows.len() * cols);
+        let mut counted = 0;
+        for r in rows {
+            input_ids.extend_from_slice(&r.input_ids);
+            labels.extend_from_slice(&r.labels);
+            counted += counted_labels(r);
+        }
+        Self {
+            input_ids,
+            labels,
+            rows: rows.len(),
+            cols,
+            counted_labels: counted,
+        }
+    }
+}
+
+type Job = (usize, Vec<usize>);
+type Done = (usize, Result<HostBatch>);
+
+pub struct Prefetcher {
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    pending: BTreeMap<usize, Result<HostBatch>>,
+    batches: std::vec::IntoIter<Vec<usize>>,
+    dispatched: usize,
+    next: usize,
+    total: usize,
+    workers: Vec<JoinHandle<()>>,
+    /// Time spent blocked in `next()` waiting for a batch that was not ready.
+    pub waited: Duration,
+}
+
+impl Prefetcher {
+    pub fn new(
+        dataset: Arc<TokenDataset>,
+        batches: Vec<Vec<usize>>,
+        workers: usize,
+        depth: usize,
+    ) -> Self {
+        let (jobs_tx, jobs_rx) = unbounded::<Job>();
+        let (done_tx, done_rx) = unbounded::<Done>();
+        let workers = (0..workers.max(1))
+            .map(|w| {
+                let (jobs_rx, done_tx, ds) = (jobs_rx.clone(), done_tx.clone(), dataset.clone());
+                std::thread::Builder::new()
+                    .name(format!("data-{w}"))
+                    .spawn(move || {
+                        for (index, items) in jobs_rx {
+                            let mut cache = HashMap::new();
+                            let rows: Result<Vec<Row>> =
+                                items.iter().map(|&i| ds.item(i, &mut cache)).collect();
+                            let batch = rows.map(|rows| HostBatch::from_rows(&rows, ds.max_len));
+                            if done_tx.send((index, batch)).is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .expect("spawning a data worker thread")
+            })
+            .collect();
+        let total = batches.len();
+        let mut p = Self {
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            pending: BTreeMap::new(),
+            batches: batches.into_iter(),
+            dispatched: 0,
+            next: 0,
+            total,
+            workers,
+            waited: Duration::ZERO,
+        };
+        for _ in 0..depth.max(1) {
+            p.dispatch();
+        }
+        p
+    }
+
+    fn dispatch(&mut self) {
+        if let (Some(items), Some(jobs)) = (self.batches.next(), self.jobs.as_ref()) {
+            let _ = jobs.send((self.dispatched, items));
+            self.dispatched += 1;
+        }
+    }
+
+    /// Batches not yet taken.
+    pub fn remaining(&self) -> usize {
+        self.total - self.next
+    }
+}
+
+impl Iterator for Prefetcher {
+    type Item = Result<HostBatch>;
+
+    fn next(&mut self) -> Option<Result<HostBatch>> {
+        if self.next >= self.total {
+            return None;
+        }
+        let started = Instant::now();
+        let mut blocked = false;
+        let batch = loop {
+            if let Some(b) = self.pending.remove(&self.next) {
+                break b;
+            }
+            blocked = true;
+            match self.done.recv() {
+                Ok((i, b)) => {
+                    self.pending.insert(i, b);
+                }
+                Err(_) => break Err(anyhow::anyhow!("data worker threads stopped unexpectedly")),
+            }
+        };
+        if blocked {
+            self.waited += started.elapsed();
+        }
+        self.next += 1;
+        self.dispatch();
+        Some(batch)
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        // Closing the job channel ends the workers once they finish what they hold.
+        self.jobs = None;
+        for _ in &mut self.batches {}
+        while self.done.try_recv().is_ok() {}
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! `fast generate`: continue a prompt with a trained (or imported MiniMind) model, streaming text.
+//!
+//! The prompt is `[bos] + encode(prompt)` as in pretraining; it runs once through the model and
+//! every new token then costs one cached position (`kv_cache.rs`). Stops at eos, after
+//! `--max-new-tokens`, or at `max_position_embeddings`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::tokenize::{SpecialTokens, TextTokenizer};
+use crate::kv_cache::{InferenceModel, KvCache};
+use crate::sampling::{Sampler, SamplingConfig, TextStream};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Weights: a MiniMind `.pth` or our `.safetensors` (config JSON beside it or --config).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Tokenizer directory (tokenizer.json + tokenizer_config.json) or tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// Model config JSON (default: `<weights stem>.json`, or `config.json` beside the weights).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.85)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0.85)]
+    pub top_p: f64,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// cpu, cuda, cuda:N or auto (cuda when available).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, f64, bf16 or f16 (default: bf16 on cuda, f32 on cpu).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Do not prepend bos to the prompt.
+    #[arg(long)]
+    pub no_bos: bool,
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => Device::Cuda(i),
+            None => bail!("unknown device {s:?} (cpu, cuda, cuda:N, auto)"),
+        },
+    })
+}
+
+pub fn parse_dtype(s: Option<&str>, device: Device) -> Result<Kind> {
+    Ok(match s {
+        None => {
+            if device.is_cuda() {
+                Kind::BFloat16
+            } else {
+                Kind::Float
+            }
+        }
+        Some("f32") | Some("fp32") | Some("float32") => Kind::Float,
+        Some("f64") | Some("fp64") | Some("float64") => Kind::Double,
+        Some("bf16") | Some("bfloat16") => Kind::BFloat16,
+        Some("f16") | Some("fp16") | Some("float16") => Kind::Half,
+        Some(o) => bail!("unknown dtype {o:?} (f32, f64, bf16, f16)"),
+    })
+}
+
+/// Logits of the last position as f64 on the CPU.
+fn last_row(logits: &Tensor) -> Result<Vec<f64>> {
+    let t = logits.size()[1];
+    let row = logits
+        .select(1, t - 1)
+        .select(0, 0)
+        .to_kind(Kind::Double)
+        .to_device(Device::Cpu);
+    Ok(Vec::<f64>::try_from(&row)?)
+}
+
+/// Generate up to `max_new` tokens after `prompt_ids`, calling `emit` with each new token id.
+/// Returns the new ids. Deterministic for a fixed sampling seed.
+pub fn generate_ids(
+    model: &InferenceModel,
+    prompt_ids: &[i64],
+    max_new: usize,
+    sampling: &SamplingConfig,
+    eos: Option<i64>,
+    mut emit: impl FnMut(i64) -> Result<()>,
+) -> Result<Vec<i64>> {
+    if prompt_ids.is_empty() {
+        bail!("empty prompt (and no bos)");
+    }
+    let _guard = tch::no_grad_guard();
+    let mut sampler = Sampler::new(sampling.clone());
+    let mut cache = KvCache::new();
+    let mut context: Vec<i64> = prompt_ids.to_vec();
+    let room = model
+        .arch
+        .max_position_embeddings
+        .saturating_sub(prompt_ids.len());
+    let mut logits = model.forward(&Tensor::from_slice(prompt_ids).view([1, -1]), &mut cache)?;
+    let mut out = Vec::new();
+    for _ in 0..max_new.min(room) {
+        let next = sampler.next(&last_row(&logits)?, &context);
+        out.push(next);
+        context.push(next);
+        emit(next)?;
+        if Some(next) == eos {
+            break;
+        }
+        logits = model.forward(&Tensor::from_slice(&[next]).view([1, 1]), &mut cache)?;
+    }
+    Ok(out)
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let kind = parse_dtype(args.dtype.as_deref(), device)?;
+    let tok = TextTokenizer::load(&args.tokenizer, &SpecialTokens::default())?;
+    let (arch, w, from) =
+        crate::weights::load_for_inference(&args.weights, args.config.as_deref(), kind)?;
+    if tok.vocab_size() > arch.vocab_size {
+        eprintln!(
+            "warning: tokenizer {} has {} tokens but the model's vocab is {}",
+            tok.path.display(),
+            tok.vocab_size(),
+            arch.vocab_size
+        );
+    }
+    eprintln!(
+        "model: d {} layers {} heads {}/{} ffn {}{} vocab {} ({from}); {kind:?} on {device:?}",
+        arch.hidden_size,
+        arch.num_hidden_layers,
+        arch.num_attention_heads,
+        arch.num_key_value_heads,
+        arch.intermediate_size,
+        if arch.moe.is_some() { " moe" } else { "" },
+        arch.vocab_size
+    );
+    let arch_vocab = arch.vocab_size;
+    let model = InferenceModel::new(arch, w, kind, device)?;
+    let mut ids: Vec<i64> = Vec::new();
+    if !args.no_bos {
+        ids.push(tok.bos as i64);
+    }
+    ids.extend(tok.encode(&args.prompt)?.into_iter().map(i64::from));
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= arch_vocab) {
+        bail!("prompt token id {bad} is outside the model's vocab of {arch_vocab}");
+    }
+    let sampling = SamplingConfig {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", args.prompt)?;
+    stdout.flush()?;
+    let mut stream = TextStream::new(|ids: &[u32]| tok.decode(ids));
+    let start = Instant::now();
+    let out = generate_ids(
+        &model,
+        &ids,
+        args.max_new_tokens,
+        &sampling,
+        Some(tok.eos as i64),
+        |id| {
+            let piece = stream.push(id as u32)?;
+            if !piece.is_empty() {
+                write!(stdout, "{piece}").context("writing to stdout")?;
+                stdout.flush()?;
+            }
+            Ok(())
+        },
+    )?;
+    let rest = stream.finish()?;
+    writeln!(stdout, "{rest}")?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "[{} prompt tokens, {} new tokens in {:.2} s, {:.1} tok/s]",
+        ids.len(),
+        out.len(),
+        secs,
+        out.len() as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}

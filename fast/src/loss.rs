@@ -1,0 +1,58 @@
+//! Shifted causal-LM cross-entropy: `logits[:, :-1]` against `labels[:, 1:]`, -100 ignored,
+//! computed in fp32 (fp64 for fp64 logits) whatever the logits' kind (as autocast does).
+//!
+//! The sum over counted labels is divided by `max(count, 1)`: a batch with no counted label gives
+//! loss 0 and zero gradient (PyTorch's mean would give NaN). No host synchronisation.
+
+use tch::{Kind, Reduction, Tensor};
+
+pub const IGNORE_INDEX: i64 = -100;
+
+/// logits `[B, T, V]`, labels `[B, T]` -> (summed loss over counted labels, count as an int64
+/// scalar tensor).
+pub fn shifted_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+    let (b, t, v) = logits.size3().expect("logits must be [B, T, V]");
+    let k = crate::model::upcast_kind(logits.kind());
+    let tp = (t - 1).max(0);
+    let lg = logits.narrow(1, 0, tp).reshape([b * tp, v]);
+    let lg = if lg.kind() == k { lg } else { lg.to_kind(k) };
+    let lb = labels.narrow(1, 1, tp).reshape([b * tp]);
+    let sum = lg.cross_entropy_loss::<Tensor>(&lb, None, Reduction::Sum, IGNORE_INDEX, 0.0);
+    let count = lb.ne(IGNORE_INDEX).sum(Kind::Int64);
+    (sum, count)
+}
+
+/// (mean loss over counted labels, 0 when none; count). MiniMind's loss.
+pub fn shifted_cross_entropy(logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+    let (sum, count) = shifted_cross_entropy_sum(logits, labels);
+    let denom = count.clamp_min(1).to_kind(sum.kind());
+    (sum / denom, count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn an_all_ignored_batch_gives_zero_loss_and_zero_gradient() {
+        let logits = Tensor::randn([2, 4, 7], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let labels = Tensor::full([2, 4], IGNORE_INDEX, (Kind::Int64, Device::Cpu));
+        let (loss, count) = shifted_cross_entropy(&logits, &labels);
+        loss.backward();
+        assert_eq!(f64::try_from(&loss).unwrap(), 0.0);
+        assert_eq!(i64::try_from(&count).unwrap(), 0);
+        let g = logits.grad();
+        assert_eq!(f64::try_from(g.abs().sum(Kind::Float)).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn the_mean_counts_only_shifted_unignored_labels() {
+        let logits = Tensor::zeros([1, 3, 4], (Kind::Float, Device::Cpu));
+        // Label at t=0 is never predicted; t=2 ignored: one counted label, loss ln 4.
+        let labels = Tensor::from_slice(&[3i64, 1, IGNORE_INDEX]).reshape([1, 3]);
+        let (loss, count) = shifted_cross_entropy(&logits, &labels);
+        assert_eq!(i64::try_from(&count).unwrap(), 1);
+        assert!((f64::try_from(&loss).unwrap() - 4f64.ln()).abs() < 1e-6);
+    }
+}

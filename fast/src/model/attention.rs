@@ -1,0 +1,80 @@
+//! Causal grouped-query self-attention with RoPE (rotate-half) and optional qk-norm, through
+//! libtorch's `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA).
+
+use tch::{Kind, Tensor};
+
+use super::{linear, RmsNorm};
+
+pub struct Attention {
+    /// [H*hd, d]
+    pub q_proj: Tensor,
+    /// [KV*hd, d]
+    pub k_proj: Tensor,
+    pub v_proj: Tensor,
+    /// [d, H*hd]
+    pub o_proj: Tensor,
+    /// qk-norm over head_dim (MiniMind-3), before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+}
+
+/// `[-x2, x1]` over the last dimension.
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size().last().copied().expect("non-empty shape") / 2;
+    Tensor::cat(&[x.narrow(-1, half, half).neg(), x.narrow(-1, 0, half)], -1)
+}
+
+/// `x * cos + rotate_half(x) * sin` in the tables' kind, cast back to `out` kind.
+/// x `[B, T, nh, hd]`, tables `[T, hd]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, out: Kind) -> Tensor {
+    let xf = if x.kind() == cos.kind() {
+        x.shallow_clone()
+    } else {
+        x.to_kind(cos.kind())
+    };
+    let (c, s) = (cos.unsqueeze(1), sin.unsqueeze(1));
+    let y = &xf * c + rotate_half(&xf) * s;
+    if y.kind() == out {
+        y
+    } else {
+        y.to_kind(out)
+    }
+}
+
+impl Attention {
+    /// x `[B, T, d]` -> `[B, T, d]` in `compute` kind. Query head h reads kv head h / n_rep.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, compute: Kind) -> Tensor {
+        let (b, t, _) = x.size3().expect("attention input must be [B, T, d]");
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let mut q = linear(x, &self.q_proj, compute).view([b, t, h, hd]);
+        let mut k = linear(x, &self.k_proj, compute).view([b, t, kv, hd]);
+        let v = linear(x, &self.v_proj, compute).view([b, t, kv, hd]);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q);
+            k = kn.forward(&k);
+        }
+        let q = rope(&q, cos, sin, compute).transpose(1, 2);
+        let k = rope(&k, cos, sin, compute).transpose(1, 2);
+        let v = v.transpose(1, 2);
+        // repeat_kv (MiniMind): kv head j serves query heads j*n_rep .. (j+1)*n_rep - 1.
+        let n_rep = h / kv;
+        let (k, v) = if n_rep == 1 {
+            (k, v)
+        } else {
+            let rep = |z: Tensor| {
+                z.unsqueeze(2)
+                    .expand([b, kv, n_rep, t, hd], false)
+                    .reshape([b, h, t, hd])
+            };
+            (rep(k), rep(v))
+        };
+        let o = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, true, None, false,
+        );
+        let o = o.transpose(1, 2).reshape([b, t, h * hd]);
+        linear(&o, &self.o_proj, compute)
+    }
+}

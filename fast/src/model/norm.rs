@@ -1,0 +1,43 @@
+//! RMSNorm: `w * x / sqrt(mean(x^2) + eps)`, the normalisation computed in fp32 whatever the
+//! input's kind (fp64 included) and cast back to the input's kind before the weight multiplies
+//! it: MiniMind's `self.weight * self._norm(x.float()).type_as(x)`. The golden fixtures were made
+//! by a float64 model and still carry these fp32 roundings (about 1e-7 relative).
+
+use tch::{nn, Kind, Tensor};
+
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Self {
+        RmsNorm {
+            weight: p.var("weight", &[dim], nn::Init::Const(1.0)),
+            eps,
+        }
+    }
+
+    /// x `[..., dim]` -> same shape.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// RMSNorm over the last dimension (see the module doc for the kinds).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let k = Kind::Float;
+    let xf = if x.kind() == k {
+        x.shallow_clone()
+    } else {
+        x.to_kind(k)
+    };
+    let ms = xf.square().mean_dim(-1, true, k);
+    let y = xf * (ms + eps).rsqrt();
+    let y = if y.kind() == x.kind() {
+        y
+    } else {
+        y.to_kind(x.kind())
+    };
+    w * y
+}

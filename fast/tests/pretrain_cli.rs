@@ -1,0 +1,547 @@
+//! `fast pretrain` end to end on the CPU with tiny models on the embedded poems: it learns, it
+//! writes what it promises, a stopped-and-resumed run ends bit-identical to an uninterrupted
+//! one, and bad input gives an error that names the problem (never a panic).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fast() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fast"));
+    // Tests run in parallel: keep each run's libtorch to one thread.
+    c.env("OMP_NUM_THREADS", "1");
+    c
+}
+
+/// A tiny model and run: 96 poems, rows of 32 tokens, batch 8 -> 12 steps per epoch.
+const TINY: &[&str] = &[
+    "pretrain",
+    "--device",
+    "cpu",
+    "--max-docs",
+    "96",
+    "--hidden-size",
+    "32",
+    "--num-hidden-layers",
+    "1",
+    "--num-attention-heads",
+    "2",
+    "--num-key-value-heads",
+    "1",
+    "--max-seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--learning-rate",
+    "5e-3",
+    "--log-interval",
+    "2",
+    "--save-interval",
+    "5",
+    "--num-workers",
+    "2",
+    "--sample-tokens",
+    "8",
+    "--no-progress",
+];
+
+fn run_in(dir: &Path, extra: &[&str]) -> Output {
+    fast()
+        .current_dir(dir)
+        .args(TINY)
+        .args(extra)
+        .output()
+        .expect("running fast")
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "fast failed:\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn fails_with(args: &[&str], dir: &Path, want: &str) {
+    let out = fast().current_dir(dir).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    assert!(
+        stderr.contains(want),
+        "{args:?}: stderr should contain {want:?}:\n{stderr}"
+    );
+}
+
+fn read_tensors(path: &Path) -> Vec<(String, Vec<u8>, Vec<usize>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec(), t.shape().to_vec()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_tiny_run_lowers_the_loss_and_writes_every_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = ok(&run_in(
+        dir.path(),
+        &["--epochs", "2", "--accumulation-steps", "2"],
+    ));
+    assert!(stdout.contains("run configuration:"), "{stdout}");
+    assert!(stdout.contains("Epoch:[2/2](12/12), loss: "), "{stdout}");
+    assert!(stdout.contains("sample (greedy"), "{stdout}");
+
+    let rows = metrics(dir.path());
+    assert!(rows.len() >= 10, "{} metric rows", rows.len());
+    let first = rows[0]["loss_avg"].as_f64().unwrap();
+    let last = rows.last().unwrap()["loss_avg"].as_f64().unwrap();
+    assert!(last < first - 0.5, "loss {first} -> {last}");
+    for key in [
+        "step",
+        "epoch",
+        "loss",
+        "ce",
+        "aux",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "useful_tokens_seen",
+    ] {
+        assert!(
+            rows.last().unwrap().get(key).is_some(),
+            "metrics rows lack {key}"
+        );
+    }
+    assert_eq!(rows.last().unwrap()["step"], 24);
+
+    // Weights: float16 under MiniMind names (tied lm_head stored once), config JSON beside.
+    let weights = read_tensors(&dir.path().join("out/pretrain_32.safetensors"));
+    let names: Vec<&str> = weights.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert!(names.contains(&"model.embed_tokens.weight"));
+    assert!(names.contains(&"model.layers.0.self_attn.q_proj.weight"));
+    assert!(!names.contains(&"lm_head.weight"));
+    let embed = weights
+        .iter()
+        .find(|w| w.0 == "model.embed_tokens.weight")
+        .unwrap();
+    assert_eq!(embed.2, vec![6400, 32]);
+    assert_eq!(embed.1.len(), 6400 * 32 * 2, "float16");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/pretrain_32.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["hidden_size"], 32);
+    assert_eq!(cfg["vocab_size"], 6400);
+    let run: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/run_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run["batch_size"], 8);
+
+    let svg = std::fs::read_to_string(dir.path().join("out/loss_curve.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "curve svg"
+    );
+
+    let resume = fast::checkpoint::load_resume(
+        &dir.path()
+            .join("checkpoints/pretrain_32_resume.safetensors"),
+    )
+    .unwrap()
+    .expect("resume checkpoint");
+    assert!(resume.state.completed);
+    assert_eq!(
+        (
+            resume.state.epoch,
+            resume.state.step,
+            resume.state.global_step
+        ),
+        (1, 12, 24)
+    );
+    assert_eq!(resume.state.config.batch_size, 8);
+    assert!(resume
+        .tensors
+        .contains_key("adam.exp_avg.model.embed_tokens.weight"));
+
+    // The saved weights load back for inference.
+    let out = fast()
+        .current_dir(dir.path())
+        .args([
+            "generate",
+            "--weights",
+            "out/pretrain_32.safetensors",
+            "--prompt",
+            "春",
+            "--max-new-tokens",
+            "4",
+        ])
+        .args([
+            "--tokenizer",
+            &fast::data::defaults::materialize()
+                .unwrap()
+                .tokenizer_dir
+                .display()
+                .to_string(),
+        ])
+        .args(["--device", "cpu", "--temperature", "0"])
+        .output()
+        .unwrap();
+    ok(&out);
+}
+
+/// Stop at `stop` micro-steps (mid-window, mid-epoch), resume, and compare every tensor of the
+/// final weights and resume checkpoint with an uninterrupted run's.
+fn resumed_equals_uninterrupted(extra: &[&str], stop: &str) {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let common = [
+        &[
+            "--epochs",
+            "2",
+            "--accumulation-steps",
+            "3",
+            "--sample-tokens",
+            "0",
+        ][..],
+        extra,
+    ]
+    .concat();
+    ok(&run_in(a.path(), &common));
+    let stopped = ok(&run_in(
+        b.path(),
+        &[&common[..], &["--max-steps", stop]].concat(),
+    ));
+    assert!(stopped.contains("(--max-steps)"), "{stopped}");
+    let resumed = ok(&run_in(
+        b.path(),
+        &[&common[..], &["--from-resume", "1"]].concat(),
+    ));
+    assert!(resumed.contains("resume: "), "{resumed}");
+    assert!(
+        stop == "12" || resumed.contains("skipping the first"),
+        "{resumed}"
+    );
+    for file in [
+        "out/pretrain_32.safetensors",
+        "checkpoints/pretrain_32_resume.safetensors",
+    ] {
+        let (ta, tb) = (
+            read_tensors(&a.path().join(file)),
+            read_tensors(&b.path().join(file)),
+        );
+        assert_eq!(ta.len(), tb.len());
+        for (x, y) in ta.iter().zip(&tb) {
+            assert_eq!(x.0, y.0);
+            assert!(x.1 == y.1, "{file}: tensor {} differs after resume", x.0);
+        }
+    }
+    // The resumed run's metrics continue the stopped run's history (plus the row logged at the stop).
+    let (ma, mb) = (metrics(a.path()), metrics(b.path()));
+    let stop: u64 = stop.parse().unwrap();
+    let steps = |m: &[serde_json::Value]| {
+        m.iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .filter(|&s| s != stop || s % 2 == 0)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(steps(&ma), steps(&mb));
+}
+
+#[test]
+fn a_run_stopped_mid_window_and_resumed_is_bit_identical_to_an_uninterrupted_one() {
+    resumed_equals_uninterrupted(&[], "7");
+}
+
+#[test]
+fn a_run_stopped_at_the_end_of_an_epoch_resumes_with_the_next_epoch_bit_identically() {
+    resumed_equals_uninterrupted(&[], "12");
+}
+
+#[test]
+fn packed_token_weighted_run_stopped_mid_window_resumes_bit_identically() {
+    resumed_equals_uninterrupted(
+        &["--data-mode", "packed", "--loss-normalization", "token"],
+        "13",
+    );
+}
+
+#[test]
+fn moe_runs_and_logs_its_aux_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = ok(&run_in(
+        dir.path(),
+        &["--use_moe", "1", "--max-steps", "4", "--log-interval", "1"],
+    ));
+    assert!(stdout.contains("MoE"), "{stdout}");
+    let rows = metrics(dir.path());
+    assert!(rows[0]["aux"].as_f64().unwrap() > 0.0, "{:?}", rows[0]);
+    assert!(dir.path().join("out/pretrain_32_moe.safetensors").exists());
+}
+
+#[test]
+fn from_resume_without_a_checkpoint_starts_from_scratch() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = ok(&run_in(
+        dir.path(),
+        &[
+            "--from-resume",
+            "1",
+            "--max-steps",
+            "2",
+            "--sample-tokens",
+            "0",
+        ],
+    ));
+    assert!(stdout.contains("no checkpoint at"), "{stdout}");
+}
+
+#[test]
+fn from_weight_starts_from_saved_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&run_in(
+        dir.path(),
+        &["--max-steps", "3", "--sample-tokens", "0"],
+    ));
+    let stdout = ok(&run_in(
+        dir.path(),
+        &[
+            "--from-weight",
+            "pretrain",
+            "--max-steps",
+            "1",
+            "--sample-tokens",
+            "0",
+            "--save-weight",
+            "again",
+        ],
+    ));
+    assert!(
+        stdout.contains("weights: started from out/pretrain_32.safetensors"),
+        "{stdout}"
+    );
+    fails_with(
+        &[&TINY[..], &["--from-weight", "nothing"]].concat(),
+        dir.path(),
+        "--from-weight nothing: no such file",
+    );
+}
+
+#[test]
+fn resume_refuses_other_configs_and_damaged_files_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&run_in(
+        dir.path(),
+        &["--max-steps", "2", "--sample-tokens", "0"],
+    ));
+    let args = [&TINY[..], &["--from-resume", "1"]].concat();
+    fails_with(
+        &[&args[..], &["--batch-size", "4"]].concat(),
+        dir.path(),
+        "--batch-size: saved 8, now 4",
+    );
+
+    let ckpt = dir
+        .path()
+        .join("checkpoints/pretrain_32_resume.safetensors");
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let mut flipped = bytes.clone();
+    let n = flipped.len();
+    flipped[n - 3] ^= 0x40;
+    std::fs::write(&ckpt, &flipped).unwrap();
+    fails_with(&args, dir.path(), "checksum mismatch");
+    std::fs::write(&ckpt, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(&args, dir.path(), "truncated or not a safetensors file");
+    std::fs::write(&ckpt, b"not a checkpoint at all").unwrap();
+    fails_with(&args, dir.path(), "pretrain_32_resume.safetensors");
+}
+
+#[test]
+fn bad_options_and_bad_data_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let with = |extra: &[&str]| -> Vec<String> {
+        TINY.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let check = |extra: &[&str], want: &str| {
+        let args = with(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&refs, d, want);
+    };
+    check(
+        &["--batch-size", "0"],
+        "--batch-size must be at least 1 (got 0)",
+    );
+    check(
+        &["--accumulation-steps", "0"],
+        "--accumulation-steps must be at least 1",
+    );
+    check(&["--epochs", "0"], "--epochs must be at least 1");
+    check(
+        &["--learning-rate=-1"],
+        "--learning-rate must be a positive number",
+    );
+    check(&["--max-seq-len", "1"], "--max-seq-len must be at least 2");
+    check(
+        &["--hidden-size", "30", "--num-attention-heads", "4"],
+        "not divisible by --num-attention-heads",
+    );
+    check(
+        &[
+            "--num-attention-heads",
+            "2",
+            "--num-key-value-heads",
+            "3",
+            "--hidden-size",
+            "32",
+        ],
+        "not a multiple of --num-key-value-heads",
+    );
+    check(&["--dtype", "float64"], "invalid value 'float64'");
+    check(&["--use-moe", "2"], "--use-moe");
+    check(&["--device", "tpu"], "--device \"tpu\" is not one of");
+    check(&["--data-path", "."], "is a directory");
+    check(
+        &["--data-path", "missing.jsonl"],
+        "cannot read data file missing.jsonl",
+    );
+
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"春眠不覺曉\"}\n{\"text\": 5}\n").unwrap();
+    check(
+        &["--data-path", bad.to_str().unwrap()],
+        "bad.jsonl:2: \"text\" is a number, not a string",
+    );
+    let empty = d.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    check(&["--data-path", empty.to_str().unwrap()], "is empty");
+    check(
+        &["--tokenizer", d.to_str().unwrap()],
+        "tokenizer.json not found",
+    );
+
+    // --skip-bad-lines trains on what is left.
+    let out = run_in(
+        d,
+        &[
+            "--data-path",
+            bad.to_str().unwrap(),
+            "--skip-bad-lines",
+            "--max-steps",
+            "1",
+            "--sample-tokens",
+            "0",
+        ],
+    );
+    let stdout = ok(&out);
+    assert!(stdout.contains("skipped 1 bad line(s)"), "{stdout}");
+}
+
+#[test]
+fn snake_case_minimind_spellings_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = fast()
+        .current_dir(dir.path())
+        .args([
+            "pretrain",
+            "--device",
+            "cpu",
+            "--max_docs",
+            "16",
+            "--hidden_size",
+            "32",
+            "--num_hidden_layers",
+            "1",
+        ])
+        .args([
+            "--num_attention_heads",
+            "2",
+            "--num_key_value_heads",
+            "1",
+            "--max_seq_len",
+            "16",
+            "--batch_size",
+            "8",
+        ])
+        .args([
+            "--accumulation_steps",
+            "1",
+            "--learning_rate",
+            "1e-3",
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "1",
+        ])
+        .args([
+            "--save_dir",
+            "w",
+            "--save_weight",
+            "pt",
+            "--grad_clip",
+            "0.5",
+            "--use_moe",
+            "0",
+            "--from_weight",
+            "none",
+        ])
+        .args([
+            "--from_resume",
+            "0",
+            "--max_steps",
+            "1",
+            "--sample_tokens",
+            "0",
+            "--no_progress",
+            "--epochs",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    ok(&out);
+    assert!(dir.path().join("w/pt_32.safetensors").exists());
+}
+
+#[test]
+fn train_tokenizer_writes_a_loadable_minimind_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus: PathBuf = fast::data::defaults::materialize().unwrap().corpus;
+    let out = fast()
+        .args([
+            "train-tokenizer",
+            "--data-path",
+            corpus.to_str().unwrap(),
+            "--vocab-size",
+            "400",
+        ])
+        .args(["--out", dir.path().join("tok").to_str().unwrap()])
+        .output()
+        .unwrap();
+    ok(&out);
+    let tok =
+        fast::data::tokenize::TextTokenizer::load(&dir.path().join("tok"), &Default::default())
+            .unwrap();
+    assert_eq!(
+        (tok.pad, tok.bos, tok.eos, tok.vocab_size()),
+        (0, 1, 2, 400)
+    );
+    fails_with(
+        &["train-tokenizer", "--vocab-size", "100", "--out", "x"],
+        dir.path(),
+        "--vocab-size 100 is too small",
+    );
+}

@@ -1,0 +1,260 @@
+//! Causal grouped-query self-attention with RoPE and optional qk-norm (no attention mask).
+
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Axis};
+
+use crate::{linear, rmsnorm, rope};
+
+/// Weights of one attention block: q/o [H*hd, C] / [C, H*hd], k/v [KV*hd, C], qk-norm [hd].
+pub struct AttnWeights<'a> {
+    pub q: ArrayView2<'a, f64>,
+    pub k: ArrayView2<'a, f64>,
+    pub v: ArrayView2<'a, f64>,
+    pub o: ArrayView2<'a, f64>,
+    pub q_norm: Option<ArrayView1<'a, f64>>,
+    pub k_norm: Option<ArrayView1<'a, f64>>,
+}
+
+/// Sizes: batch, time, query heads, kv heads, head dim, rope theta, rms eps.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub theta: f64,
+    pub eps: f64,
+}
+
+/// Everything backward needs.
+pub struct AttnCache {
+    x: Array2<f64>,
+    /// Projections before qk-norm: [N, H*hd] and [N, KV*hd].
+    q_raw: Array2<f64>,
+    k_raw: Array2<f64>,
+    /// qk-norm rstd per (token, head): [N*H] and [N*KV].
+    q_rstd: Option<Array1<f64>>,
+    k_rstd: Option<Array1<f64>>,
+    /// After qk-norm and RoPE.
+    q: Array2<f64>,
+    k: Array2<f64>,
+    v: Array2<f64>,
+    /// Softmax probabilities per (b, h), index b*H + h: [T, T], zero above the diagonal.
+    probs: Vec<Array2<f64>>,
+    /// Concatenated head outputs before o_proj: [N, H*hd].
+    y: Array2<f64>,
+    cos: Array2<f64>,
+    sin: Array2<f64>,
+}
+
+/// Gradients of one attention block.
+pub struct AttnGrads {
+    pub q: Array2<f64>,
+    pub k: Array2<f64>,
+    pub v: Array2<f64>,
+    pub o: Array2<f64>,
+    pub q_norm: Option<Array1<f64>>,
+    pub k_norm: Option<Array1<f64>>,
+}
+
+/// RMSNorm over each head's `hd` slice. x: [N, nh*hd] -> same, rstd [N*nh].
+fn head_norm(
+    x: &Array2<f64>,
+    nh: usize,
+    w: ArrayView1<f64>,
+    eps: f64,
+) -> (Array2<f64>, Array1<f64>) {
+    let (n, width) = x.dim();
+    let rows = x.to_shape((n * nh, width / nh)).expect("contiguous");
+    let (y, rstd) = rmsnorm::forward(rows.view(), w, eps);
+    (
+        y.into_shape_with_order((n, width)).expect("contiguous"),
+        rstd,
+    )
+}
+
+/// Backward of [`head_norm`]: (dx [N, nh*hd], dw [hd]).
+fn head_norm_backward(
+    dy: &Array2<f64>,
+    x: &Array2<f64>,
+    nh: usize,
+    w: ArrayView1<f64>,
+    rstd: &Array1<f64>,
+) -> (Array2<f64>, Array1<f64>) {
+    let (n, width) = x.dim();
+    let shape = (n * nh, width / nh);
+    let dy2 = dy.to_shape(shape).expect("contiguous");
+    let x2 = x.to_shape(shape).expect("contiguous");
+    let (dx, dw) = rmsnorm::backward(dy2.view(), x2.view(), w, rstd.view());
+    (
+        dx.into_shape_with_order((n, width)).expect("contiguous"),
+        dw,
+    )
+}
+
+/// x: [B*T, C] -> [B*T, C]. Query head h uses kv head h / n_rep; position t attends to 0..=t.
+pub fn forward(x: ArrayView2<f64>, w: &AttnWeights, sh: AttnShape) -> (Array2<f64>, AttnCache) {
+    let AttnShape {
+        b,
+        t,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        ..
+    } = sh;
+    let n_rep = heads / kv_heads;
+    let q_raw = linear::forward(x, w.q);
+    let k_raw = linear::forward(x, w.k);
+    let v = linear::forward(x, w.v);
+    let (mut q, q_rstd) = match w.q_norm {
+        Some(qw) => {
+            let (y, r) = head_norm(&q_raw, heads, qw, sh.eps);
+            (y, Some(r))
+        }
+        None => (q_raw.clone(), None),
+    };
+    let (mut k, k_rstd) = match w.k_norm {
+        Some(kw) => {
+            let (y, r) = head_norm(&k_raw, kv_heads, kw, sh.eps);
+            (y, Some(r))
+        }
+        None => (k_raw.clone(), None),
+    };
+    let (cos, sin) = rope::tables(t, hd, sh.theta);
+    for bi in 0..b {
+        for h in 0..heads {
+            let mut blk = q.slice_mut(s![bi * t..(bi + 1) * t, h * hd..(h + 1) * hd]);
+            let r = rope::forward(blk.view(), cos.view(), sin.view());
+            blk.assign(&r);
+        }
+        for h in 0..kv_heads {
+            let mut blk = k.slice_mut(s![bi * t..(bi + 1) * t, h * hd..(h + 1) * hd]);
+            let r = rope::forward(blk.view(), cos.view(), sin.view());
+            blk.assign(&r);
+        }
+    }
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut y = Array2::zeros((b * t, heads * hd));
+    let mut probs = Vec::with_capacity(b * heads);
+    for bi in 0..b {
+        let rows = bi * t..(bi + 1) * t;
+        for h in 0..heads {
+            let kvh = h / n_rep;
+            let qh = q.slice(s![rows.clone(), h * hd..(h + 1) * hd]);
+            let kh = k.slice(s![rows.clone(), kvh * hd..(kvh + 1) * hd]);
+            let vh = v.slice(s![rows.clone(), kvh * hd..(kvh + 1) * hd]);
+            let mut p = qh.dot(&kh.t()) * scale;
+            for i in 0..t {
+                let mut row = p.row_mut(i);
+                let m = row
+                    .slice(s![..=i])
+                    .fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+                let mut sum = 0.0;
+                for j in 0..t {
+                    row[j] = if j <= i { (row[j] - m).exp() } else { 0.0 };
+                    sum += row[j];
+                }
+                row /= sum;
+            }
+            y.slice_mut(s![rows.clone(), h * hd..(h + 1) * hd])
+                .assign(&p.dot(&vh));
+            probs.push(p);
+        }
+    }
+    let out = linear::forward(y.view(), w.o);
+    let cache = AttnCache {
+        x: x.to_owned(),
+        q_raw,
+        k_raw,
+        q_rstd,
+        k_rstd,
+        q,
+        k,
+        v,
+        probs,
+        y,
+        cos,
+        sin,
+    };
+    (out, cache)
+}
+
+/// dout: [B*T, C] -> (dx [B*T, C], weight grads).
+pub fn backward(
+    dout: ArrayView2<f64>,
+    w: &AttnWeights,
+    c: &AttnCache,
+    sh: AttnShape,
+) -> (Array2<f64>, AttnGrads) {
+    let AttnShape {
+        b,
+        t,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        ..
+    } = sh;
+    let n_rep = heads / kv_heads;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (dy, do_w) = linear::backward(dout, c.y.view(), w.o);
+    let mut dq = Array2::zeros(c.q.raw_dim());
+    let mut dk = Array2::zeros(c.k.raw_dim());
+    let mut dv = Array2::zeros(c.v.raw_dim());
+    for bi in 0..b {
+        let rows = bi * t..(bi + 1) * t;
+        for h in 0..heads {
+            let kvh = h / n_rep;
+            let kv_cols = kvh * hd..(kvh + 1) * hd;
+            let p = &c.probs[bi * heads + h];
+            let dyh = dy.slice(s![rows.clone(), h * hd..(h + 1) * hd]);
+            let qh = c.q.slice(s![rows.clone(), h * hd..(h + 1) * hd]);
+            let kh = c.k.slice(s![rows.clone(), kv_cols.clone()]);
+            let vh = c.v.slice(s![rows.clone(), kv_cols.clone()]);
+            let dp = dyh.dot(&vh.t());
+            let mut dvh = dv.slice_mut(s![rows.clone(), kv_cols.clone()]);
+            dvh += &p.t().dot(&dyh);
+            // softmax backward; masked entries have p = 0 and get no gradient
+            let rowdot = (&dp * p).sum_axis(Axis(1)).insert_axis(Axis(1));
+            let ds = p * &(&dp - &rowdot) * scale;
+            let mut dqh = dq.slice_mut(s![rows.clone(), h * hd..(h + 1) * hd]);
+            dqh += &ds.dot(&kh);
+            let mut dkh = dk.slice_mut(s![rows.clone(), kv_cols]);
+            dkh += &ds.t().dot(&qh);
+        }
+    }
+    for bi in 0..b {
+        for (d, nh) in [(&mut dq, heads), (&mut dk, kv_heads)] {
+            for h in 0..nh {
+                let mut blk = d.slice_mut(s![bi * t..(bi + 1) * t, h * hd..(h + 1) * hd]);
+                let r = rope::backward(blk.view(), c.cos.view(), c.sin.view());
+                blk.assign(&r);
+            }
+        }
+    }
+    let (dq, dq_norm) = match (w.q_norm, &c.q_rstd) {
+        (Some(qw), Some(r)) => {
+            let (dx, dw) = head_norm_backward(&dq, &c.q_raw, heads, qw, r);
+            (dx, Some(dw))
+        }
+        _ => (dq, None),
+    };
+    let (dk, dk_norm) = match (w.k_norm, &c.k_rstd) {
+        (Some(kw), Some(r)) => {
+            let (dx, dw) = head_norm_backward(&dk, &c.k_raw, kv_heads, kw, r);
+            (dx, Some(dw))
+        }
+        _ => (dk, None),
+    };
+    let (dx_q, dq_w) = linear::backward(dq.view(), c.x.view(), w.q);
+    let (dx_k, dk_w) = linear::backward(dk.view(), c.x.view(), w.k);
+    let (dx_v, dv_w) = linear::backward(dv.view(), c.x.view(), w.v);
+    let grads = AttnGrads {
+        q: dq_w,
+        k: dk_w,
+        v: dv_w,
+        o: do_w,
+        q_norm: dq_norm,
+        k_norm: dk_norm,
+    };
+    (dx_q + dx_k + dx_v, grads)
+}

@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# Data-parallel checks on a machine with 2 GPUs (nvidia-h200-x2). Needs no Rust: only the `fast`
+# binary built with `cargo build --release -p fast --features nccl`, and python3 with PyTorch 2.11
+# (for torchrun and libtorch's shared libraries).
+#
+# Usage: scripts/ddp_check.sh INPUT_DIR [WORK_DIR]
+#   INPUT_DIR/fast            the binary (required)
+#   INPUT_DIR/data.jsonl      corpus, {"text": ...} per line (optional; default: the embedded poems)
+#   INPUT_DIR/tokenizer/      tokenizer.json + tokenizer_config.json (optional; default: embedded)
+#
+# Checks, each printed as it finishes, then a table:
+#   0. dist-check: collectives give exact known values (torchrun --standalone), all-reduce timing,
+#      and a failure drill (one rank fails; the other must end, not hang).
+#   1. loss curves: 2 ranks x batch B vs 1 rank x batch 2B, 50 steps, token-weighted loss, bf16;
+#      the logged (global) losses agree within bf16 tolerance.
+#   2. weight checksums printed by every rank at the end of the 2-rank run are identical.
+#   3. checkpoint on 2 GPUs resumes on 1, and 1 on 2 (step rescale step*saved_ws//current_ws).
+#   4. scaling efficiency at per-GPU batch 32 and 128 on the 26M config:
+#      2-GPU tokens/s / (2 x 1-GPU tokens/s).
+set -uo pipefail
+
+die() { echo "ddp_check: $*" >&2; exit 1; }
+[ $# -ge 1 ] || die "usage: $0 INPUT_DIR [WORK_DIR]"
+IN=$(cd "$1" && pwd) || die "no folder $1"
+BIN="$IN/fast"
+[ -x "$BIN" ] || die "$BIN is not an executable (build: cargo build --release -p fast --features nccl)"
+WORK=${2:-$(mktemp -d /tmp/ddp_check.XXXXXX)}
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+
+TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib || die "python3 has no torch"
+export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
+# NVLink multicast stays off on shared hosts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+NGPU=$(python3 -c 'import torch;print(torch.cuda.device_count())')
+[ "$NGPU" -ge 2 ] || die "needs 2 GPUs, python3's torch sees $NGPU"
+TORCHRUN=(python3 -m torch.distributed.run --standalone --nproc_per_node 2 --no-python)
+echo "ddp_check: binary $BIN, work dir $WORK, $NGPU GPUs, torch lib $TORCH_LIB"
+
+DATA=()
+[ -f "$IN/data.jsonl" ] && DATA+=(--data-path "$IN/data.jsonl")
+[ -d "$IN/tokenizer" ] && DATA+=(--tokenizer "$IN/tokenizer")
+# Every run: bf16, one micro-batch per optimizer step (all-reduce every step), token-weighted loss,
+# log every step, no intermediate saves, no sample at the end.
+COMMON=(--device cuda --dtype bfloat16 --accumulation-steps 1 --loss-normalization token --seed 42
+        --save-interval 1000000 --sample-tokens 0 --no-progress "${DATA[@]}")
+
+# CHECKS="0 1 2 3 4" (default) picks the checks to run.
+CHECKS=${CHECKS:-0 1 2 3 4}
+want() { [[ " $CHECKS " == *" $1 "* ]]; }
+KEYS=()
+VALS=()
+FAILED=0
+record() { KEYS+=("$1"); VALS+=("$2"); echo "== $1: $2"; case "$2" in FAIL*) FAILED=1 ;; esac; }
+
+# run NAME NPROC ARGS...: runs `fast pretrain` in $WORK/NAME (1 process, or 2 through torchrun).
+run() {
+    local name=$1 np=$2
+    shift 2
+    local dir="$WORK/$name"
+    mkdir -p "$dir"
+    local cmd=("$BIN")
+    [ "$np" -gt 1 ] && cmd=("${TORCHRUN[@]}" "$BIN")
+    echo "-- $name: ${cmd[*]} pretrain $*" | tee "$dir/cmd.txt"
+    if ! (cd "$dir" && timeout 900 "${cmd[@]}" pretrain "${COMMON[@]}" --save-dir "$dir/out" \
+            --checkpoint-dir "$dir/ckpt" "$@") >"$dir/log.txt" 2>&1; then
+        echo "-- $name failed; last lines of $dir/log.txt:"
+        tail -25 "$dir/log.txt"
+        return 1
+    fi
+}
+
+metrics() { find "$WORK/$1" -name metrics.jsonl | head -1; }
+
+# ---- 0. collectives --------------------------------------------------------------------------
+if want 0; then
+mkdir -p "$WORK/dist_check"
+if (cd "$WORK/dist_check" && timeout 300 "${TORCHRUN[@]}" "$BIN" dist-check) >"$WORK/dist_check/log.txt" 2>&1; then
+    record "0 collectives (torchrun, 2 ranks)" "ok: $(grep -o 'all_reduce 104 MB fp32 | [^|]*' "$WORK/dist_check/log.txt" | head -1)"
+else
+    tail -20 "$WORK/dist_check/log.txt"
+    record "0 collectives (torchrun, 2 ranks)" "FAIL (see $WORK/dist_check/log.txt)"
+fi
+# Failure drill without torchrun (which would stop the peer itself): rank 1 fails before a
+# collective; rank 0 must end within the 20 s NCCL timeout (+ margin), not hang.
+T0=$(date +%s)
+(cd "$WORK/dist_check" && export WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29561 FAST_DIST_TIMEOUT_SEC=20 &&
+    { RANK=1 LOCAL_RANK=1 timeout 150 "$BIN" dist-check --fail-rank 1 >drill_r1.txt 2>&1 &
+      RANK=0 LOCAL_RANK=0 timeout 150 "$BIN" dist-check --fail-rank 1 >drill_r0.txt 2>&1; echo "rank0 exit $?" >>drill_r0.txt; wait; })
+DT=$(( $(date +%s) - T0 ))
+if [ "$DT" -lt 140 ] && ! grep -q "exit 124" "$WORK/dist_check/drill_r0.txt"; then
+    record "0 failure drill" "ok: rank 0 ended ${DT}s after rank 1 failed ($(tail -1 "$WORK/dist_check/drill_r0.txt"))"
+else
+    record "0 failure drill" "FAIL: rank 0 still running after ${DT}s (killed by timeout)"
+fi
+
+fi
+
+# ---- 1 + 2. loss curves and weight checksums -------------------------------------------------
+if want 1 || want 2; then
+B=16
+run curve_2gpu 2 --batch-size $B --max-steps 50 --log-interval 1 \
+    && run curve_1gpu 1 --batch-size $((2 * B)) --max-steps 50 --log-interval 1
+if [ -n "$(metrics curve_2gpu)" ] && [ -n "$(metrics curve_1gpu)" ]; then
+    record "1 loss curves (2x$B vs 1x$((2 * B)), 50 steps)" "$(python3 - "$(metrics curve_2gpu)" "$(metrics curve_1gpu)" <<'EOF'
+import json, sys
+rows = [{r["step"]: r for r in map(json.loads, filter(str.strip, open(p)))} for p in sys.argv[1:3]]
+steps = sorted(set(rows[0]) & set(rows[1]))
+if len(steps) < 45:
+    print(f"FAIL: only {len(steps)} common logged steps"); sys.exit()
+rel = [abs(rows[0][s]["loss"] - rows[1][s]["loss"]) / max(abs(rows[1][s]["loss"]), 1e-6) for s in steps]
+# bf16: ~3 significant digits per op; the runs differ only in summation order and kernel choice,
+# which compounds slowly over 50 steps. Step 1 (same weights, same rows) must agree tightly.
+ok = rel[0] < 5e-3 and max(rel) < 3e-2 and sum(rel) / len(rel) < 1e-2
+print(("ok" if ok else "FAIL") + f": step1 rel {rel[0]:.1e}, max rel {max(rel):.1e}, mean rel {sum(rel)/len(rel):.1e}; "
+      + ", ".join(f"s{s} {rows[0][s]['loss']:.4f}/{rows[1][s]['loss']:.4f}" for s in (steps[0], steps[len(steps)//2], steps[-1])))
+EOF
+)"
+else
+    record "1 loss curves" "FAIL: a run failed or wrote no metrics.jsonl"
+fi
+SUMS=$(grep -ho 'rank [0-9]* weight checksum [-0-9.e+]*' "$WORK/curve_2gpu/log.txt" | sort -u)
+NSUM=$(echo "$SUMS" | grep -c checksum)
+NDIST=$(echo "$SUMS" | awk '{print $NF}' | sort -u | grep -c .)
+if [ "$NSUM" -eq 2 ] && [ "$NDIST" -eq 1 ]; then
+    record "2 weight checksums across ranks" "ok: identical ($(echo "$SUMS" | awk 'NR==1{print $NF}'))"
+else
+    record "2 weight checksums across ranks" "FAIL: $NSUM checksum lines, $NDIST distinct: $(echo $SUMS)"
+fi
+
+fi
+
+# ---- 3. resume across world sizes ------------------------------------------------------------
+# resume_case NAME FROM_NP TO_NP: 20 steps on FROM_NP GPUs, then resume on TO_NP GPUs for 20 more
+# (the rescaled step is 20*FROM/TO); reports the rescaled step and the loss on both sides.
+resume_case() {
+    local name=$1 from=$2 to=$3
+    run "${name}_a" "$from" --batch-size 16 --max-steps 20 --log-interval 1 || { record "3 resume $from->$to GPU" "FAIL: first run"; return; }
+    rm -rf "$WORK/${name}_b"
+    cp -r "$WORK/${name}_a" "$WORK/${name}_b"
+    local m_a
+    m_a=$(metrics "${name}_a")
+    cp "$m_a" "$WORK/${name}_a_metrics.jsonl"
+    run "${name}_b" "$to" --batch-size 16 --max-steps $((20 * from / to + 20)) --log-interval 1 --from-resume 1 \
+        || { record "3 resume $from->$to GPU" "FAIL: resumed run"; return; }
+    record "3 resume $from->$to GPU" "$(python3 - "$WORK/${name}_a_metrics.jsonl" "$(metrics "${name}_b")" "$from" "$to" <<'EOF'
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+b = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+w0, w1 = int(sys.argv[3]), int(sys.argv[4])
+last = a[-1]
+new = b[len(a):]  # a resumed metrics.jsonl starts with the checkpoint's history (a's rows)
+if not new:
+    print("FAIL: the resumed run logged no new step"); sys.exit()
+first = new[0]
+want = last["epoch_step"] * w0 // w1
+jump = abs(first["loss"] - last["loss"]) / max(last["loss"], 1e-6)
+ok = first["epoch_step"] == want + 1 and jump < 0.15
+print(("ok" if ok else "FAIL") + f": saved epoch step {last['epoch_step']} on {w0} -> resumed at {first['epoch_step']} "
+      f"(expected {want}+1) on {w1}; loss {last['loss']:.4f} -> {first['loss']:.4f}; ran to step {b[-1]['epoch_step']}")
+EOF
+)"
+}
+if want 3; then
+    resume_case resume_2to1 2 1
+    resume_case resume_1to2 1 2
+fi
+
+# ---- 4. scaling efficiency -------------------------------------------------------------------
+# Tokens/s (padded, all ranks) as the median over log intervals of 5 steps, leaving out the first
+# three (warm-up) and every interval that follows an epoch end (it holds the end-of-epoch
+# checkpoint and the loader's restart: the embedded corpus is only ~20-160 steps long).
+throughput() {  # NAME
+    python3 - "$(metrics "$1")" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+clean = [r["tokens_per_s"] for i, r in enumerate(rows) if i >= 3 and rows[i - 1]["epoch"] == r["epoch"]]
+print(f"{statistics.median(clean):.0f} {len(clean)}")
+EOF
+}
+if want 4; then
+for B in 32 128; do
+    if run "scale_${B}_1gpu" 1 --batch-size $B --max-steps 120 --log-interval 5 --epochs 100 \
+        && run "scale_${B}_2gpu" 2 --batch-size $B --max-steps 120 --log-interval 5 --epochs 100; then
+        read -r T1 N1 <<<"$(throughput "scale_${B}_1gpu")"
+        read -r T2 N2 <<<"$(throughput "scale_${B}_2gpu")"
+        record "4 scaling, batch $B per GPU" "$(python3 -c "t1,t2=$T1,$T2;print(f'{t2/(2*t1):.0%}: 1 GPU {t1/1e3:.0f}k tok/s, 2 GPUs {t2/1e3:.0f}k tok/s (padded; medians of $N1 / $N2 intervals)')")"
+    else
+        record "4 scaling, batch $B per GPU" "FAIL: a run failed"
+    fi
+done
+fi
+
+# ---- table -----------------------------------------------------------------------------------
+echo
+echo "| check | result |"
+echo "|---|---|"
+for i in "${!KEYS[@]}"; do
+    echo "| ${KEYS[$i]} | ${VALS[$i]} |"
+done
+echo
+echo "logs: $WORK/*/log.txt"
+exit $FAILED

@@ -1,0 +1,373 @@
+//! Reading golden fixture folders (format: `golden/minimind/README.md`). Sizes always come
+//! from the files; errors name the file and the tensor.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ndarray::{Array2, ArrayD, IxDyn};
+use reference::ModelConfig;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Every tensor of a safetensors file: floats as f64, integers as i64.
+#[derive(Debug, Default)]
+pub struct Tensors {
+    pub path: PathBuf,
+    pub floats: BTreeMap<String, ArrayD<f64>>,
+    pub ints: BTreeMap<String, ArrayD<i64>>,
+}
+
+impl Tensors {
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("parsing safetensors {}", path.display()))?;
+        let mut out = Tensors {
+            path: path.to_path_buf(),
+            ..Default::default()
+        };
+        for (name, view) in st.tensors() {
+            let shape = IxDyn(view.shape());
+            let data = view.data();
+            let ctx = || format!("tensor {name} in {}", path.display());
+            match view.dtype() {
+                Dtype::F64 => {
+                    let v = data
+                        .chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().unwrap()));
+                    out.floats.insert(
+                        name.clone(),
+                        ArrayD::from_shape_vec(shape, v.collect()).with_context(ctx)?,
+                    );
+                }
+                Dtype::F32 => {
+                    let v = data
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64);
+                    out.floats.insert(
+                        name.clone(),
+                        ArrayD::from_shape_vec(shape, v.collect()).with_context(ctx)?,
+                    );
+                }
+                Dtype::I64 => {
+                    let v = data
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()));
+                    out.ints.insert(
+                        name.clone(),
+                        ArrayD::from_shape_vec(shape, v.collect()).with_context(ctx)?,
+                    );
+                }
+                other => bail!("{}: unsupported dtype {other:?}", ctx()),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn float(&self, name: &str) -> Result<&ArrayD<f64>> {
+        self.floats
+            .get(name)
+            .with_context(|| format!("{}: no float tensor {name}", self.path.display()))
+    }
+
+    /// An integer [B, T] tensor (input_ids, labels).
+    pub fn int2(&self, name: &str) -> Result<Array2<i64>> {
+        let t = self
+            .ints
+            .get(name)
+            .with_context(|| format!("{}: no integer tensor {name}", self.path.display()))?;
+        t.clone()
+            .into_dimensionality()
+            .with_context(|| format!("{}: {name} is not 2-D", self.path.display()))
+    }
+
+    /// Tensors named `<prefix><name>`, keyed by `<name>` (e.g. prefix `param.`).
+    pub fn group(&self, prefix: &str) -> BTreeMap<String, ArrayD<f64>> {
+        self.floats
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+            .collect()
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing JSON {}", path.display()))
+}
+
+fn field<T: for<'de> Deserialize<'de>>(json: &Value, key: &str, path: &Path) -> Result<T> {
+    let v = json
+        .get(key)
+        .with_context(|| format!("{}: missing field `{key}`", path.display()))?;
+    T::deserialize(v).with_context(|| format!("{}: bad field `{key}`", path.display()))
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct AdamWJson {
+    #[serde(default)]
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamWJson {
+    pub fn config(&self) -> reference::adamw::AdamWConfig {
+        reference::adamw::AdamWConfig {
+            betas: self.betas,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// `<name>.json` with `ce_loss` + `<name>.safetensors`: one forward/backward/step of a model.
+#[derive(Debug)]
+pub struct ModelFixture {
+    pub name: String,
+    pub config: ModelConfig,
+    pub ce_loss: f64,
+    pub aux_loss: f64,
+    pub total_loss: f64,
+    pub grad_total_norm_before_clip: f64,
+    pub clip: f64,
+    pub adamw: AdamWJson,
+    pub input_ids: Array2<i64>,
+    pub labels: Array2<i64>,
+    /// [B, T, V]
+    pub logits: ArrayD<f64>,
+    pub params: reference::Params,
+    pub grads: reference::Params,
+    pub after_step: reference::Params,
+}
+
+impl ModelFixture {
+    pub fn load(dir: &Path, name: &str) -> Result<Self> {
+        let jp = dir.join(format!("{name}.json"));
+        let json = read_json(&jp)?;
+        let t = Tensors::load(&dir.join(format!("{name}.safetensors")))?;
+        Ok(ModelFixture {
+            name: name.to_string(),
+            config: field(&json, "config", &jp)?,
+            ce_loss: field(&json, "ce_loss", &jp)?,
+            aux_loss: field(&json, "aux_loss", &jp)?,
+            total_loss: field(&json, "total_loss", &jp)?,
+            grad_total_norm_before_clip: field(&json, "grad_total_norm_before_clip", &jp)?,
+            clip: field(&json, "clip", &jp)?,
+            adamw: field(&json, "adamw", &jp)?,
+            input_ids: t.int2("input_ids")?,
+            labels: t.int2("labels")?,
+            logits: t.float("logits")?.clone(),
+            params: t.group("param."),
+            grads: t.group("grad."),
+            after_step: t.group("after_step."),
+        })
+    }
+}
+
+/// One micro-step row of a trajectory.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrajectoryRow {
+    pub step: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub optimizer_step: bool,
+    pub grad_norm: Option<f64>,
+}
+
+/// `train_*.json` with `rows` + `.safetensors`: a short MiniMind training run.
+#[derive(Debug)]
+pub struct TrainFixture {
+    pub name: String,
+    pub config: ModelConfig,
+    pub micro_steps: usize,
+    pub accumulation_steps: u64,
+    pub lr: f64,
+    pub clip: f64,
+    pub adamw: AdamWJson,
+    pub rows: Vec<TrajectoryRow>,
+    /// (input_ids, labels) per micro-step.
+    pub batches: Vec<(Array2<i64>, Array2<i64>)>,
+    pub params: reference::Params,
+    pub final_params: reference::Params,
+}
+
+impl TrainFixture {
+    pub fn load(dir: &Path, name: &str) -> Result<Self> {
+        let jp = dir.join(format!("{name}.json"));
+        let json = read_json(&jp)?;
+        let t = Tensors::load(&dir.join(format!("{name}.safetensors")))?;
+        let micro_steps: usize = field(&json, "micro_steps", &jp)?;
+        let batches = (0..micro_steps)
+            .map(|i| {
+                Ok((
+                    t.int2(&format!("batch{i}.input_ids"))?,
+                    t.int2(&format!("batch{i}.labels"))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(TrainFixture {
+            name: name.to_string(),
+            config: field(&json, "config", &jp)?,
+            micro_steps,
+            accumulation_steps: field(&json, "accumulation_steps", &jp)?,
+            lr: field(&json, "lr", &jp)?,
+            clip: field(&json, "clip", &jp)?,
+            adamw: field(&json, "adamw", &jp)?,
+            rows: field(&json, "rows", &jp)?,
+            batches,
+            params: t.group("param."),
+            final_params: t.group("final."),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LrCase {
+    pub step: u64,
+    pub total: u64,
+    pub lr: f64,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SkipBatchCase {
+    pub indices: Vec<usize>,
+    pub batch_size: usize,
+    pub skip_batches: usize,
+    pub batches: Vec<Vec<usize>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DistributedCase {
+    pub n: usize,
+    pub world_size: usize,
+    pub rank: usize,
+    pub drop_last: bool,
+    pub indices: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RescaleCase {
+    pub step: u64,
+    pub saved_ws: u64,
+    pub current_ws: u64,
+    pub value: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScalerStep {
+    pub step: u64,
+    /// "None", "inf", "-inf" or "nan".
+    pub injected: String,
+    pub scale_after_update: f64,
+    pub param_changed: bool,
+    pub param: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScalerCase {
+    pub init_scale: f64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: u32,
+    pub loss: String,
+    pub trajectory: Vec<ScalerStep>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Cases<T> {
+    cases: Vec<T>,
+}
+
+/// `components.json`.
+#[derive(Debug, Clone)]
+pub struct Components {
+    pub lr_schedule: Vec<LrCase>,
+    pub skip_batch_sampler: Vec<SkipBatchCase>,
+    pub distributed_sampler_no_shuffle: Vec<DistributedCase>,
+    pub world_size_step_rescale: Vec<RescaleCase>,
+    pub grad_scaler: ScalerCase,
+}
+
+impl Components {
+    pub fn load(path: &Path) -> Result<Self> {
+        let json = read_json(path)?;
+        Ok(Components {
+            lr_schedule: field::<Cases<LrCase>>(&json, "lr_schedule", path)?.cases,
+            skip_batch_sampler: field(&json, "skip_batch_sampler", path)?,
+            distributed_sampler_no_shuffle: field(&json, "distributed_sampler_no_shuffle", path)?,
+            world_size_step_rescale: field::<Cases<RescaleCase>>(
+                &json,
+                "world_size_step_rescale",
+                path,
+            )?
+            .cases,
+            grad_scaler: field(&json, "grad_scaler", path)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatasetCase {
+    pub text: String,
+    pub max_length: usize,
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+/// `dataset_cases.json`.
+pub fn load_dataset_cases(path: &Path) -> Result<Vec<DatasetCase>> {
+    let json = read_json(path)?;
+    field(&json, "cases", path)
+}
+
+/// What a fixture folder holds, discovered by file pattern.
+#[derive(Debug, Default, Clone)]
+pub struct Inventory {
+    /// `<name>.json` (with `config` and `ce_loss`) + `<name>.safetensors`.
+    pub models: Vec<String>,
+    /// `<name>.json` (with `config` and `rows`) + `<name>.safetensors`.
+    pub trajectories: Vec<String>,
+    pub components: Option<PathBuf>,
+    pub dataset_cases: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Lists the fixtures in `dir`, sorted by name.
+pub fn discover(dir: &Path) -> Result<Inventory> {
+    let mut inv = Inventory::default();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for p in paths {
+        let Some(file) = p.file_name().and_then(|f| f.to_str()) else {
+            continue;
+        };
+        match file {
+            "components.json" => inv.components = Some(p.clone()),
+            "dataset_cases.json" => inv.dataset_cases = Some(p.clone()),
+            "tokenizer.json" => inv.tokenizer = Some(p.clone()),
+            _ => {}
+        }
+        let Some(stem) = file.strip_suffix(".json") else {
+            continue;
+        };
+        if !dir.join(format!("{stem}.safetensors")).exists() {
+            continue;
+        }
+        let json = read_json(&p)?;
+        if json.get("config").is_none() {
+            continue;
+        }
+        if json.get("ce_loss").is_some() {
+            inv.models.push(stem.to_string());
+        } else if json.get("rows").is_some() {
+            inv.trajectories.push(stem.to_string());
+        }
+    }
+    Ok(inv)
+}

@@ -1,0 +1,148 @@
+//! Verification rows and the table `verify` prints.
+
+use ndarray::ArrayViewD;
+
+/// One check: max abs error, max error relative to the expected tensor's largest magnitude,
+/// and whether that relative error is within `tol`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub fixture: String,
+    pub group: String,
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub tol: f64,
+    pub ok: bool,
+}
+
+/// (max |a - e|, max |a - e| / max |e|) over an array pair. Shapes must agree (else infinite
+/// error); any NaN gives NaN errors. An all-zero expectation needs an exact match.
+pub fn errors(actual: ArrayViewD<f64>, expected: ArrayViewD<f64>) -> (f64, f64) {
+    if actual.shape() != expected.shape() {
+        return (f64::INFINITY, f64::INFINITY);
+    }
+    let mut max_abs = 0.0f64;
+    let mut scale = 0.0f64;
+    for (a, e) in actual.iter().zip(expected.iter()) {
+        let d = (a - e).abs();
+        if d.is_nan() || !a.is_finite() && a != e {
+            return (f64::NAN, f64::NAN);
+        }
+        max_abs = max_abs.max(d);
+        scale = scale.max(e.abs());
+    }
+    let rel = if max_abs == 0.0 { 0.0 } else { max_abs / scale };
+    (max_abs, rel)
+}
+
+impl Row {
+    /// Compares two arrays; passes when `max_rel <= tol` (NaN never passes).
+    pub fn compare(
+        fixture: &str,
+        group: &str,
+        actual: ArrayViewD<f64>,
+        expected: ArrayViewD<f64>,
+        tol: f64,
+    ) -> Row {
+        let (max_abs, max_rel) = errors(actual, expected);
+        Row {
+            fixture: fixture.to_string(),
+            group: group.to_string(),
+            max_abs,
+            max_rel,
+            tol,
+            ok: max_rel <= tol,
+        }
+    }
+
+    pub fn scalar(fixture: &str, group: &str, actual: f64, expected: f64, tol: f64) -> Row {
+        let a = ndarray::arr0(actual).into_dyn();
+        let e = ndarray::arr0(expected).into_dyn();
+        Row::compare(fixture, group, a.view(), e.view(), tol)
+    }
+
+    /// An exact check of discrete outputs (indices, ids, flags): 0 or 1 mismatch.
+    pub fn exact(fixture: &str, group: &str, equal: bool) -> Row {
+        let err = if equal { 0.0 } else { 1.0 };
+        Row {
+            fixture: fixture.to_string(),
+            group: group.to_string(),
+            max_abs: err,
+            max_rel: err,
+            tol: 0.0,
+            ok: equal,
+        }
+    }
+}
+
+/// Groups a tensor name: layer and expert indices become `*`.
+/// `model.layers.1.mlp.experts.3.up_proj.weight` -> `model.layers.*.mlp.experts.*.up_proj.weight`.
+pub fn group_name(name: &str) -> String {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    for i in 1..parts.len() {
+        if matches!(parts[i - 1], "layers" | "experts" | "shared_experts")
+            && parts[i].chars().all(|c| c.is_ascii_digit())
+        {
+            parts[i] = "*";
+        }
+    }
+    parts.join(".")
+}
+
+/// Merges rows with the same (fixture, group) into the worst one, naming how many it covers.
+pub fn worst_per_group(rows: Vec<Row>) -> Vec<Row> {
+    let mut out: Vec<(Row, usize)> = Vec::new();
+    for r in rows {
+        match out
+            .iter_mut()
+            .find(|(o, _)| o.fixture == r.fixture && o.group == r.group)
+        {
+            Some((o, n)) => {
+                *n += 1;
+                let worse = r.max_rel.is_nan() || r.max_rel > o.max_rel;
+                let ok = o.ok && r.ok;
+                if worse {
+                    *o = r;
+                }
+                o.ok = ok;
+            }
+            None => out.push((r, 1)),
+        }
+    }
+    out.into_iter()
+        .map(|(mut r, n)| {
+            if n > 1 {
+                r.group = format!("{} (x{n})", r.group);
+            }
+            r
+        })
+        .collect()
+}
+
+/// The table: one line per row, OK / NOT OK last.
+pub fn format_table(rows: &[Row]) -> String {
+    let fw = rows
+        .iter()
+        .map(|r| r.fixture.len())
+        .max()
+        .unwrap_or(0)
+        .max(7);
+    let gw = rows.iter().map(|r| r.group.len()).max().unwrap_or(0).max(5);
+    let mut s = format!(
+        "{:fw$}  {:gw$}  {:>10}  {:>10}  {:>8}  result\n",
+        "fixture", "check", "max abs", "max rel", "tol"
+    );
+    for r in rows {
+        s += &format!(
+            "{:fw$}  {:gw$}  {:>10.3e}  {:>10.3e}  {:>8.0e}  {}\n",
+            r.fixture,
+            r.group,
+            r.max_abs,
+            r.max_rel,
+            r.tol,
+            if r.ok { "OK" } else { "NOT OK" }
+        );
+    }
+    let failed = rows.iter().filter(|r| !r.ok).count();
+    s += &format!("{} checks, {} failed\n", rows.len(), failed);
+    s
+}

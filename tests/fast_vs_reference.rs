@@ -1,0 +1,503 @@
+//! The fast path (libtorch, fp32, CPU) equals the reference oracle (ndarray, f64) on random small
+//! models and inputs: dense and MoE, GQA n_rep 1..4, qk-norm on/off, padded rows on/off, batches
+//! with no counted label. Discrete components (samplers, schedule, accumulation, rescale, scaler,
+//! batching) must agree exactly.
+//!
+//! Tolerances are fp32's, as verify_fast states them: max error relative to the expected tensor's
+//! largest magnitude, 1e-5 for logits and losses, 1e-4 for gradients, 1e-5 for one clip + AdamW
+//! update applied to the same gradients, 1e-3 for weights after a few-step trajectory (run with
+//! AdamW eps 1e-5, see `adamw_traj`). The reference computes RMSNorm in f64, MiniMind (and fast) in
+//! fp32: that difference (~1e-7) is inside these bounds.
+
+use std::collections::BTreeMap;
+
+use harness::report::Row;
+use harness::verify_fast::{self, from_named, to_tensor_i64};
+use ndarray::Array2;
+use proptest::prelude::*;
+use tch::{Device, Tensor};
+
+const LOGITS_TOL: f64 = 1e-5;
+const LOSS_TOL: f64 = 1e-5;
+const GRAD_TOL: f64 = 1e-4;
+const STEP_TOL: f64 = 1e-3;
+/// Clip + AdamW on the same fp32 gradients: a handful of fp32 roundings of the update (lr ~ 1e-3)
+/// on weights of ~0.05: ~1e-10 absolute, ~1e-8 relative; the ratio m/(sqrt(v)+eps) near g ~ eps
+/// loses a few more bits.
+const UPDATE_TOL: f64 = 1e-5;
+
+#[derive(Debug, Clone)]
+struct Case {
+    cfg: reference::ModelConfig,
+    b: usize,
+    t: usize,
+    seed: u64,
+    /// Per row: number of trailing pads (labels -100).
+    pads: Vec<usize>,
+    all_ignored: bool,
+}
+
+fn config() -> impl Strategy<Value = reference::ModelConfig> {
+    (
+        (
+            1usize..=2,
+            prop_oneof![Just(8usize), Just(16)],
+            1usize..=4,
+            1usize..=2,
+        ),
+        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        (2usize..=4, 1usize..=2, 0usize..=1),
+        prop_oneof![Just(32usize), Just(48)],
+    )
+        .prop_map(
+            |((layers, hd, n_rep, kv), (moe, qk, seq_aux, norm_topk), (e, k, shared), vocab)| {
+                let heads = kv * n_rep;
+                reference::ModelConfig {
+                    hidden_size: heads * hd,
+                    num_hidden_layers: layers,
+                    num_attention_heads: heads,
+                    num_key_value_heads: kv,
+                    vocab_size: vocab,
+                    intermediate_size: Some(2 * heads * hd),
+                    use_moe: moe,
+                    num_experts_per_tok: k.min(e),
+                    n_routed_experts: e,
+                    n_shared_experts: shared,
+                    seq_aux,
+                    norm_topk_prob: norm_topk,
+                    qk_norm: qk,
+                    ..Default::default()
+                }
+            },
+        )
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        config(),
+        1usize..=3,
+        2usize..=8,
+        any::<u64>(),
+        any::<bool>(),
+        prop::bool::weighted(0.1),
+    )
+        .prop_flat_map(|(cfg, b, t, seed, padded, all_ignored)| {
+            let pads = prop::collection::vec(if padded { 0..t } else { 0..1 }, b);
+            (
+                Just(cfg),
+                Just(b),
+                Just(t),
+                Just(seed),
+                pads,
+                Just(all_ignored),
+            )
+        })
+        .prop_map(|(cfg, b, t, seed, pads, all_ignored)| Case {
+            cfg,
+            b,
+            t,
+            seed,
+            pads,
+            all_ignored,
+        })
+}
+
+/// Token ids from a seeded generator; pads (id 0, label -100) at the end of rows.
+fn batch(c: &Case, salt: u64) -> (Array2<i64>, Array2<i64>) {
+    let mut rng = fast::sampler::SplitMix64::new(c.seed ^ salt.wrapping_mul(0x9E37_79B9));
+    let v = c.cfg.vocab_size as u64;
+    let mut ids = Array2::<i64>::zeros((c.b, c.t));
+    let mut labels = Array2::<i64>::zeros((c.b, c.t));
+    for r in 0..c.b {
+        for s in 0..c.t {
+            let pad = s >= c.t - c.pads[r];
+            let id = if pad {
+                0
+            } else {
+                1 + (rng.next_u64() % (v - 1)) as i64
+            };
+            ids[[r, s]] = id;
+            labels[[r, s]] = if pad || c.all_ignored { -100 } else { id };
+        }
+    }
+    (ids, labels)
+}
+
+fn check(rows: &[Row]) -> Result<(), TestCaseError> {
+    let bad: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| {
+            format!(
+                "{} {}: max_rel {:e} > {:e}",
+                r.fixture, r.group, r.max_rel, r.tol
+            )
+        })
+        .collect();
+    prop_assert!(bad.is_empty(), "{}", bad.join("\n"));
+    Ok(())
+}
+
+/// Per tensor: max error relative to the tensor's largest magnitude, floored at 1e-3 of the
+/// largest magnitude of the whole set and at 1e-5, so that a tensor whose exact value vanishes
+/// (MoE aux gradients cancel mathematically when every expert is chosen and no label counts) is
+/// judged by a meaningful scale instead of demanding round-off-for-round-off agreement.
+fn named_rows(what: &str, a: &reference::Params, e: &reference::Params, tol: f64) -> Vec<Row> {
+    let global = e
+        .values()
+        .flat_map(|t| t.iter())
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    let mut rows = Vec::new();
+    for (n, ev) in e {
+        match a.get(n) {
+            Some(av) => {
+                let (max_abs, _) = harness::report::errors(av.view(), ev.view());
+                let scale = ev
+                    .iter()
+                    .fold(0.0f64, |m, v| m.max(v.abs()))
+                    .max(1e-3 * global)
+                    .max(1e-5);
+                let rel = if max_abs == 0.0 { 0.0 } else { max_abs / scale };
+                rows.push(Row {
+                    fixture: what.into(),
+                    group: n.clone(),
+                    max_abs,
+                    max_rel: rel,
+                    tol,
+                    ok: rel <= tol,
+                });
+            }
+            None => rows.push(Row::exact(what, &format!("{n} missing"), false)),
+        }
+    }
+    rows.push(Row::exact(what, "same names", a.len() == e.len()));
+    rows
+}
+
+fn adamw() -> (reference::adamw::AdamWConfig, fast::adamw::AdamWConfig) {
+    (
+        reference::adamw::AdamWConfig::default(),
+        fast::adamw::AdamWConfig::default(),
+    )
+}
+
+/// Multi-step runs use eps 1e-5: AdamW's t = 1 update lr * g / (|g| + eps) has sensitivity up
+/// to lr / eps to its gradient, so with torch's 1e-8 any weight whose gradient is within fp32
+/// round-off of zero (a few per 10^4 weights) moves by up to 2 lr differently. eps 1e-5 keeps
+/// that amplification at 100 while every other part of the update is the same arithmetic.
+fn adamw_traj() -> (reference::adamw::AdamWConfig, fast::adamw::AdamWConfig) {
+    let (mut r, mut f) = adamw();
+    r.eps = 1e-5;
+    f.eps = 1e-5;
+    (r, f)
+}
+
+/// Forward, losses, every gradient, the clipped AdamW update.
+fn one_step(c: &Case) -> Result<(), TestCaseError> {
+    let params = reference::params::init_params(&c.cfg, c.seed);
+    let (ids, labels) = batch(c, 1);
+    let (out, mut grads) =
+        reference::model::forward_backward(&c.cfg, &params, ids.view(), labels.view());
+    let mut tr = verify_fast::trainer(
+        &c.cfg,
+        &params,
+        adamw().1,
+        fast::precision::Precision::Fp32,
+        Device::Cpu,
+    )
+    .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    let (fi, fl) = (to_tensor_i64(&ids), to_tensor_i64(&labels));
+    let logits = tch::no_grad(|| tr.model.forward(&fi).logits);
+    let o = tr
+        .micro_step(&fi, &fl, 1.0)
+        .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    let s = verify_fast::scalar;
+    let mut rows = vec![
+        Row::compare(
+            "fwd",
+            "logits",
+            verify_fast::to_array(&logits).view(),
+            out.logits.view().into_dyn(),
+            LOGITS_TOL,
+        ),
+        Row::scalar("fwd", "ce", s(&o.ce), out.ce, LOSS_TOL),
+        Row::scalar("fwd", "aux", s(&o.aux), out.aux, LOSS_TOL),
+        Row::scalar("fwd", "total", s(&o.loss), out.total, LOSS_TOL),
+        Row::exact(
+            "fwd",
+            "count",
+            i64::try_from(&o.count).unwrap() as usize == out.count,
+        ),
+    ];
+    let fast_grads = from_named(&tr.named_grads_f64());
+    rows.extend(named_rows("grad", &fast_grads, &grads, GRAD_TOL));
+    let clip = 0.5;
+    let norm = reference::clip::clip_grad_norm(&mut grads, clip);
+    // The update is checked on fast's own gradients: the clip and AdamW arithmetic in isolation,
+    // free of AdamW's amplification of gradient differences near eps (see adamw_traj).
+    let mut g = fast_grads.clone();
+    reference::clip::clip_grad_norm(&mut g, clip);
+    let mut p = from_named(&tr.named_f64());
+    reference::adamw::AdamW::new(&p, adamw().0).step(&mut p, &g, 1e-3);
+    let fnorm = tr
+        .optimizer_step(1e-3, clip)
+        .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    // Floored like the gradients: a norm of pure round-off (all gradients vanish) is ~0 on both.
+    rows.push(Row::scalar(
+        "step",
+        "grad_norm",
+        s(&fnorm).max(1e-5),
+        norm.max(1e-5),
+        GRAD_TOL,
+    ));
+    rows.extend(named_rows(
+        "after_step",
+        &from_named(&tr.named_f64()),
+        &p,
+        UPDATE_TOL,
+    ));
+    check(&rows)
+}
+
+/// The reference loop with either normalisation (reference::train is MiniMind-mean only).
+fn reference_trajectory(
+    cfg: &reference::ModelConfig,
+    params: &mut reference::Params,
+    batches: &[(Array2<i64>, Array2<i64>)],
+    accum: u64,
+    base_lr: f64,
+    clip: f64,
+    norm: reference::accumulation::Normalisation,
+) -> Vec<(f64, f64, Option<f64>)> {
+    use reference::accumulation::{is_optimizer_step, loss_weight, window};
+    let total = batches.len() as u64;
+    let mut opt = reference::adamw::AdamW::new(params, adamw_traj().0);
+    let mut acc = reference::params::zeros_like(params);
+    let counts: Vec<usize> = batches
+        .iter()
+        .map(|(_, l)| {
+            l.slice(ndarray::s![.., 1..])
+                .iter()
+                .filter(|&&x| x != -100)
+                .count()
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for (i, (ids, labels)) in batches.iter().enumerate() {
+        let step = i as u64 + 1;
+        let lr = reference::schedule::cosine_lr(step, total, base_lr);
+        let (first, last) = window(step, accum, total);
+        let wc = counts[(first - 1) as usize..last as usize].iter().sum();
+        let (out, g) = reference::model::forward_backward(cfg, params, ids.view(), labels.view());
+        reference::model::add_scaled(&mut acc, &g, loss_weight(norm, accum, counts[i], wc));
+        let gn = is_optimizer_step(step, accum, total).then(|| {
+            let n = reference::clip::clip_grad_norm(&mut acc, clip);
+            opt.step(params, &acc, lr);
+            acc = reference::params::zeros_like(params);
+            n
+        });
+        rows.push((lr, out.total, gn));
+    }
+    rows
+}
+
+/// A few micro-steps with accumulation (trailing partial window included).
+fn trajectory(
+    c: &Case,
+    steps: usize,
+    accum: u64,
+    token_weighted: bool,
+) -> Result<(), TestCaseError> {
+    let mut params = reference::params::init_params(&c.cfg, c.seed);
+    let batches: Vec<_> = (0..steps).map(|i| batch(c, 10 + i as u64)).collect();
+    let mut tr = verify_fast::trainer(
+        &c.cfg,
+        &params,
+        adamw_traj().1,
+        fast::precision::Precision::Fp32,
+        Device::Cpu,
+    )
+    .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    let (rn, fnorm) = if token_weighted {
+        (
+            reference::accumulation::Normalisation::TokenWeighted,
+            fast::accumulation::Normalisation::TokenWeighted,
+        )
+    } else {
+        (
+            reference::accumulation::Normalisation::MiniMindMean,
+            fast::accumulation::Normalisation::MiniMindMean,
+        )
+    };
+    let expected = reference_trajectory(&c.cfg, &mut params, &batches, accum, 1e-3, 1.0, rn);
+    let fb: Vec<(Tensor, Tensor)> = batches
+        .iter()
+        .map(|(i, l)| (to_tensor_i64(i), to_tensor_i64(l)))
+        .collect();
+    let got = verify_fast::run_trajectory(&mut tr, &fb, accum, 1e-3, 1.0, fnorm)
+        .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    let mut rows = Vec::new();
+    for (g, (lr, loss, gn)) in got.iter().zip(&expected) {
+        rows.push(Row::exact(
+            "traj",
+            &format!("step{} lr", g.step),
+            g.lr == *lr,
+        ));
+        rows.push(Row::scalar(
+            "traj",
+            &format!("step{} loss", g.step),
+            g.loss,
+            *loss,
+            LOSS_TOL * 10.0,
+        ));
+        rows.push(Row::exact(
+            "traj",
+            &format!("step{} stepped", g.step),
+            g.grad_norm.is_some() == gn.is_some(),
+        ));
+        if let (Some(a), Some(b)) = (g.grad_norm, gn) {
+            rows.push(Row::scalar(
+                "traj",
+                &format!("step{} grad_norm", g.step),
+                a.max(1e-5),
+                b.max(1e-5),
+                GRAD_TOL,
+            ));
+        }
+    }
+    rows.extend(named_rows(
+        "final",
+        &from_named(&tr.named_f64()),
+        &params,
+        STEP_TOL,
+    ));
+    check(&rows)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Logits, ce/aux/total, counted labels, every gradient, grad norm and the clipped AdamW step.
+    #[test]
+    fn one_training_step_matches_the_reference(c in case()) {
+        one_step(&c)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// 3..5 micro-steps, accumulation 2..3, MiniMind-mean or token-weighted normalisation.
+    #[test]
+    fn a_few_step_trajectory_matches_the_reference(
+        c in case(), steps in 3usize..=5, accum in 2u64..=3, tw in any::<bool>()
+    ) {
+        trajectory(&c, steps, accum, tw)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Epoch order, SkipBatchSampler, DistributedSampler and the rescale are the same functions.
+    #[test]
+    fn samplers_agree_exactly(
+        n in 0usize..200, seed in any::<u64>(), epoch in 0u64..1000,
+        bs in 1usize..17, skip in 0usize..20, world in 1usize..9, drop_last in any::<bool>(),
+        step in 0u64..100_000, saved in 1u64..9, current in 1u64..9,
+    ) {
+        let perm = fast::sampler::epoch_permutation(n, seed, epoch);
+        prop_assert_eq!(&perm, &reference::sampler::epoch_permutation(n, seed, epoch));
+        let s = fast::sampler::SkipBatchSampler::new(&perm, bs, skip);
+        let got: Vec<Vec<usize>> = s.iter().map(|b| b.to_vec()).collect();
+        prop_assert_eq!(got, reference::sampler::skip_batches(&perm, bs, skip));
+        prop_assert_eq!(s.len(), reference::sampler::skip_batch_len(n, bs, skip));
+        for rank in 0..world {
+            prop_assert_eq!(
+                fast::sampler::distributed_indices(&perm, world, rank, drop_last),
+                reference::sampler::distributed_indices(&perm, world, rank, drop_last)
+            );
+        }
+        prop_assert_eq!(
+            fast::sampler::rescale_step(step, saved, current),
+            reference::sampler::rescale_step(step, saved, current)
+        );
+    }
+
+    /// Schedule (with and without warmup) and accumulation bit for bit.
+    #[test]
+    fn schedule_and_accumulation_agree_exactly(
+        total in 1u64..5000, frac in 0.0f64..=1.0, base in 1e-6f64..1e-2, warmup in 0u64..100,
+        accum in 1u64..9, count in 0usize..500, extra in 0usize..500,
+    ) {
+        let step = ((total as f64 * frac) as u64).max(1);
+        prop_assert_eq!(
+            fast::schedule::cosine_lr(step, total, base).to_bits(),
+            reference::schedule::cosine_lr(step, total, base).to_bits()
+        );
+        prop_assert_eq!(
+            fast::schedule::lr_at(step, total, base, warmup).to_bits(),
+            reference::schedule::lr_at(step, total, base, warmup).to_bits()
+        );
+        prop_assert_eq!(
+            fast::accumulation::is_optimizer_step(step, accum, total),
+            reference::accumulation::is_optimizer_step(step, accum, total)
+        );
+        prop_assert_eq!(fast::accumulation::window(step, accum, total), reference::accumulation::window(step, accum, total));
+        for (f, r) in [
+            (fast::accumulation::Normalisation::MiniMindMean, reference::accumulation::Normalisation::MiniMindMean),
+            (fast::accumulation::Normalisation::TokenWeighted, reference::accumulation::Normalisation::TokenWeighted),
+        ] {
+            prop_assert_eq!(
+                fast::accumulation::loss_weight(f, accum, count, count + extra).to_bits(),
+                reference::accumulation::loss_weight(r, accum, count, count + extra).to_bits()
+            );
+        }
+    }
+
+    /// Padded and packed batching equal the reference's dataset rows.
+    #[test]
+    fn batching_agrees_exactly(
+        docs in prop::collection::vec(prop::collection::vec(0u32..50, 0..20), 1..6), max_len in 2usize..24,
+    ) {
+        let sp = fast::batch::SpecialTokens::default();
+        let rsp = reference::dataset::SpecialTokens::default();
+        for d in &docs {
+            let f = fast::batch::padded_row(d, max_len, sp);
+            let r = reference::dataset::encode_padded(d, max_len, rsp);
+            prop_assert_eq!((f.input_ids, f.labels), (r.input_ids, r.labels));
+        }
+        let f = fast::batch::packed_rows(&docs, max_len, sp);
+        let r = reference::dataset::pack(&docs, max_len, rsp);
+        prop_assert_eq!(f.len(), r.len());
+        for (a, b) in f.into_iter().zip(r) {
+            prop_assert_eq!((a.input_ids, a.labels), (b.input_ids, b.labels));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The device-side GradScaler follows the reference's scale trajectory exactly, and skips
+    /// exactly the steps with a non-finite gradient.
+    #[test]
+    fn scaler_trajectories_agree_exactly(
+        events in prop::collection::vec(prop_oneof![4 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)], 1..40),
+        interval in 1u32..5,
+    ) {
+        let mut r = reference::scaler::GradScaler::new(1024.0, 2.0, 0.5, interval);
+        let mut f = fast::scaler::GradScaler::new(1024.0, 2.0, 0.5, interval as i64, Device::Cpu);
+        for ev in events {
+            let bad = match ev { 1 => f64::INFINITY, 2 => f64::NAN, _ => 3.0 };
+            let mut rg = BTreeMap::from([("p".to_string(), ndarray::arr1(&[1.0, bad]).into_dyn())]);
+            let found_r = r.unscale(&mut rg);
+            let g = Tensor::from_slice(&[1.0f32, bad as f32]) * f.scale_value();
+            f.unscale(std::slice::from_ref(&g)).unwrap();
+            prop_assert_eq!(f.found_inf_value(), found_r);
+            r.update(found_r);
+            f.update();
+            prop_assert_eq!(f.scale_value(), r.scale);
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! `fast pretrain`'s data path against MiniMind's numbers and the reference's encoding:
+//! JSONL -> tokenizer -> padded / packed rows -> prefetched batches.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fast::data::dataset::{counted_labels, padded_row, DataMode, TokenDataset};
+use fast::data::jsonl::{JsonlCorpus, LinePolicy};
+use fast::data::loader::{HostBatch, Prefetcher};
+use fast::data::tokenize::{SpecialTokens, TextTokenizer};
+use reference::dataset as refds;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn write_jsonl(dir: &Path, texts: &[String]) -> PathBuf {
+    let path = dir.join("corpus.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for t in texts {
+        writeln!(f, "{}", serde_json::json!({ "text": t })).unwrap();
+    }
+    path
+}
+
+fn poems(n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("data/poems.jsonl")).unwrap();
+    text.lines()
+        .take(n)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+fn open(path: &Path, tokenizer: &Path) -> (Arc<JsonlCorpus>, Arc<TextTokenizer>) {
+    let corpus = Arc::new(JsonlCorpus::open(path, LinePolicy::Fail).unwrap());
+    let tok = Arc::new(TextTokenizer::load(tokenizer, &SpecialTokens::default()).unwrap());
+    (corpus, tok)
+}
+
+#[test]
+fn padded_rows_equal_minimind_pretrain_dataset_golden_cases() {
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("golden/minimind/dataset_cases.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = cases["cases"].as_array().unwrap();
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
+    let path = write_jsonl(dir.path(), &texts);
+    let (corpus, tok) = open(&path, &root().join("golden/minimind"));
+    assert_eq!((tok.pad, tok.bos, tok.eos), (0, 1, 2));
+    let mut checked = 0;
+    for (i, case) in cases.iter().enumerate() {
+        let max_len = case["max_length"].as_u64().unwrap() as usize;
+        let ds = TokenDataset::padded(corpus.clone(), tok.clone(), max_len);
+        let row = ds.item(i, &mut HashMap::new()).unwrap();
+        let want = |k: &str| -> Vec<i64> {
+            case[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            row.input_ids,
+            want("input_ids"),
+            "input_ids of case {i} ({:?})",
+            texts[i]
+        );
+        assert_eq!(
+            row.labels,
+            want("labels"),
+            "labels of case {i} ({:?})",
+            texts[i]
+        );
+        checked += 1;
+    }
+    assert!(checked >= 8);
+}
+
+#[test]
+fn padded_and_packed_rows_equal_the_reference_encoding() {
+    let texts = poems(120);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_jsonl(dir.path(), &texts);
+    let (corpus, tok) = open(&path, &root().join("data/tokenizer"));
+    let sp = refds::SpecialTokens {
+        pad: tok.pad,
+        bos: tok.bos,
+        eos: tok.eos,
+    };
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+    for max_len in [2, 16, 64] {
+        let ds = TokenDataset::padded(corpus.clone(), tok.clone(), max_len);
+        assert_eq!(ds.len(), texts.len());
+        for (i, doc) in ids.iter().enumerate() {
+            let want = refds::encode_padded(doc, max_len, sp);
+            let got = ds.item(i, &mut HashMap::new()).unwrap();
+            assert_eq!(
+                (got.input_ids, got.labels),
+                (want.input_ids, want.labels),
+                "padded doc {i} max_len {max_len}"
+            );
+        }
+        let ds = TokenDataset::packed(corpus.clone(), tok.clone(), max_len, 3).unwrap();
+        assert_eq!(ds.mode(), DataMode::Packed);
+        let want = refds::pack(&ids, max_len, sp);
+        assert_eq!(ds.len(), want.len(), "packed rows at max_len {max_len}");
+        let mut cache = HashMap::new();
+        for (r, w) in want.iter().enumerate() {
+            // Alternate a shared cache and a fresh one: both must give the same rows.
+            if r % 2 == 0 {
+                cache.clear();
+            }
+            let got = ds.item(r, &mut cache).unwrap();
+            assert_eq!(
+                (&got.input_ids, &got.labels),
+                (&w.input_ids, &w.labels),
+                "packed row {r} max_len {max_len}"
+            );
+        }
+    }
+}
+
+#[test]
+fn prefetched_batches_come_in_order_and_equal_direct_encoding() {
+    let texts = poems(300);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_jsonl(dir.path(), &texts);
+    let (corpus, tok) = open(&path, &root().join("data/tokenizer"));
+    for ds in [
+        TokenDataset::padded(corpus.clone(), tok.clone(), 48),
+        TokenDataset::packed(corpus.clone(), tok.clone(), 48, 2).unwrap(),
+    ] {
+        let ds = Arc::new(ds);
+        let order = reference::sampler::epoch_permutation(ds.len(), 7, 1);
+        let batches: Vec<Vec<usize>> = order.chunks(13).map(<[usize]>::to_vec).collect();
+        let direct: Vec<HostBatch> = batches
+            .iter()
+            .map(|b| {
+                let rows: Vec<_> = b
+                    .iter()
+                    .map(|&i| ds.item(i, &mut HashMap::new()).unwrap())
+                    .collect();
+                HostBatch::from_rows(&rows, 48)
+            })
+            .collect();
+        for (workers, depth) in [(1, 1), (3, 2), (4, 16)] {
+            let got: Vec<HostBatch> = Prefetcher::new(ds.clone(), batches.clone(), workers, depth)
+                .collect::<anyhow::Result<_>>()
+                .unwrap();
+            assert_eq!(got.len(), direct.len());
+            for (g, d) in got.iter().zip(&direct) {
+                assert_eq!(
+                    (&g.input_ids, &g.labels, g.rows, g.counted_labels),
+                    (&d.input_ids, &d.labels, d.rows, d.counted_labels)
+                );
+            }
+        }
+        // Dropping a loader half-way stops its workers.
+        let mut p = Prefetcher::new(ds.clone(), batches.clone(), 2, 4);
+        p.next().unwrap().unwrap();
+        drop(p);
+    }
+}
+
+#[test]
+fn padded_row_labels_count_what_the_shifted_loss_counts() {
+    let r = padded_row(&[5, 6, 7], 8, 1, 2, 0);
+    // Targets are labels[1..]: 5, 6, 7, eos.
+    assert_eq!(counted_labels(&r), 4);
+}
+
+#[test]
+fn trained_tokenizer_matches_minimind_layout_and_round_trips() {
+    let texts = poems(400);
+    let tok = fast::tokenizer_train::train_bpe(texts.iter().map(String::as_str), 600).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fast::tokenizer_train::write_tokenizer_dir(&tok, dir.path()).unwrap();
+    let loaded = TextTokenizer::load(dir.path(), &SpecialTokens::default()).unwrap();
+    assert_eq!((loaded.pad, loaded.bos, loaded.eos), (0, 1, 2));
+    assert_eq!(loaded.vocab_size(), 600);
+    for t in &texts[..20] {
+        let ids = loaded.encode(t).unwrap();
+        assert_eq!(&loaded.decode(&ids).unwrap(), t);
+    }
+    // Special-token strings inside text become their ids.
+    assert_eq!(loaded.encode("<|im_end|>").unwrap(), vec![2]);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("tokenizer.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["model"]["type"], "BPE");
+    assert_eq!(json["pre_tokenizer"]["type"], "ByteLevel");
+    assert_eq!(json["pre_tokenizer"]["add_prefix_space"], false);
+    assert_eq!(json["decoder"]["type"], "ByteLevel");
+    // tokenizer_config.json carries MiniMind's special-token fields.
+    let ours: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    let minimind: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("golden/minimind/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "bos_token",
+        "eos_token",
+        "pad_token",
+        "unk_token",
+        "added_tokens_decoder",
+        "add_bos_token",
+        "tokenizer_class",
+    ] {
+        assert_eq!(ours[key], minimind[key], "{key}");
+    }
+}
+
+#[test]
+fn the_embedded_tokenizer_is_the_one_train_tokenizer_makes_from_the_embedded_poems() {
+    let texts = poems(usize::MAX);
+    let tok = fast::tokenizer_train::train_bpe(texts.iter().map(String::as_str), 6400).unwrap();
+    let ours: serde_json::Value = serde_json::from_str(&tok.to_string(false).unwrap()).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("data/tokenizer/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ours, committed, "data/tokenizer is stale: rerun `fast train-tokenizer --data-path data/poems.jsonl --out data/tokenizer`");
+}
+
+#[test]
+fn tokenizer_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = TextTokenizer::load(dir.path(), &SpecialTokens::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not found"), "{err}");
+    let given = SpecialTokens {
+        bos: Some("<nope>".into()),
+        ..Default::default()
+    };
+    let err = TextTokenizer::load(&root().join("data/tokenizer"), &given)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("\"<nope>\" is not in the vocabulary"), "{err}");
+}
