@@ -9,7 +9,7 @@ TORCH_STAMP := $(VENV)/.stamp-torch-$(TORCH_VERSION)
 EXTRAS_STAMP := $(VENV)/.stamp-extras-2
 CUDA_STAMP   := $(VENV)/.stamp-cuda-toolkit-13.0.2
 
-.PHONY: setup test pretrain release doctor verify bench clean-venv
+.PHONY: setup setup-cuda test pretrain release release-cuda doctor verify bench clean-venv
 
 setup: $(TORCH_STAMP) $(EXTRAS_STAMP)
 
@@ -28,6 +28,14 @@ $(EXTRAS_STAMP): $(TORCH_STAMP)
 	$(PY) -m pip install --disable-pip-version-check --quiet numpy "transformers==5.23.0"
 	touch $@
 
+# CUDA 13.0 headers and nvcc (cccl for at::cuda::CUDAGraph's headers), needed only to build
+# `--features nccl` (data parallelism over c10d) or `--features cuda` (that plus CUDA graphs).
+setup-cuda: $(CUDA_STAMP)
+
+$(CUDA_STAMP): $(TORCH_STAMP)
+	$(PY) -m pip install --disable-pip-version-check --quiet "cuda-toolkit[cccl,nvcc]==13.0.2"
+	touch $@
+
 test: setup
 	cargo test --workspace
 
@@ -36,6 +44,10 @@ pretrain: setup
 
 release: setup
 	cargo build --release --workspace
+
+# The binary for GPU machines: NCCL data parallelism and whole-step CUDA graphs.
+release-cuda: setup setup-cuda
+	cargo build --release -p fast --features cuda
 
 doctor: setup
 	cargo run --release -p fast -- doctor
