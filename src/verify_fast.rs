@@ -586,6 +586,16 @@ pub fn run(dir: &Path, device: &str, precision: &str) -> Result<Vec<Row>> {
     if let (Some(cases), Some(tok)) = (&inv.dataset_cases, &inv.tokenizer) {
         rows.extend(check_dataset(cases, tok)?);
     }
+    let pth_precision = match precision {
+        Precision::Fp64 => "fp64",
+        Precision::Bf16 | Precision::Fp16 => "bf16",
+        Precision::Fp32 => "fp32",
+    };
+    let device_name = match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    };
+    rows.extend(crate::verify_pth::run(dir, "fast", &device_name, pth_precision)?);
     anyhow::ensure!(!rows.is_empty(), "{}: no fixtures found", dir.display());
     Ok(rows)
 }

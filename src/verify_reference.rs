@@ -321,6 +321,7 @@ pub fn run(dir: &Path) -> Result<Vec<Row>> {
     if let (Some(cases), Some(tok)) = (&inv.dataset_cases, &inv.tokenizer) {
         rows.extend(check_dataset(cases, tok)?);
     }
+    rows.extend(crate::verify_pth::run(dir, "reference", "cpu", "fp64")?);
     anyhow::ensure!(!rows.is_empty(), "{}: no fixtures found", dir.display());
     Ok(rows)
 }

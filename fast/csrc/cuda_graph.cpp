@@ -1,18 +1,24 @@
 // Capture of a whole training step as one CUDA graph (at::cuda::CUDAGraph), replayed each step.
 // The step is a Rust callback run on a side stream between capture_begin and capture_end, as
 // torch.cuda.graph does; everything it touches must keep static shapes and addresses.
-#include <ATen/cuda/CUDAEvent.h>
+//
+// Only device-generic c10 guards, streams and events here (c10::DeviceGuard, c10::StreamGuard,
+// c10::Event): their CUDA implementations live in libc10_cuda, so this file calls no CUDA runtime
+// function itself and the binary needs no libcudart of its own (the CUDA-specific guard headers
+// inline cudart calls).
 #include <ATen/cuda/CUDAGraph.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #include <cstdlib>
 #include <cstring>
 
 namespace {
 // b waits for all work queued on a so far (stream.wait_stream in Python).
-void wait_stream(const c10::cuda::CUDAStream &b, const c10::cuda::CUDAStream &a) {
-  at::cuda::CUDAEvent ev;
+void wait_stream(const c10::Stream &b, const c10::Stream &a) {
+  c10::Event ev(c10::DeviceType::CUDA);
   ev.record(a);
   ev.block(b);
 }
@@ -33,13 +39,14 @@ void mm_graph_free_error(char *e) { std::free(e); }
 // A callback returning non-zero aborts the capture with an error.
 char *mm_graph_capture(int device, int warmup, mm_step_fn step, void *ctx, void **out) {
   try {
-    c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device));
-    auto side = c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device));
-    auto main = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
+    auto index = static_cast<c10::DeviceIndex>(device);
+    c10::DeviceGuard device_guard(c10::Device(c10::DeviceType::CUDA, index));
+    c10::Stream side = c10::cuda::getStreamFromPool(false, index).unwrap();
+    c10::Stream main = c10::cuda::getCurrentCUDAStream(index).unwrap();
     wait_stream(side, main);
     auto graph = new at::cuda::CUDAGraph();
     {
-      c10::cuda::CUDAStreamGuard stream_guard(side);
+      c10::StreamGuard stream_guard(side);
       for (int i = 0; i < warmup; ++i) {
         if (step(ctx) != 0) {
           delete graph;
@@ -75,4 +82,17 @@ char *mm_graph_replay(void *g) {
 }
 
 void mm_graph_free(void *g) { delete static_cast<at::cuda::CUDAGraph *>(g); }
+
+// The caching allocator's peak bytes since the last reset (torch.cuda.max_memory_allocated and
+// max_memory_reserved).
+void mm_cuda_peak_memory(int device, int64_t *allocated, int64_t *reserved) {
+  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  *allocated = stats.allocated_bytes[agg].peak;
+  *reserved = stats.reserved_bytes[agg].peak;
+}
+
+void mm_cuda_reset_peak_memory(int device) {
+  c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+}
 }

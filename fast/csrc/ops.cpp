@@ -92,4 +92,10 @@ char *mm_unscale(at::Tensor **grads, int64_t n, at::Tensor *found_inf, at::Tenso
 char *mm_zero(at::Tensor **ts, int64_t n) {
   return guard([&] { at::_foreach_zero_(list(ts, n)); });
 }
+
+// Tensor.pin_memory() with the current accelerator (tch's binding passes a device argument,
+// which libtorch 2.11 warns is deprecated).
+char *mm_pin_memory(at::Tensor *t, at::Tensor **out) {
+  return guard([&] { *out = new at::Tensor(t->pin_memory()); });
+}
 }

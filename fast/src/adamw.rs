@@ -53,7 +53,8 @@ pub struct AdamW {
     pub exp_avg_sq: Vec<Tensor>,
     /// Per-parameter step counts (fp32 scalars on the device, as torch keeps them for fused).
     pub steps: Vec<Tensor>,
-    /// Host copy of the step count for `PerTensor` (counts only steps taken).
+    /// Host step count: steps taken (`PerTensor`) or attempted (`Fused`, whose device `steps`
+    /// are the authority: a step skipped for a non-finite gradient does not count there).
     pub t: u64,
     lr: Tensor,
 }
@@ -86,10 +87,28 @@ impl AdamW {
         lr: f64,
         found_inf: Option<&Tensor>,
     ) -> Result<()> {
+        self.set_lr(lr);
+        self.step_at_set_lr(params, grads, found_inf)
+    }
+
+    /// Writes `lr` into the device tensor the fused kernel reads. A captured CUDA graph sets the
+    /// rate here, outside the graph, before each replay.
+    pub fn set_lr(&mut self, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        let _ = self.lr.fill_(lr);
+    }
+
+    /// One step at the rate last given to [`AdamW::set_lr`]: no host value enters the kernels
+    /// (`Fused`), so the step can be captured in a CUDA graph.
+    pub fn step_at_set_lr(
+        &mut self,
+        params: &[Tensor],
+        grads: &[Tensor],
+        found_inf: Option<&Tensor>,
+    ) -> Result<()> {
         let _guard = tch::no_grad_guard();
         match self.imp {
             AdamWImpl::Fused => {
-                let _ = self.lr.fill_(lr);
                 let h = crate::fused::AdamWHyper {
                     beta1: self.cfg.betas.0,
                     beta2: self.cfg.betas.1,
@@ -108,12 +127,12 @@ impl AdamW {
                     None,
                     found_inf,
                 )?;
-                if found_inf.is_none() {
-                    self.t += 1;
-                }
+                // Steps attempted; a skipped one (found_inf) is undone in the device counters.
+                self.t += 1;
                 Ok(())
             }
             AdamWImpl::PerTensor => {
+                let lr = f64::try_from(self.lr.reshape([-1]).get(0))?;
                 if let Some(f) = found_inf {
                     if f64::try_from(f.reshape([-1]).get(0))? != 0.0 {
                         return Ok(());

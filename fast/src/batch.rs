@@ -111,10 +111,23 @@ impl Batch {
             .sum();
         let shape = [b as i64, t as i64];
         Batch {
-            input_ids: Tensor::from_slice(ids).reshape(shape).to_device(device),
-            labels: Tensor::from_slice(labels).reshape(shape).to_device(device),
+            input_ids: to_device_async(Tensor::from_slice(ids).reshape(shape), device),
+            labels: to_device_async(Tensor::from_slice(labels).reshape(shape), device),
             count,
         }
+    }
+}
+
+/// Host tensor to `device` without stalling the host: a copy from pageable memory waits for the
+/// device's stream to drain (CUDA's rule for pageable copies), which would serialise every step's
+/// kernel launches behind the previous step; from pinned memory the copy is queued like a kernel.
+pub fn to_device_async(t: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) => match crate::fused::pin_memory(&t) {
+            Ok(pinned) => pinned.to_device_(device, t.kind(), true, false),
+            Err(_) => t.to_device(device),
+        },
+        _ => t.to_device(device),
     }
 }
 

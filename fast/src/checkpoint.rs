@@ -26,6 +26,23 @@ use crate::metrics::MetricRow;
 
 pub const RESUME_FORMAT: &str = "minimind-rs-resume-v1";
 
+/// Removes the temp files a killed [`write_atomic`] of `path` left behind (`.{name}.tmp{pid}`).
+/// Called once at the start of a run, before anything of this run writes `path`.
+pub fn remove_stale_temp_files(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let prefix = format!(".{name}.tmp");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Write `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {

@@ -132,6 +132,10 @@ pub struct PretrainArgs {
     /// Leave out corpus lines that are not {"text": "..."} objects (counted and reported).
     #[arg(long, alias = "skip_bad_lines")]
     pub skip_bad_lines: bool,
+    /// Skip optimizer steps whose loss or gradients are not finite (counted and reported) instead
+    /// of stopping at the first one (bf16/fp32; fp16's GradScaler always skips and backs off).
+    #[arg(long, alias = "skip_nonfinite")]
+    pub skip_nonfinite: bool,
     /// Use only the first N documents of the corpus [default on CPU with the embedded corpus: 3200].
     #[arg(long, alias = "max_docs")]
     pub max_docs: Option<usize>,
@@ -189,6 +193,8 @@ pub struct RunConfig {
     pub loss_normalization: LossNormalization,
     pub max_steps: Option<usize>,
     pub skip_bad_lines: bool,
+    #[serde(default)]
+    pub skip_nonfinite: bool,
     pub max_docs: Option<usize>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
@@ -342,6 +348,7 @@ impl PretrainArgs {
             loss_normalization: self.loss_normalization,
             max_steps: self.max_steps,
             skip_bad_lines: self.skip_bad_lines,
+            skip_nonfinite: self.skip_nonfinite,
             max_docs,
             bos_token: self.bos_token.clone(),
             eos_token: self.eos_token.clone(),

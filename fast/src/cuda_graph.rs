@@ -15,6 +15,20 @@ extern "C" {
     ) -> *mut c_char;
     fn mm_graph_replay(g: *mut c_void) -> *mut c_char;
     fn mm_graph_free(g: *mut c_void);
+    fn mm_cuda_peak_memory(device: i32, allocated: *mut i64, reserved: *mut i64);
+    fn mm_cuda_reset_peak_memory(device: i32);
+}
+
+/// Peak bytes (allocated by tensors, reserved by the caching allocator) on CUDA device `device`
+/// since the last [`reset_peak_memory`]: `torch.cuda.max_memory_allocated` / `_reserved`.
+pub fn peak_memory(device: usize) -> (u64, u64) {
+    let (mut a, mut r) = (0i64, 0i64);
+    unsafe { mm_cuda_peak_memory(device as i32, &mut a, &mut r) };
+    (a.max(0) as u64, r.max(0) as u64)
+}
+
+pub fn reset_peak_memory(device: usize) {
+    unsafe { mm_cuda_reset_peak_memory(device as i32) };
 }
 
 fn check(what: &str, err: *mut c_char) -> Result<()> {

@@ -78,12 +78,8 @@ fn check_device(device: Device, matmul_size: Option<i64>) -> Result<()> {
         Device::Cuda(_) => (Kind::BFloat16, matmul_size.unwrap_or(8192)),
         _ => (Kind::Float, matmul_size.unwrap_or(1024)),
     };
-    let a = Tensor::randn([n, n], (kind, device));
-    let b = Tensor::randn([n, n], (kind, device));
-    let secs = time_op(device, || {
-        let _ = a.matmul(&b);
-    });
-    let rate = flop_rate(2.0 * (n as f64).powi(3) / secs);
+    let (secs, flops) = matmul_rate(device, kind, n);
+    let rate = flop_rate(flops);
     println!(
         "  matmul      {n}x{n} {kind:?}: {:.3} ms, {rate}",
         secs * 1e3
@@ -117,6 +113,17 @@ fn check_device(device: Device, matmul_size: Option<i64>) -> Result<()> {
         flop_rate(flops / secs)
     );
     Ok(())
+}
+
+/// Median seconds of one `[n, n] x [n, n]` matmul of `kind` on `device` (random operands: zeros
+/// run faster), and the FLOP/s that gives. `fast bench` measures its ceiling with this.
+pub fn matmul_rate(device: Device, kind: Kind, n: i64) -> (f64, f64) {
+    let a = Tensor::randn([n, n], (kind, device));
+    let b = Tensor::randn([n, n], (kind, device));
+    let secs = time_op(device, || {
+        let _ = a.matmul(&b);
+    });
+    (secs, 2.0 * (n as f64).powi(3) / secs)
 }
 
 fn flop_rate(flops_per_s: f64) -> String {

@@ -36,6 +36,16 @@ extern "C" {
         inv_scale: *mut C_tensor,
     ) -> *mut c_char;
     fn mm_zero(ts: *const *mut C_tensor, n: i64) -> *mut c_char;
+    fn mm_pin_memory(t: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+}
+
+/// A copy of CPU tensor `t` in page-locked memory (needs a CUDA-capable libtorch and device).
+pub fn pin_memory(t: &Tensor) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    check("pin_memory", unsafe {
+        mm_pin_memory(t.as_ptr() as *mut C_tensor, &mut out)
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 fn ptrs(ts: &[Tensor]) -> Vec<*mut C_tensor> {

@@ -3,6 +3,7 @@
 
 pub mod accumulation;
 pub mod adamw;
+pub mod bench;
 pub mod batch;
 pub mod checkpoint;
 pub mod cli;

@@ -16,6 +16,8 @@ enum Command {
     // A repeated option takes its last value, as with MiniMind's argparse.
     #[command(args_override_self = true)]
     Pretrain(fast::cli::PretrainArgs),
+    /// Time the training step (forward, backward, clip, AdamW) and print one JSON line.
+    Bench(fast::bench::BenchArgs),
     /// Train MiniMind's byte-level BPE tokenizer on a JSONL corpus.
     TrainTokenizer(fast::tokenizer_train::TrainTokenizerArgs),
     /// Check the data-parallel communicator (run under torchrun) and time a gradient all-reduce.
@@ -33,6 +35,7 @@ fn main() {
     let result = match cli.command {
         Command::Doctor(args) => fast::doctor::run(&args),
         Command::Pretrain(args) => fast::train::run(&args).map(|_| ()),
+        Command::Bench(args) => fast::bench::run(&args),
         Command::TrainTokenizer(args) => fast::tokenizer_train::run(&args),
         Command::DistCheck(args) => fast::dist::selftest::run(&args),
         Command::Generate(args) => fast::generate::run(&args),
@@ -40,6 +43,10 @@ fn main() {
         Command::Eval(args) => fast::eval::run(&args),
     };
     if let Err(err) = result {
+        if let Some(stop) = err.downcast_ref::<fast::train::Interrupted>() {
+            eprintln!("{stop}");
+            std::process::exit(128 + stop.signal);
+        }
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }

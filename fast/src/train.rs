@@ -306,6 +306,10 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
         .with_context(|| format!("creating {}", cfg.save_dir.display()))?;
     let metrics_path = cfg.save_dir.join("metrics.jsonl");
     if main {
+        for p in [&cfg.weights_path(), &resume_path, &metrics_path] {
+            checkpoint::remove_stale_temp_files(p);
+        }
+        checkpoint::remove_stale_temp_files(&cfg.save_dir.join("run_config.json"));
         metrics::write_all(&metrics_path, &metric_rows)?;
     }
 
@@ -339,7 +343,16 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
     let mut last_grad_norm: Option<Tensor> = None;
     let mut interval = Interval::new();
     let mut stopped = false;
-    let mut last_saved_global = usize::MAX;
+    let mut last_saved_global: Option<usize> = None;
+    // Non-finite steps are skipped on the device; their flags are read one step later.
+    let mut nonfinite = NonFinite {
+        skip: cfg.skip_nonfinite,
+        skipped: 0,
+        pending: None,
+    };
+    // SIGINT / SIGTERM: finish the micro-step, save a resume checkpoint, exit 130 / 143.
+    let signals = Signals::install()?;
+    let mut interrupted: Option<i32> = None;
 
     // ---- 4. the loop ----
     'epochs: for epoch in pos.epoch..cfg.epochs {
@@ -412,6 +425,8 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 ) {
                     crate::dist::average_gradients(&*comm, &mut tr.grads(), norm.into())?;
                     last_grad_norm = Some(tr.optimizer_step(lr, cfg.grad_clip)?);
+                    nonfinite.check_pending(&log, last_saved_global, &resume_path)?;
+                    nonfinite.pending = tr.nonfinite.as_ref().map(|f| (global, f.shallow_clone()));
                     window_count = 0;
                 }
                 useful_seen += hb.counted_labels as u64;
@@ -469,8 +484,14 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 }
                 run_wall += t_step.elapsed().as_secs_f64();
 
-                let stopping = global >= stop_at && global < total;
+                // A signal is acted on at a micro-step boundary (under torchrun every rank must
+                // agree on which: they compare at log lines, where they already exchange metrics).
+                if interrupted.is_none() && (world_size == 1 || step % cfg.log_interval == 0) {
+                    interrupted = signals.agreed(&*comm)?;
+                }
+                let stopping = (global >= stop_at && global < total) || interrupted.is_some();
                 if step % cfg.save_interval == 0 || step == iters || stopping {
+                    nonfinite.check_pending(&log, last_saved_global, &resume_path)?;
                     if !accumulation::is_optimizer_step(
                         step as u64,
                         cfg.accumulation_steps as u64,
@@ -497,7 +518,20 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                     if main {
                         save_all(cfg, &tr, &model_cfg, &tokenizer, &state, &resume_path)?;
                     }
-                    last_saved_global = global;
+                    last_saved_global = Some(global);
+                }
+                if let Some(sig) = interrupted {
+                    if let Some(p) = &pb {
+                        p.finish_and_clear();
+                    }
+                    comm.finish()?;
+                    return Err(Interrupted {
+                        signal: sig,
+                        global_step: global,
+                        total_steps: total,
+                        checkpoint: resume_path.clone(),
+                    }
+                    .into());
                 }
                 if stopping {
                     log(format!("stopped at micro-step {global} of {total} (--max-steps); continue with --from-resume 1"));
@@ -512,7 +546,13 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
     if let Some(p) = &pb {
         p.finish_and_clear();
     }
-    let _ = last_saved_global;
+    nonfinite.check_pending(&log, last_saved_global, &resume_path)?;
+    if nonfinite.skipped > 0 {
+        println!(
+            "skipped {} optimizer step(s) with a non-finite loss or gradient (--skip-nonfinite)",
+            nonfinite.skipped
+        );
+    }
 
     // ---- 5. the end: curve, sample, summary ----
     let elapsed = started.elapsed().as_secs_f64();
@@ -596,6 +636,116 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
         elapsed_s: elapsed,
         data_wait_share,
     })
+}
+
+/// A run stopped by SIGINT or SIGTERM after saving its resume checkpoint. `main` exits with
+/// 128 + signal (130, 143), as a shell reports a process killed by it.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: i32,
+    pub global_step: usize,
+    pub total_steps: usize,
+    pub checkpoint: PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.signal {
+            signal_hook::consts::SIGINT => "SIGINT",
+            signal_hook::consts::SIGTERM => "SIGTERM",
+            _ => "a signal",
+        };
+        write!(
+            f,
+            "interrupted by {name} at micro-step {} of {}: resume checkpoint saved to {}; continue with --from-resume 1",
+            self.global_step,
+            self.total_steps,
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// SIGINT / SIGTERM flags. A second signal of the same kind while the first is being handled
+/// exits at once (the checkpoint being written then is abandoned; the previous one stays).
+struct Signals {
+    got: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for sig in [SIGINT, SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, armed.clone())
+                .context("installing a signal handler")?;
+            signal_hook::flag::register(sig, armed.clone())
+                .context("installing a signal handler")?;
+            signal_hook::flag::register_usize(sig, got.clone(), sig as usize)
+                .context("installing a signal handler")?;
+        }
+        Ok(Signals { got })
+    }
+
+    /// The signal this process (or, data parallel, any rank) received, if any.
+    fn agreed(&self, comm: &dyn crate::dist::Communicator) -> Result<Option<i32>> {
+        let local = self.got.load(std::sync::atomic::Ordering::Relaxed) as i32;
+        let ranks_hit = if comm.world_size() > 1 {
+            comm.all_reduce_scalar(f64::from(u8::from(local != 0)))?
+        } else {
+            f64::from(u8::from(local != 0))
+        };
+        Ok(match (ranks_hit > 0.0, local) {
+            (false, _) => None,
+            (true, 0) => Some(signal_hook::consts::SIGTERM),
+            (true, sig) => Some(sig),
+        })
+    }
+}
+
+/// Optimizer steps met with a non-finite loss or gradient (bf16/fp32): skipped on the device;
+/// `check_pending` reads the last step's flag and stops the run or counts the step.
+struct NonFinite {
+    skip: bool,
+    skipped: usize,
+    pending: Option<(usize, Tensor)>,
+}
+
+impl NonFinite {
+    fn check_pending(
+        &mut self,
+        log: &dyn Fn(String),
+        last_saved: Option<usize>,
+        checkpoint: &std::path::Path,
+    ) -> Result<()> {
+        let Some((at, flag)) = self.pending.take() else {
+            return Ok(());
+        };
+        if f64::try_from(flag.sum(Kind::Double))? == 0.0 {
+            return Ok(());
+        }
+        if self.skip {
+            self.skipped += 1;
+            log(format!(
+                "micro-step {at}: non-finite loss or gradient, optimizer step skipped (--skip-nonfinite)"
+            ));
+            return Ok(());
+        }
+        let kept = match last_saved {
+            Some(g) => format!(
+                "the last checkpoint, {} (micro-step {g}), is kept",
+                checkpoint.display()
+            ),
+            None => "no checkpoint had been written yet".to_string(),
+        };
+        bail!(
+            "micro-step {at}: the loss or a gradient is not finite (NaN or inf). The optimizer step \
+             was skipped and the run stops without saving: {kept}. Lower --learning-rate, check \
+             the data, or pass --skip-nonfinite to skip such steps and count them"
+        )
+    }
 }
 
 #[derive(Clone, Copy, Debug)]

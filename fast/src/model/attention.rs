@@ -28,15 +28,12 @@ fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 /// `x * cos + rotate_half(x) * sin` in the tables' kind, cast back to `out` kind.
-/// x `[B, T, nh, hd]`, tables `[T, hd]`.
+/// x `[B, T, nh, hd]`, tables `[T, hd]`. A bf16 x times fp32 tables computes in fp32 by type
+/// promotion (as MiniMind's RoPE under autocast does), and autograd keeps x and rotate_half(x)
+/// in bf16: half the memory of upcasting x first, same values.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, out: Kind) -> Tensor {
-    let xf = if x.kind() == cos.kind() {
-        x.shallow_clone()
-    } else {
-        x.to_kind(cos.kind())
-    };
     let (c, s) = (cos.unsqueeze(1), sin.unsqueeze(1));
-    let y = &xf * c + rotate_half(&xf) * s;
+    let y = x * c + rotate_half(x) * s;
     if y.kind() == out {
         y
     } else {
@@ -49,9 +46,11 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, compute: Kind) -> Tensor {
         let (b, t, _) = x.size3().expect("attention input must be [B, T, d]");
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let mut q = linear(x, &self.q_proj, compute).view([b, t, h, hd]);
-        let mut k = linear(x, &self.k_proj, compute).view([b, t, kv, hd]);
-        let v = linear(x, &self.v_proj, compute).view([b, t, kv, hd]);
+        // One cast of x for the three projections (autocast casts it per call; same values).
+        let x = super::to_kind(x, compute);
+        let mut q = linear(&x, &self.q_proj, compute).view([b, t, h, hd]);
+        let mut k = linear(&x, &self.k_proj, compute).view([b, t, kv, hd]);
+        let v = linear(&x, &self.v_proj, compute).view([b, t, kv, hd]);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q);
             k = kn.forward(&k);

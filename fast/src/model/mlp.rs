@@ -16,8 +16,9 @@ pub struct Mlp {
 impl Mlp {
     /// x `[..., d]` -> `[..., d]` in `compute` kind.
     pub fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
-        let g = linear(x, &self.gate_proj, compute).silu();
-        let u = linear(x, &self.up_proj, compute);
+        let x = super::to_kind(x, compute);
+        let g = linear(&x, &self.gate_proj, compute).silu();
+        let u = linear(&x, &self.up_proj, compute);
         linear(&(g * u), &self.down_proj, compute)
     }
 

@@ -38,19 +38,18 @@ pub struct ModelOutput {
     pub aux_loss: Tensor,
 }
 
-/// `x W^T` in `compute` kind (the explicit form of autocast's linear).
-pub(crate) fn linear(x: &Tensor, w: &Tensor, compute: Kind) -> Tensor {
-    let x = if x.kind() == compute {
+/// `x` in kind `k` (a handle to `x` itself when it already is).
+pub(crate) fn to_kind(x: &Tensor, k: Kind) -> Tensor {
+    if x.kind() == k {
         x.shallow_clone()
     } else {
-        x.to_kind(compute)
-    };
-    let w = if w.kind() == compute {
-        w.shallow_clone()
-    } else {
-        w.to_kind(compute)
-    };
-    x.linear::<Tensor>(&w, None)
+        x.to_kind(k)
+    }
+}
+
+/// `x W^T` in `compute` kind (the explicit form of autocast's linear).
+pub(crate) fn linear(x: &Tensor, w: &Tensor, compute: Kind) -> Tensor {
+    to_kind(x, compute).linear::<Tensor>(&to_kind(w, compute), None)
 }
 
 /// The kind precision-sensitive elementwise work (norms, RoPE, softmax, loss) runs in: fp32, or
@@ -233,6 +232,21 @@ impl MiniMindForCausalLM {
     /// input_ids `[B, T]` int64 -> logits `[B, T, V]` (compute kind) and the summed aux loss.
     /// No attention mask: causal attention over the whole row, pads included (as MiniMind).
     pub fn forward(&self, input_ids: &Tensor) -> ModelOutput {
+        let (h, aux_loss) = self.forward_hidden(input_ids);
+        ModelOutput {
+            logits: self.lm_head(&h),
+            aux_loss,
+        }
+    }
+
+    /// The tied lm_head: `h E^T` in compute kind. h `[..., d]` -> `[..., V]`.
+    pub fn lm_head(&self, h: &Tensor) -> Tensor {
+        linear(h, &self.embed_tokens, self.compute)
+    }
+
+    /// Everything before the lm_head: the final RMSNorm's output `[B, T, d]` (parameters' kind)
+    /// and the summed aux loss. The training step applies the head chunk by chunk (step.rs).
+    pub fn forward_hidden(&self, input_ids: &Tensor) -> (Tensor, Tensor) {
         let (_, t) = input_ids.size2().expect("input_ids must be [B, T]");
         let device = self.embed_tokens.device();
         let (cos, sin) = self.rope_tables(t, device);
@@ -257,12 +271,7 @@ impl MiniMindForCausalLM {
             };
             x = h + f;
         }
-        let x = self.norm.forward(&x);
-        let logits = linear(&x, &self.embed_tokens, self.compute);
-        ModelOutput {
-            logits,
-            aux_loss: aux,
-        }
+        (self.norm.forward(&x), aux)
     }
 }
 

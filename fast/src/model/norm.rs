@@ -24,8 +24,23 @@ impl RmsNorm {
     }
 }
 
+/// Whether fp32 inputs on CUDA take libtorch's `rms_norm` (one fused kernel forward and one
+/// backward instead of six and about ten). `MM_FUSED_RMSNORM=0` turns it off, so `fast bench`
+/// can time both in one session.
+fn fused_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MM_FUSED_RMSNORM").map_or(true, |v| v != "0"))
+}
+
 /// RMSNorm over the last dimension (see the module doc for the kinds).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    // fp32 input and weight (the residual stream under mixed precision): the cast-back is a
+    // no-op, so MiniMind's formula is exactly `x * rsqrt(mean(x^2) + eps) * w`, libtorch's op.
+    if x.kind() == Kind::Float && w.kind() == Kind::Float && x.device().is_cuda() && fused_enabled()
+    {
+        let d = *x.size().last().expect("rms_norm input has a last dimension");
+        return x.rms_norm([d], Some(w), eps);
+    }
     let k = Kind::Float;
     let xf = if x.kind() == k {
         x.shallow_clone()

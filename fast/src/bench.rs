@@ -1,0 +1,397 @@
+//! `fast bench`: the real training step (forward, backward, clip, fused AdamW) timed on real data
+//! or synthetic tokens, printed as one JSON line.
+//!
+//! Warm-up steps first (allocator, kernels, RoPE tables, graph capture), then `--steps` timed
+//! steps between two device synchronisations. The step is the one `pretrain` runs (same
+//! `Trainer`, same batch transfer, same loader), so its tokens/s agree with the log lines of a
+//! `pretrain` with the same options. With `--cuda-graph` (dense models, bf16/fp32, CUDA, built
+//! with `--features cuda`) the whole step is captured once and replayed: batches are copied into
+//! fixed input tensors and the learning rate into a device tensor before each replay.
+//!
+//! FLOPs per trained token: `6 N + 6 L T d` (N = matmul parameters, lm_head counted once as the
+//! tied embedding; causal attention's two `[T, T]` products at half cost, forward + backward).
+//! The ceiling is a bf16 `[8192, 8192]` matmul measured in the same process.
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::adamw::{AdamWConfig, AdamWImpl};
+use crate::batch::Batch;
+use crate::cli::DType;
+use crate::config::ModelConfig;
+use crate::data::dataset::{DataMode, TokenDataset};
+use crate::data::jsonl::{JsonlCorpus, LinePolicy};
+use crate::data::loader::{HostBatch, Prefetcher};
+use crate::data::tokenize::{SpecialTokens, TextTokenizer};
+use crate::precision::Precision;
+use crate::step::{Trainer, TrainerConfig};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// JSONL corpus ({"text": ...} per line); without it, synthetic full rows of random tokens.
+    #[arg(long, alias = "data_path")]
+    pub data_path: Option<std::path::PathBuf>,
+    /// Tokenizer directory or tokenizer.json [default: the embedded poems tokenizer].
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// [default: bfloat16 on CUDA, float32 on CPU]
+    #[arg(long, value_enum)]
+    pub dtype: Option<DType>,
+    #[arg(long, alias = "batch_size", default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, alias = "max_seq_len", default_value_t = 340)]
+    pub max_seq_len: usize,
+    #[arg(long, alias = "data_mode", value_enum, default_value_t = DataMode::Padded)]
+    pub data_mode: DataMode,
+    #[arg(long, alias = "hidden_size", default_value_t = 512)]
+    pub hidden_size: usize,
+    #[arg(long, alias = "num_hidden_layers", default_value_t = 8)]
+    pub num_hidden_layers: usize,
+    #[arg(long, alias = "num_attention_heads", default_value_t = 8)]
+    pub num_attention_heads: usize,
+    #[arg(long, alias = "num_key_value_heads", default_value_t = 2)]
+    pub num_key_value_heads: usize,
+    /// Vocabulary of synthetic tokens (with --data-path: the tokenizer's).
+    #[arg(long, alias = "vocab_size", default_value_t = 6400)]
+    pub vocab_size: usize,
+    #[arg(long, alias = "use_moe", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub use_moe: u8,
+    /// Untimed steps before timing.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Capture the whole step as one CUDA graph and replay it.
+    #[arg(long, alias = "cuda_graph")]
+    pub cuda_graph: bool,
+    /// Tokenizing worker threads.
+    #[arg(long, alias = "num_workers", default_value_t = 8)]
+    pub num_workers: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, alias = "learning_rate", default_value_t = 5e-4)]
+    pub learning_rate: f64,
+    #[arg(long, alias = "grad_clip", default_value_t = 1.0)]
+    pub grad_clip: f64,
+}
+
+/// Batches for the bench: the loader over an epoch permutation of a corpus, or synthetic rows.
+enum Source {
+    Loader(Prefetcher),
+    Synthetic { vocab: i64, b: usize, t: usize },
+}
+
+impl Source {
+    fn next(&mut self) -> Result<HostBatch> {
+        match self {
+            Source::Loader(p) => p
+                .next()
+                .context("the corpus ran out of batches; use fewer --steps or a larger corpus")?,
+            Source::Synthetic { vocab, b, t } => {
+                let ids: Vec<i64> = Vec::<i64>::try_from(
+                    Tensor::randint_low(3, *vocab, [(*b * *t) as i64], (Kind::Int64, Device::Cpu)),
+                )?;
+                Ok(HostBatch {
+                    labels: ids.clone(),
+                    input_ids: ids,
+                    rows: *b,
+                    cols: *t,
+                    counted_labels: *b * (*t - 1),
+                })
+            }
+        }
+    }
+
+    fn waited(&self) -> f64 {
+        match self {
+            Source::Loader(p) => p.waited.as_secs_f64(),
+            Source::Synthetic { .. } => 0.0,
+        }
+    }
+}
+
+/// FLOPs per trained token: `6 N_matmul + 6 L T d` (see the module doc).
+pub fn flops_per_token(cfg: &ModelConfig, t: usize) -> f64 {
+    let matmul_params: i64 = cfg
+        .param_shapes()
+        .iter()
+        .filter(|(_, s)| s.len() == 2)
+        .map(|(_, s)| s.iter().product::<i64>())
+        .sum();
+    let active = if cfg.use_moe {
+        // Only k of the routed experts run per token (plus the shared ones and the router).
+        let per_expert = 3 * cfg.hidden_size * cfg.ffn_width();
+        let idle = cfg.n_routed_experts.saturating_sub(cfg.num_experts_per_tok);
+        matmul_params - (cfg.num_hidden_layers * idle * per_expert) as i64
+    } else {
+        matmul_params
+    };
+    6.0 * active as f64 + 6.0 * (cfg.num_hidden_layers * t * cfg.hidden_size) as f64
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let device = crate::cli::resolve_device(&args.device)?;
+    if args.batch_size == 0 || args.max_seq_len < 2 || args.steps == 0 {
+        bail!("--batch-size and --steps must be at least 1 and --max-seq-len at least 2");
+    }
+    let dtype = args.dtype.unwrap_or(match device {
+        Device::Cuda(_) => DType::Bfloat16,
+        _ => DType::Float32,
+    });
+    let precision = match dtype {
+        DType::Bfloat16 => Precision::Bf16,
+        DType::Float16 => Precision::Fp16,
+        DType::Float32 => Precision::Fp32,
+    };
+    let (b, t) = (args.batch_size, args.max_seq_len);
+
+    // ---- data ----
+    let (mut source, vocab) = match &args.data_path {
+        Some(path) => {
+            let tok_path = match &args.tokenizer {
+                Some(p) => p.clone(),
+                None => crate::data::defaults::materialize()?.tokenizer_dir,
+            };
+            let tokenizer = Arc::new(TextTokenizer::load(
+                &tok_path,
+                &SpecialTokens {
+                    bos: None,
+                    eos: None,
+                    pad: None,
+                },
+            )?);
+            let corpus = Arc::new(JsonlCorpus::open(path, LinePolicy::Fail)?);
+            let ds = Arc::new(match args.data_mode {
+                DataMode::Padded => TokenDataset::padded(corpus, tokenizer.clone(), t),
+                DataMode::Packed => {
+                    TokenDataset::packed(corpus, tokenizer.clone(), t, args.num_workers)?
+                }
+            });
+            let need = (args.warmup + args.steps) * b;
+            if ds.len() < need {
+                bail!(
+                    "{} gives {} rows; {} warm-up + {} timed steps of batch {b} need {need}",
+                    path.display(),
+                    ds.len(),
+                    args.warmup,
+                    args.steps
+                );
+            }
+            let perm = crate::sampler::epoch_permutation(ds.len(), args.seed, 0);
+            let batches: Vec<Vec<usize>> = perm[..need].chunks(b).map(<[usize]>::to_vec).collect();
+            let workers = args.num_workers.max(1);
+            let loader = Prefetcher::new(ds, batches, workers, 2 * workers + 2);
+            (Source::Loader(loader), tokenizer.vocab_size())
+        }
+        None => (
+            Source::Synthetic {
+                vocab: args.vocab_size as i64,
+                b,
+                t,
+            },
+            args.vocab_size,
+        ),
+    };
+
+    // ---- model ----
+    let cfg = ModelConfig {
+        hidden_size: args.hidden_size,
+        num_hidden_layers: args.num_hidden_layers,
+        num_attention_heads: args.num_attention_heads,
+        num_key_value_heads: args.num_key_value_heads,
+        vocab_size: vocab,
+        use_moe: args.use_moe == 1,
+        ..ModelConfig::default()
+    };
+    let tc = TrainerConfig {
+        precision,
+        device,
+        seed: args.seed as i64,
+        adamw: AdamWConfig::default(),
+        adamw_impl: AdamWImpl::Fused,
+    };
+    let mut tr = Trainer::new(&cfg, tc)?;
+    let total = (args.warmup + args.steps) as u64;
+    let lr_at = |s: u64| crate::schedule::lr_at(s, total, args.learning_rate, 0);
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+
+    // ---- warm-up (and capture) ----
+    let use_graph = args.cuda_graph;
+    if use_graph {
+        if !matches!(device, Device::Cuda(_)) {
+            bail!("--cuda-graph needs a CUDA device");
+        }
+        if cfg.use_moe {
+            bail!("--cuda-graph: MoE dispatch reads expert sizes on the host, which a graph cannot capture");
+        }
+        if precision == Precision::Fp16 {
+            bail!("--cuda-graph: fp16's GradScaler updates its scale on the host; use bfloat16 or float32");
+        }
+        if !cfg!(feature = "cuda") {
+            bail!("--cuda-graph: this binary was built without `--features cuda` (make release-cuda)");
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(i) = device {
+        crate::cuda_graph::reset_peak_memory(i);
+    }
+    let mut step_no = 0u64;
+    let mut last_loss: Option<Tensor> = None;
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    let static_in = if use_graph {
+        Some((
+            Tensor::zeros([b as i64, t as i64], (Kind::Int64, device)),
+            Tensor::zeros([b as i64, t as i64], (Kind::Int64, device)),
+        ))
+    } else {
+        None
+    };
+    #[cfg(feature = "cuda")]
+    let mut graph: Option<crate::cuda_graph::CudaGraph> = None;
+    let warm_eager = if use_graph { 3 } else { args.warmup };
+    for _ in 0..warm_eager.min(args.warmup.max(1)) {
+        let hb = source.next()?;
+        step_no += 1;
+        let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+        let out = tr.micro_step(&batch.input_ids, &batch.labels, 1.0)?;
+        let _ = tr.optimizer_step(lr_at(step_no), args.grad_clip)?;
+        last_loss = Some(out.loss);
+    }
+    #[cfg(feature = "cuda")]
+    if let (Some((ids, labels)), Device::Cuda(i)) = (&static_in, device) {
+        // Capture: one more step (the capture's own warm-up runs it on the side stream too).
+        let hb = source.next()?;
+        step_no += 1;
+        copy_in(ids, labels, &hb, device);
+        tr.opt.set_lr(lr_at(step_no));
+        let clip = args.grad_clip;
+        let mut captured_loss = None;
+        let g = crate::cuda_graph::CudaGraph::capture(i, 1, || {
+            let out = tr.micro_step(ids, labels, 1.0)?;
+            let _ = tr.optimizer_step_at_set_lr(clip)?;
+            captured_loss = Some(out.loss);
+            Ok(())
+        })?;
+        last_loss = captured_loss;
+        graph = Some(g);
+        // The rest of the warm-up replays the graph.
+        while step_no < args.warmup as u64 {
+            let hb = source.next()?;
+            step_no += 1;
+            copy_in(ids, labels, &hb, device);
+            tr.opt.set_lr(lr_at(step_no));
+            graph.as_ref().expect("captured").replay()?;
+        }
+    }
+    sync();
+
+    // ---- timed steps ----
+    let waited0 = source.waited();
+    let (mut padded, mut useful) = (0usize, 0usize);
+    let started = Instant::now();
+    for _ in 0..args.steps {
+        let hb = source.next()?;
+        step_no += 1;
+        padded += hb.rows * hb.cols;
+        useful += hb.counted_labels;
+        #[cfg(feature = "cuda")]
+        if let (Some(g), Some((ids, labels))) = (&graph, &static_in) {
+            copy_in(ids, labels, &hb, device);
+            tr.opt.set_lr(lr_at(step_no));
+            g.replay()?;
+            continue;
+        }
+        let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+        let out = tr.micro_step(&batch.input_ids, &batch.labels, 1.0)?;
+        let _ = tr.optimizer_step(lr_at(step_no), args.grad_clip)?;
+        last_loss = Some(out.loss);
+    }
+    sync();
+    let secs = started.elapsed().as_secs_f64();
+    let waited = source.waited() - waited0;
+    let loss = match &last_loss {
+        Some(l) => f64::try_from(l.to_kind(Kind::Double))?,
+        None => f64::NAN,
+    };
+    if !loss.is_finite() {
+        bail!("the loss after the timed steps is {loss}: the step is broken");
+    }
+
+    #[allow(unused_mut)]
+    let mut peak = serde_json::Value::Null;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(i) = device {
+        let (a, r) = crate::cuda_graph::peak_memory(i);
+        peak = json!({"allocated_gib": a as f64 / (1u64 << 30) as f64,
+                      "reserved_gib": r as f64 / (1u64 << 30) as f64});
+    }
+    let (ceiling_kind, n) = match device {
+        Device::Cuda(_) => (Kind::BFloat16, 8192),
+        _ => (Kind::Float, 1024),
+    };
+    let (_, ceiling) = crate::doctor::matmul_rate(device, ceiling_kind, n);
+    let step_ms = secs * 1e3 / args.steps as f64;
+    let padded_tps = padded as f64 / secs;
+    let model_flops = flops_per_token(&cfg, t) * padded_tps;
+    let line = json!({
+        "config": {
+            "device": crate::cli::device_name(device),
+            "dtype": format!("{precision}"),
+            "batch_size": b, "max_seq_len": t,
+            "data": match &args.data_path { Some(p) => p.display().to_string(), None => "synthetic".into() },
+            "data_mode": format!("{:?}", args.data_mode).to_lowercase(),
+            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+            "vocab_size": cfg.vocab_size, "use_moe": cfg.use_moe, "params": cfg.num_params(),
+            "cuda_graph": use_graph, "warmup": args.warmup, "steps": args.steps,
+        },
+        "step_ms": step_ms,
+        "padded_tokens_per_s": padded_tps,
+        "useful_tokens_per_s": useful as f64 / secs,
+        "useful_share": useful as f64 / padded.max(1) as f64,
+        "model_tflops": model_flops / 1e12,
+        "flops_per_token": flops_per_token(&cfg, t),
+        "matmul_ceiling_tflops": ceiling / 1e12,
+        "matmul_ceiling_kind": format!("{ceiling_kind:?}"),
+        "ceiling_fraction": model_flops / ceiling,
+        "peak_memory": peak,
+        "data_wait_share": (waited / secs).min(1.0),
+        "final_loss": loss,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Copies a host batch into the graph's fixed input tensors (pinned, queued on the stream).
+#[cfg(feature = "cuda")]
+fn copy_in(ids: &Tensor, labels: &Tensor, hb: &HostBatch, device: Device) {
+    let shape = [hb.rows as i64, hb.cols as i64];
+    let src_ids = crate::batch::to_device_async(Tensor::from_slice(&hb.input_ids).reshape(shape), device);
+    let src_labels = crate::batch::to_device_async(Tensor::from_slice(&hb.labels).reshape(shape), device);
+    let (mut ids, mut labels) = (ids.shallow_clone(), labels.shallow_clone());
+    ids.copy_(&src_ids);
+    labels.copy_(&src_labels);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DESIGN.md: the 26M model costs about 163 MFLOP per trained token at T = 340.
+    #[test]
+    fn the_26m_model_costs_about_163_mflop_per_token() {
+        let f = flops_per_token(&ModelConfig::minimind_26m(), 340);
+        assert!((f / 1e6 - 163.2).abs() < 0.5, "{f}");
+    }
+}
