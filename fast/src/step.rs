@@ -168,6 +168,20 @@ impl Trainer {
         labels: &Tensor,
         weight: f64,
     ) -> Result<MicroStep> {
+        let k = crate::model::upcast_kind(self.precision.param_kind());
+        let w = Tensor::full([], weight, (k, self.device()));
+        self.micro_step_weighted(input_ids, labels, &w)
+    }
+
+    /// [`Trainer::micro_step`] with the weight a device scalar: data-parallel token-weighted
+    /// normalisation divides by a global token count that an all-reduce leaves on the device, so
+    /// no rank waits on the host for it.
+    pub fn micro_step_weighted(
+        &mut self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        weight: &Tensor,
+    ) -> Result<MicroStep> {
         let (h, aux) = self.model.forward_hidden(input_ids);
         let (b, t, d) = h.size3().context("hidden state must be [B, T, d]")?;
         let k = crate::model::upcast_kind(h.kind());
@@ -177,9 +191,10 @@ impl Trainer {
         let count = lb.ne(crate::loss::IGNORE_INDEX).sum(tch::Kind::Int64);
         let denom = count.clamp_min(1).to_kind(k);
         // d(total * weight [* loss scale]) / d(sum of chunk losses): one device scalar.
+        let weight = crate::model::to_kind(weight, k).reshape([]);
         let seed = {
             let _guard = tch::no_grad_guard();
-            let s = denom.reciprocal() * weight;
+            let s = denom.reciprocal() * &weight;
             match &self.scaler {
                 Some(sc) => sc.scale_loss(&s),
                 None => s,
@@ -207,10 +222,9 @@ impl Trainer {
         }
         let aux = aux.to_kind(k);
         // Through the model: d/dh of sum(h * g) is g, the chunks' gradient; plus the aux loss.
-        let w = Tensor::full([], weight, (k, h.device()));
         let aux_seed = match &self.scaler {
-            Some(sc) => sc.scale_loss(&w),
-            None => w,
+            Some(sc) => sc.scale_loss(&weight),
+            None => weight,
         };
         let g = if rows > 0 {
             h_leaf.grad()

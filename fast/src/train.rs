@@ -385,6 +385,8 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
         } else {
             0
         };
+        // Data parallel, token-weighted: the window's global token count, on the device.
+        let mut window_count_dev: Option<Tensor> = None;
         while step < iters {
             // Fetch the rest of the accumulation window first: token-weighted loss needs its
             // counted labels before the first backward.
@@ -396,8 +398,14 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
             }
             if first == step as u64 + 1 {
                 window_count = window.iter().map(|b| b.counted_labels).sum();
-                if norm == Normalisation::TokenWeighted {
-                    window_count = crate::dist::global_token_count(&*comm, window_count)?;
+                window_count_dev = None;
+                if norm == Normalisation::TokenWeighted && world_size > 1 {
+                    // Queued on the device: the weights below divide by it without a host wait.
+                    window_count_dev = Some(crate::dist::global_token_count_device(
+                        &*comm,
+                        window_count,
+                        device,
+                    )?);
                 }
             }
             for hb in window {
@@ -417,7 +425,14 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                     window_count,
                 );
                 let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
-                let out = tr.micro_step(&batch.input_ids, &batch.labels, weight)?;
+                let out = match &window_count_dev {
+                    Some(global) => {
+                        let w = (global.reciprocal() * hb.counted_labels as f64)
+                            .to_kind(Kind::Float);
+                        tr.micro_step_weighted(&batch.input_ids, &batch.labels, &w)?
+                    }
+                    None => tr.micro_step(&batch.input_ids, &batch.labels, weight)?,
+                };
                 if accumulation::is_optimizer_step(
                     step as u64,
                     cfg.accumulation_steps as u64,
@@ -428,6 +443,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                     nonfinite.check_pending(&log, last_saved_global, &resume_path)?;
                     nonfinite.pending = tr.nonfinite.as_ref().map(|f| (global, f.shallow_clone()));
                     window_count = 0;
+                    window_count_dev = None;
                 }
                 useful_seen += hb.counted_labels as u64;
                 interval.add(&out.loss, hb.rows * hb.cols, hb.counted_labels);
@@ -492,6 +508,10 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 let stopping = (global >= stop_at && global < total) || interrupted.is_some();
                 if step % cfg.save_interval == 0 || step == iters || stopping {
                     nonfinite.check_pending(&log, last_saved_global, &resume_path)?;
+                    if let Some(global) = &window_count_dev {
+                        // A half-finished window resumes with its global count (one host read).
+                        window_count = f64::try_from(global.reshape([-1]).get(0))? as usize;
+                    }
                     if !accumulation::is_optimizer_step(
                         step as u64,
                         cfg.accumulation_steps as u64,

@@ -332,6 +332,21 @@ pub fn global_token_count(comm: &dyn Communicator, local: usize) -> Result<usize
     Ok(total as usize)
 }
 
+/// [`global_token_count`] left on `device` (fp64, exact below 2^53): the all-reduce is queued on
+/// the stream and nothing waits for it on the host.
+pub fn global_token_count_device(
+    comm: &dyn Communicator,
+    local: usize,
+    device: tch::Device,
+) -> Result<Tensor> {
+    let mut t = [Tensor::full([1], local as f64, (tch::Kind::Double, device))];
+    if comm.world_size() > 1 {
+        comm.all_reduce_sum(&mut t)?;
+    }
+    let [t] = t;
+    Ok(t)
+}
+
 /// Makes every rank start from rank 0's weights (call once after building the model or loading a
 /// checkpoint, before the first step).
 pub fn broadcast_parameters(comm: &dyn Communicator, params: &mut [Tensor]) -> Result<()> {
