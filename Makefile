@@ -39,10 +39,11 @@ $(CUDA_STAMP): $(TORCH_STAMP)
 test: setup
 	cargo test --workspace
 
-pretrain: setup
+# Training needs libtorch only; the Python extras are for tests.
+pretrain: $(TORCH_STAMP)
 	cargo run --release -p fast -- pretrain
 
-release: setup
+release: $(TORCH_STAMP)
 	cargo build --release --workspace
 
 # The binary for GPU machines: NCCL data parallelism and whole-step CUDA graphs.
