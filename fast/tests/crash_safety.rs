@@ -130,20 +130,29 @@ fn sigkill_at_random_moments_then_resume_ends_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = 0x5EED_u64;
     let (mut kills, mut mid_write, mut finished_early) = (0, 0, 0);
-    // Kill times spread over the whole run (start-up included), so some kills land before the
-    // first checkpoint, some in a step, some inside a write.
+    // Odd trials: SIGKILL the moment a checkpoint temp file appears (inside a write). Even trials:
+    // at a pseudo-random time over the whole run (start-up, a step, a write, before the first
+    // checkpoint).
     let span = full.as_millis().max(200) as u64;
     while kills < 12 {
         let mut child = spawn(dir.path(), &["--from-resume", "1"]);
-        let delay = Duration::from_millis(100 + next(&mut rng) % span);
-        let deadline = Instant::now() + delay;
+        let in_write = kills % 2 == 1;
+        let deadline = Instant::now()
+            + if in_write {
+                Duration::from_secs(30)
+            } else {
+                Duration::from_millis(100 + next(&mut rng) % span)
+            };
         let mut done = None;
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait().unwrap() {
                 done = Some(status);
                 break;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            if in_write && temp_files(dir.path()) > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(if in_write { 200 } else { 2000 }));
         }
         match done {
             Some(status) => {
@@ -175,6 +184,7 @@ fn sigkill_at_random_moments_then_resume_ends_bit_identical() {
             tensors(&dir.path().join(WEIGHTS));
         }
     }
+    assert!(mid_write >= 1, "no kill landed inside a checkpoint write");
     let log = run_to_end(dir.path(), &["--from-resume", "1"]);
     assert!(log.contains("resume: "), "{log}");
     assert_same_files(reference.path(), dir.path());
