@@ -595,7 +595,12 @@ pub fn run(dir: &Path, device: &str, precision: &str) -> Result<Vec<Row>> {
         Device::Cuda(i) => format!("cuda:{i}"),
         _ => "cpu".to_string(),
     };
-    rows.extend(crate::verify_pth::run(dir, "fast", &device_name, pth_precision)?);
+    rows.extend(crate::verify_pth::run(
+        dir,
+        "fast",
+        &device_name,
+        pth_precision,
+    )?);
     anyhow::ensure!(!rows.is_empty(), "{}: no fixtures found", dir.display());
     Ok(rows)
 }

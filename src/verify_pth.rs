@@ -123,7 +123,10 @@ fn run_reference(dir: &Path) -> Result<Vec<Row>> {
             want.shape()
         );
         let max_abs = (&got - &want).mapv(f64::abs).fold(0.0f64, |a, &b| a.max(b));
-        let scale = want.mapv(f64::abs).fold(0.0f64, |a, &b| a.max(b)).max(f64::MIN_POSITIVE);
+        let scale = want
+            .mapv(f64::abs)
+            .fold(0.0f64, |a, &b| a.max(b))
+            .max(f64::MIN_POSITIVE);
         let tol = crate::verify_reference::FORWARD_TOL;
         rows.push(Row {
             fixture: stem,

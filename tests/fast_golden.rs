@@ -50,7 +50,10 @@ fn fp64_forward_and_gradients_equal_minimind_to_a_few_ulps() {
                     || r.group.starts_with("loss."))
         })
         .collect();
-    assert!(checked.len() >= 6, "expected logits, losses and gradients rows");
+    assert!(
+        checked.len() >= 6,
+        "expected logits, losses and gradients rows"
+    );
     for r in checked {
         assert!(
             r.max_rel <= 1e-14,

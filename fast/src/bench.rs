@@ -95,9 +95,12 @@ impl Source {
                 .next()
                 .context("the corpus ran out of batches; use fewer --steps or a larger corpus")?,
             Source::Synthetic { vocab, b, t } => {
-                let ids: Vec<i64> = Vec::<i64>::try_from(
-                    Tensor::randint_low(3, *vocab, [(*b * *t) as i64], (Kind::Int64, Device::Cpu)),
-                )?;
+                let ids: Vec<i64> = Vec::<i64>::try_from(Tensor::randint_low(
+                    3,
+                    *vocab,
+                    [(*b * *t) as i64],
+                    (Kind::Int64, Device::Cpu),
+                ))?;
                 Ok(HostBatch {
                     labels: ids.clone(),
                     input_ids: ids,
@@ -239,7 +242,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             bail!("--cuda-graph: fp16's GradScaler updates its scale on the host; use bfloat16 or float32");
         }
         if !cfg!(feature = "cuda") {
-            bail!("--cuda-graph: this binary was built without `--features cuda` (make release-cuda)");
+            bail!(
+                "--cuda-graph: this binary was built without `--features cuda` (make release-cuda)"
+            );
         }
     }
     #[cfg(feature = "cuda")]
@@ -377,8 +382,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 #[cfg(feature = "cuda")]
 fn copy_in(ids: &Tensor, labels: &Tensor, hb: &HostBatch, device: Device) {
     let shape = [hb.rows as i64, hb.cols as i64];
-    let src_ids = crate::batch::to_device_async(Tensor::from_slice(&hb.input_ids).reshape(shape), device);
-    let src_labels = crate::batch::to_device_async(Tensor::from_slice(&hb.labels).reshape(shape), device);
+    let src_ids =
+        crate::batch::to_device_async(Tensor::from_slice(&hb.input_ids).reshape(shape), device);
+    let src_labels =
+        crate::batch::to_device_async(Tensor::from_slice(&hb.labels).reshape(shape), device);
     let (mut ids, mut labels) = (ids.shallow_clone(), labels.shallow_clone());
     ids.copy_(&src_ids);
     labels.copy_(&src_labels);

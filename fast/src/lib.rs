@@ -3,8 +3,8 @@
 
 pub mod accumulation;
 pub mod adamw;
-pub mod bench;
 pub mod batch;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod clip;

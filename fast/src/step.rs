@@ -39,7 +39,10 @@ use crate::scaler::GradScaler;
 pub fn loss_chunk_rows() -> Option<i64> {
     static ROWS: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        match std::env::var("MM_LOSS_CHUNK_ROWS").ok().and_then(|v| v.parse::<i64>().ok()) {
+        match std::env::var("MM_LOSS_CHUNK_ROWS")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+        {
             Some(0) => None,
             Some(n) if n > 0 => Some(n),
             _ => Some(4096),
@@ -216,7 +219,9 @@ impl Trainer {
                 crate::loss::IGNORE_INDEX,
                 0.0,
             );
-            (&part * &seed).f_backward().context("backward of the loss")?;
+            (&part * &seed)
+                .f_backward()
+                .context("backward of the loss")?;
             ce_sum = ce_sum + part.detach();
             start += n;
         }
@@ -402,12 +407,21 @@ mod tests {
             .iter()
             .zip(&before)
             .all(|(p, b)| p.equal(b)));
-        assert_eq!(f64::try_from(tr.nonfinite.as_ref().unwrap().sum(Kind::Double)).unwrap(), 1.0);
+        assert_eq!(
+            f64::try_from(tr.nonfinite.as_ref().unwrap().sum(Kind::Double)).unwrap(),
+            1.0
+        );
         assert_eq!(f64::try_from(&tr.opt.steps[0]).unwrap(), 0.0);
-        assert_eq!(f64::try_from(tr.opt.exp_avg[0].abs().sum(Kind::Double)).unwrap(), 0.0);
+        assert_eq!(
+            f64::try_from(tr.opt.exp_avg[0].abs().sum(Kind::Double)).unwrap(),
+            0.0
+        );
         tr.micro_step(&ids, &ids, 1.0).unwrap();
         let _ = tr.optimizer_step(1e-2, 1.0).unwrap();
-        assert_eq!(f64::try_from(tr.nonfinite.as_ref().unwrap().sum(Kind::Double)).unwrap(), 0.0);
+        assert_eq!(
+            f64::try_from(tr.nonfinite.as_ref().unwrap().sum(Kind::Double)).unwrap(),
+            0.0
+        );
         assert_eq!(f64::try_from(&tr.opt.steps[0]).unwrap(), 1.0);
     }
 

@@ -427,8 +427,8 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
                 let out = match &window_count_dev {
                     Some(global) => {
-                        let w = (global.reciprocal() * hb.counted_labels as f64)
-                            .to_kind(Kind::Float);
+                        let w =
+                            (global.reciprocal() * hb.counted_labels as f64).to_kind(Kind::Float);
                         tr.micro_step_weighted(&batch.input_ids, &batch.labels, &w)?
                     }
                     None => tr.micro_step(&batch.input_ids, &batch.labels, weight)?,

@@ -117,7 +117,11 @@ fn bad_data_files_are_refused_by_file_and_line() {
         pretrain(d, &["--data-path", "nope.jsonl"]),
         "cannot read data file nope.jsonl",
     );
-    t.refused("empty data file", run(corpus(d, "empty.jsonl", b"")), "is empty");
+    t.refused(
+        "empty data file",
+        run(corpus(d, "empty.jsonl", b"")),
+        "is empty",
+    );
     t.refused(
         "a directory as the data file",
         pretrain(d, &["--data-path", "."]),
@@ -160,7 +164,10 @@ fn bad_data_files_are_refused_by_file_and_line() {
     let p = corpus(d, "mixed.jsonl", &body);
     t.accepted(
         "--skip-bad-lines on 4 bad lines",
-        pretrain(d, &["--data-path", &p, "--skip-bad-lines", "--max-steps", "2"]),
+        pretrain(
+            d,
+            &["--data-path", &p, "--skip-bad-lines", "--max-steps", "2"],
+        ),
         "skipped 4 bad line(s)",
     );
 }
@@ -184,7 +191,10 @@ fn unusual_but_valid_data_trains() {
     let p = corpus(d, "special.jsonl", body.as_bytes());
     t.accepted(
         "text made of special tokens",
-        pretrain(d, &["--data-path", &p, "--batch-size", "8", "--max-steps", "1"]),
+        pretrain(
+            d,
+            &["--data-path", &p, "--batch-size", "8", "--max-steps", "1"],
+        ),
         "data: 8 documents",
     );
 
@@ -200,7 +210,10 @@ fn unusual_but_valid_data_trains() {
     let p = corpus(d, "big.jsonl", body.as_bytes());
     t.accepted(
         "one 50 MB line",
-        pretrain(d, &["--data-path", &p, "--batch-size", "8", "--max-steps", "1"]),
+        pretrain(
+            d,
+            &["--data-path", &p, "--batch-size", "8", "--max-steps", "1"],
+        ),
         "data: 8 documents",
     );
 }
@@ -224,12 +237,28 @@ fn bad_tokenizers_options_and_directories_are_refused() {
         "tok_corrupt/tokenizer.json: not a Hugging Face tokenizer.json",
     );
     for (opt, val, want) in [
-        ("--batch-size", "0", "--batch-size must be at least 1 (got 0)"),
-        ("--accumulation-steps", "0", "--accumulation-steps must be at least 1"),
+        (
+            "--batch-size",
+            "0",
+            "--batch-size must be at least 1 (got 0)",
+        ),
+        (
+            "--accumulation-steps",
+            "0",
+            "--accumulation-steps must be at least 1",
+        ),
         ("--epochs", "0", "--epochs must be at least 1"),
         ("--max-seq-len", "1", "--max-seq-len must be at least 2"),
-        ("--learning-rate", "-1", "--learning-rate must be a positive number"),
-        ("--learning-rate", "nan", "--learning-rate must be a positive number"),
+        (
+            "--learning-rate",
+            "-1",
+            "--learning-rate must be a positive number",
+        ),
+        (
+            "--learning-rate",
+            "nan",
+            "--learning-rate must be a positive number",
+        ),
         ("--grad-clip", "-1", "--grad-clip"),
         ("--num-workers", "0", "--num-workers"),
         ("--log-interval", "0", "--log-interval"),
@@ -260,14 +289,32 @@ fn a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let first = pretrain(d, &["--max-docs", "96", "--max-steps", "5"]);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let ck = d.join("checkpoints/pretrain_32_resume.safetensors");
     let before = std::fs::read(&ck).unwrap();
-    assert!(before.len() > 1 << 20, "the checkpoint is larger than the limit below");
+    assert!(
+        before.len() > 1 << 20,
+        "the checkpoint is larger than the limit below"
+    );
     // ulimit -f 1024: no file may grow past 1 MiB; SIGXFSZ ignored, so write() fails with EFBIG.
-    let mut args = vec!["-c", "trap '' XFSZ; ulimit -f 1024; exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_fast")];
+    let mut args = vec![
+        "-c",
+        "trap '' XFSZ; ulimit -f 1024; exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_fast"),
+    ];
     args.extend_from_slice(TINY);
-    args.extend_from_slice(&["--max-docs", "96", "--from-resume", "1", "--save-interval", "1"]);
+    args.extend_from_slice(&[
+        "--max-docs",
+        "96",
+        "--from-resume",
+        "1",
+        "--save-interval",
+        "1",
+    ]);
     let out = Command::new("sh")
         .env("OMP_NUM_THREADS", "1")
         .current_dir(d)
@@ -279,7 +326,11 @@ fn a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoint() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("saving resume checkpoint"), "{err}");
     assert!(err.contains("File too large"), "{err}");
-    assert_eq!(std::fs::read(&ck).unwrap(), before, "the previous checkpoint is intact");
+    assert_eq!(
+        std::fs::read(&ck).unwrap(),
+        before,
+        "the previous checkpoint is intact"
+    );
     fast::checkpoint::load_resume(&ck).unwrap().unwrap();
     println!("failed write: {}", message(&out));
 }
@@ -291,12 +342,22 @@ fn a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoint() {
 fn a_non_finite_loss_stops_the_run_or_is_skipped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let blow_up = ["--max-docs", "96", "--learning-rate", "1e30", "--save-interval", "2"];
+    let blow_up = [
+        "--max-docs",
+        "96",
+        "--learning-rate",
+        "1e30",
+        "--save-interval",
+        "2",
+    ];
     let out = pretrain(d, &blow_up);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains("the loss or a gradient is not finite"), "{err}");
+    assert!(
+        err.contains("the loss or a gradient is not finite"),
+        "{err}"
+    );
     assert!(err.contains("micro-step "), "{err}");
     println!("non-finite: {}", message(&out));
     let ck = fast::checkpoint::load_resume(&d.join("checkpoints/pretrain_32_resume.safetensors"))
@@ -304,13 +365,23 @@ fn a_non_finite_loss_stops_the_run_or_is_skipped_and_counted() {
     if let Some(ck) = ck {
         for (name, t) in &ck.tensors {
             let finite = t.isfinite().all();
-            assert!(bool::try_from(finite).unwrap(), "{name} is not finite in the kept checkpoint");
+            assert!(
+                bool::try_from(finite).unwrap(),
+                "{name} is not finite in the kept checkpoint"
+            );
         }
     }
 
     let d2 = tempfile::tempdir().unwrap();
     let out = pretrain(d2.path(), &[&blow_up[..], &["--skip-nonfinite"]].concat());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("optimizer step(s) with a non-finite loss or gradient"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("optimizer step(s) with a non-finite loss or gradient"),
+        "{text}"
+    );
 }

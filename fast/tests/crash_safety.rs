@@ -159,7 +159,10 @@ fn sigkill_at_random_moments_then_resume_ends_bit_identical() {
                 assert!(status.success(), "a resumed run failed: {status}");
                 // It reached the end before its kill: start the chase again from scratch.
                 finished_early += 1;
-                assert!(finished_early < 20, "runs keep finishing before their kill time");
+                assert!(
+                    finished_early < 20,
+                    "runs keep finishing before their kill time"
+                );
                 std::fs::remove_dir_all(dir.path().join("out")).unwrap();
                 std::fs::remove_dir_all(dir.path().join("checkpoints")).unwrap();
                 continue;
@@ -247,7 +250,11 @@ fn sigint_and_sigterm_save_a_checkpoint_and_exit_130_and_143() {
         .expect("a checkpoint was saved");
     assert!(saved.state.global_step < 120, "{}", saved.state.global_step);
     // Resume, and stop again with SIGTERM.
-    let (code, err) = interrupt(dir.path(), libc::SIGTERM, &[&quiet[..], &["--from-resume", "1"]].concat());
+    let (code, err) = interrupt(
+        dir.path(),
+        libc::SIGTERM,
+        &[&quiet[..], &["--from-resume", "1"]].concat(),
+    );
     // The resumed run may reach its end before the signal lands; then it exits 0.
     assert!(code == 143 || code == 0, "exit {code}: {err}");
     if code == 143 {

@@ -107,10 +107,28 @@ fn checkpoint_bytes() -> &'static [u8] {
             .env("OMP_NUM_THREADS", "1")
             .current_dir(dir.path())
             .args([
-                "pretrain", "--device", "cpu", "--max-docs", "16", "--hidden-size", "16",
-                "--num-hidden-layers", "1", "--num-attention-heads", "2",
-                "--num-key-value-heads", "1", "--max-seq-len", "16", "--batch-size", "4",
-                "--max-steps", "2", "--sample-tokens", "0", "--no-progress",
+                "pretrain",
+                "--device",
+                "cpu",
+                "--max-docs",
+                "16",
+                "--hidden-size",
+                "16",
+                "--num-hidden-layers",
+                "1",
+                "--num-attention-heads",
+                "2",
+                "--num-key-value-heads",
+                "1",
+                "--max-seq-len",
+                "16",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "2",
+                "--sample-tokens",
+                "0",
+                "--no-progress",
             ])
             .output()
             .unwrap();
@@ -119,9 +137,12 @@ fn checkpoint_bytes() -> &'static [u8] {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let real = load_resume(&dir.path().join("checkpoints/pretrain_16_resume.safetensors"))
-            .unwrap()
-            .unwrap();
+        let real = load_resume(
+            &dir.path()
+                .join("checkpoints/pretrain_16_resume.safetensors"),
+        )
+        .unwrap()
+        .unwrap();
         let state: ResumeState = real.state;
         let tensors = vec![
             (
@@ -204,7 +225,9 @@ fn the_checkpoint_loader_never_panics_and_refuses_every_change() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("resume.safetensors");
     write(&path, base);
-    let original = load_resume(&path).unwrap().expect("the base checkpoint loads");
+    let original = load_resume(&path)
+        .unwrap()
+        .expect("the base checkpoint loads");
     let original_state = serde_json::to_string(&original.state).unwrap();
     let (refused, unchanged) = (Cell::new(0u64), Cell::new(0u64));
     runner()
@@ -215,7 +238,10 @@ fn the_checkpoint_loader_never_panics_and_refuses_every_change() {
                 Ok(Some(loaded)) => {
                     // Only what the original holds may load (a mutation undone by the next, or
                     // a byte the format ignores, such as the header's padding).
-                    prop_assert_eq!(serde_json::to_string(&loaded.state).unwrap(), original_state.clone());
+                    prop_assert_eq!(
+                        serde_json::to_string(&loaded.state).unwrap(),
+                        original_state.clone()
+                    );
                     prop_assert_eq!(loaded.tensors.len(), original.tensors.len());
                     for (name, t) in &loaded.tensors {
                         prop_assert!(original.tensors[name].equal(t), "tensor {} changed", name);

@@ -38,7 +38,10 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     // no-op, so MiniMind's formula is exactly `x * rsqrt(mean(x^2) + eps) * w`, libtorch's op.
     if x.kind() == Kind::Float && w.kind() == Kind::Float && x.device().is_cuda() && fused_enabled()
     {
-        let d = *x.size().last().expect("rms_norm input has a last dimension");
+        let d = *x
+            .size()
+            .last()
+            .expect("rms_norm input has a last dimension");
         return x.rms_norm([d], Some(w), eps);
     }
     let k = Kind::Float;
