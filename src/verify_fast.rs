@@ -591,14 +591,10 @@ pub fn run(dir: &Path, device: &str, precision: &str) -> Result<Vec<Row>> {
         Precision::Bf16 | Precision::Fp16 => "bf16",
         Precision::Fp32 => "fp32",
     };
-    let device_name = match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    };
     rows.extend(crate::verify_pth::run(
         dir,
         "fast",
-        &device_name,
+        &fast::cli::device_name(device),
         pth_precision,
     )?);
     anyhow::ensure!(!rows.is_empty(), "{}: no fixtures found", dir.display());

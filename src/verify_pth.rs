@@ -15,25 +15,13 @@ use tch::{Device, Kind, Tensor};
 
 use crate::report::Row;
 
-fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        "auto" => Device::cuda_if_available(),
-        o => match o.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-            Some(i) => Device::Cuda(i),
-            None => anyhow::bail!("unknown device {o:?}"),
-        },
-    })
-}
-
 /// `path`: "fast" (checked here) or "reference" (no rows yet). `precision`: fp64, fp32, bf16.
 pub fn run(dir: &Path, path: &str, device: &str, precision: &str) -> Result<Vec<Row>> {
     if path == "reference" {
         return run_reference(dir);
     }
     let mut rows = Vec::new();
-    let device = parse_device(device)?;
+    let device = fast::precision::parse_device(device)?;
     let (kind, tol) = match precision {
         "fp64" | "f64" => (Kind::Double, 1e-9),
         "fp32" | "f32" => (Kind::Float, 1e-4),

@@ -148,11 +148,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Device::Cuda(_) => DType::Bfloat16,
         _ => DType::Float32,
     });
-    let precision = match dtype {
-        DType::Bfloat16 => Precision::Bf16,
-        DType::Float16 => Precision::Fp16,
-        DType::Float32 => Precision::Fp32,
-    };
+    let precision = Precision::from(dtype);
     let (b, t) = (args.batch_size, args.max_seq_len);
 
     // ---- data ----
@@ -264,8 +260,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     #[cfg(feature = "cuda")]
     let mut graph: Option<crate::cuda_graph::CudaGraph> = None;
-    let warm_eager = if use_graph { 3 } else { args.warmup };
-    for _ in 0..warm_eager.min(args.warmup.max(1)) {
+    // Eager warm-up: all of it, or with a graph the few steps before its capture.
+    let eager_warmup = if use_graph {
+        args.warmup.clamp(1, 3)
+    } else {
+        args.warmup
+    };
+    for _ in 0..eager_warmup {
         let hb = source.next()?;
         step_no += 1;
         let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);

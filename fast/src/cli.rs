@@ -23,6 +23,16 @@ pub enum DType {
     Float32,
 }
 
+impl From<DType> for crate::precision::Precision {
+    fn from(d: DType) -> Self {
+        match d {
+            DType::Bfloat16 => Self::Bf16,
+            DType::Float16 => Self::Fp16,
+            DType::Float32 => Self::Fp32,
+        }
+    }
+}
+
 /// How the loss of an accumulation window is normalised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

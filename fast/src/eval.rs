@@ -129,7 +129,7 @@ pub fn evaluate(
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let device = crate::generate::parse_device(&args.device)?;
+    let device = crate::precision::parse_device(&args.device)?;
     let kind = crate::generate::parse_dtype(args.dtype.as_deref(), device)?;
     let tok = Arc::new(TextTokenizer::load(
         &args.tokenizer,

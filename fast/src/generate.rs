@@ -53,18 +53,6 @@ pub struct GenerateArgs {
     pub no_bos: bool,
 }
 
-pub fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        _ => match s.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-            Some(i) => Device::Cuda(i),
-            None => bail!("unknown device {s:?} (cpu, cuda, cuda:N, auto)"),
-        },
-    })
-}
-
 pub fn parse_dtype(s: Option<&str>, device: Device) -> Result<Kind> {
     Ok(match s {
         None => {
@@ -130,7 +118,7 @@ pub fn generate_ids(
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
+    let device = crate::precision::parse_device(&args.device)?;
     let kind = parse_dtype(args.dtype.as_deref(), device)?;
     let tok = TextTokenizer::load(&args.tokenizer, &SpecialTokens::default())?;
     let (arch, w, from) =

@@ -8,15 +8,23 @@ use tch::{Kind, Reduction, Tensor};
 
 pub const IGNORE_INDEX: i64 = -100;
 
+/// The shift: x `[B, T, C]` at positions `0..T-1` against labels at `1..T`, flattened to
+/// (`[B*(T-1), C]`, `[B*(T-1)]`). x is the logits, or the hidden state before a chunked lm_head.
+pub fn shift(x: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+    let (b, t, c) = x.size3().expect("x must be [B, T, C]");
+    let tp = (t - 1).max(0);
+    (
+        x.narrow(1, 0, tp).reshape([b * tp, c]),
+        labels.narrow(1, 1, tp).reshape([b * tp]),
+    )
+}
+
 /// logits `[B, T, V]`, labels `[B, T]` -> (summed loss over counted labels, count as an int64
 /// scalar tensor).
 pub fn shifted_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
-    let (b, t, v) = logits.size3().expect("logits must be [B, T, V]");
     let k = crate::model::upcast_kind(logits.kind());
-    let tp = (t - 1).max(0);
-    let lg = logits.narrow(1, 0, tp).reshape([b * tp, v]);
+    let (lg, lb) = shift(logits, labels);
     let lg = if lg.kind() == k { lg } else { lg.to_kind(k) };
-    let lb = labels.narrow(1, 1, tp).reshape([b * tp]);
     let sum = lg.cross_entropy_loss::<Tensor>(&lb, None, Reduction::Sum, IGNORE_INDEX, 0.0);
     let count = lb.ne(IGNORE_INDEX).sum(Kind::Int64);
     (sum, count)

@@ -76,14 +76,15 @@ impl fmt::Display for Precision {
     }
 }
 
-/// `cpu`, `cuda` or `cuda:N`.
+/// `auto` (CUDA if available, else the CPU), `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
     Ok(match s {
+        "auto" => tch::Device::cuda_if_available(),
         "cpu" => tch::Device::Cpu,
         "cuda" => tch::Device::Cuda(0),
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
             Some(n) => tch::Device::Cuda(n),
-            None => bail!("unknown device {s:?}: expected cpu, cuda or cuda:N"),
+            None => bail!("unknown device {s:?}: expected auto, cpu, cuda or cuda:N"),
         },
     })
 }

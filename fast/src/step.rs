@@ -186,11 +186,8 @@ impl Trainer {
         weight: &Tensor,
     ) -> Result<MicroStep> {
         let (h, aux) = self.model.forward_hidden(input_ids);
-        let (b, t, d) = h.size3().context("hidden state must be [B, T, d]")?;
         let k = crate::model::upcast_kind(h.kind());
-        let tp = (t - 1).max(0);
-        let hs = h.narrow(1, 0, tp).reshape([b * tp, d]);
-        let lb = labels.narrow(1, 1, tp).reshape([b * tp]);
+        let (hs, lb) = crate::loss::shift(&h, labels);
         let count = lb.ne(crate::loss::IGNORE_INDEX).sum(tch::Kind::Int64);
         let denom = count.clamp_min(1).to_kind(k);
         // d(total * weight [* loss scale]) / d(sum of chunk losses): one device scalar.
@@ -203,7 +200,7 @@ impl Trainer {
                 None => s,
             }
         };
-        let rows = b * tp;
+        let rows = hs.size()[0];
         let chunk = self.loss_chunk_rows.unwrap_or(rows).max(1);
         let h_leaf = hs.detach().set_requires_grad(true);
         let mut ce_sum = Tensor::zeros([], (k, h.device()));

@@ -75,14 +75,6 @@ pub fn run(args: &PretrainArgs) -> Result<RunSummary> {
     train(&cfg)
 }
 
-fn precision_of(d: DType) -> Precision {
-    match d {
-        DType::Bfloat16 => Precision::Bf16,
-        DType::Float16 => Precision::Fp16,
-        DType::Float32 => Precision::Fp32,
-    }
-}
-
 pub fn model_config_of(cfg: &RunConfig, vocab_size: usize) -> ModelConfig {
     ModelConfig {
         hidden_size: cfg.hidden_size as usize,
@@ -186,7 +178,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
             model_cfg.max_position_embeddings
         );
     }
-    let precision = precision_of(cfg.dtype);
+    let precision = Precision::from(cfg.dtype);
     let tc = TrainerConfig {
         precision,
         device,

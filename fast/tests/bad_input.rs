@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod common;
+
 const TINY: &[&str] = &[
     "pretrain",
     "--device",
@@ -30,8 +32,7 @@ const TINY: &[&str] = &[
 ];
 
 fn fast(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fast"))
-        .env("OMP_NUM_THREADS", "1")
+    common::fast()
         .current_dir(dir)
         .args(args)
         .output()

@@ -7,6 +7,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{assert_same_tensors, read_tensors};
+
 /// 480 poems, rows of 32 tokens, batch 8 -> 60 steps per epoch, 2 epochs, accumulation 3 (so
 /// saves fall mid-window too), a save every micro-step.
 const RUN: &[&str] = &[
@@ -48,11 +51,8 @@ const WEIGHTS: &str = "out/pretrain_32.safetensors";
 const RESUME: &str = "checkpoints/pretrain_32_resume.safetensors";
 
 fn fast(dir: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fast"));
-    c.env("OMP_NUM_THREADS", "1")
-        .current_dir(dir)
-        .args(RUN)
-        .args(extra);
+    let mut c = common::fast();
+    c.current_dir(dir).args(RUN).args(extra);
     c
 }
 
@@ -75,29 +75,8 @@ fn run_to_end(dir: &Path, extra: &[&str]) -> String {
     text
 }
 
-/// Every tensor of a safetensors file, sorted by name.
-fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
-    let mut v: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().to_vec()))
-        .collect();
-    v.sort();
-    v
-}
-
 fn assert_same_files(a: &Path, b: &Path) {
-    for file in [WEIGHTS, RESUME] {
-        let (ta, tb) = (tensors(&a.join(file)), tensors(&b.join(file)));
-        assert_eq!(ta.len(), tb.len(), "{file}: tensor count");
-        for (x, y) in ta.iter().zip(&tb) {
-            assert_eq!(x.0, y.0, "{file}: tensor names");
-            assert!(x.1 == y.1, "{file}: tensor {} differs", x.0);
-        }
-    }
+    assert_same_tensors(a, b, &[WEIGHTS, RESUME]);
 }
 
 /// Files a killed write left behind (`.{name}.tmp{pid}`).
@@ -184,7 +163,7 @@ fn sigkill_at_random_moments_then_resume_ends_bit_identical() {
                 .expect("the checkpoint file exists");
         }
         if dir.path().join(WEIGHTS).exists() {
-            tensors(&dir.path().join(WEIGHTS));
+            read_tensors(&dir.path().join(WEIGHTS));
         }
     }
     assert!(mid_write >= 1, "no kill landed inside a checkpoint write");

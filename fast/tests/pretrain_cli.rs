@@ -3,14 +3,10 @@
 //! one, and bad input gives an error that names the problem (never a panic).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn fast() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fast"));
-    // Tests run in parallel: keep each run's libtorch to one thread.
-    c.env("OMP_NUM_THREADS", "1");
-    c
-}
+mod common;
+use common::{assert_same_tensors, fast, read_tensors};
 
 /// A tiny model and run: 96 poems, rows of 32 tokens, batch 8 -> 12 steps per epoch.
 const TINY: &[&str] = &[
@@ -72,18 +68,6 @@ fn fails_with(args: &[&str], dir: &Path, want: &str) {
         stderr.contains(want),
         "{args:?}: stderr should contain {want:?}:\n{stderr}"
     );
-}
-
-fn read_tensors(path: &Path) -> Vec<(String, Vec<u8>, Vec<usize>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().to_vec(), t.shape().to_vec()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
@@ -236,20 +220,14 @@ fn resumed_equals_uninterrupted(extra: &[&str], stop: &str) {
         stop == "12" || resumed.contains("skipping the first"),
         "{resumed}"
     );
-    for file in [
-        "out/pretrain_32.safetensors",
-        "checkpoints/pretrain_32_resume.safetensors",
-    ] {
-        let (ta, tb) = (
-            read_tensors(&a.path().join(file)),
-            read_tensors(&b.path().join(file)),
-        );
-        assert_eq!(ta.len(), tb.len());
-        for (x, y) in ta.iter().zip(&tb) {
-            assert_eq!(x.0, y.0);
-            assert!(x.1 == y.1, "{file}: tensor {} differs after resume", x.0);
-        }
-    }
+    assert_same_tensors(
+        a.path(),
+        b.path(),
+        &[
+            "out/pretrain_32.safetensors",
+            "checkpoints/pretrain_32_resume.safetensors",
+        ],
+    );
     // The resumed run's metrics continue the stopped run's history (plus the row logged at the stop).
     let (ma, mb) = (metrics(a.path()), metrics(b.path()));
     let stop: u64 = stop.parse().unwrap();
