@@ -7,7 +7,8 @@ fn main() {
     build_cuda_graph();
 }
 
-/// fast/csrc/ops.cpp: libtorch's foreach and fused-optimizer ops that tch does not expose.
+/// fast/csrc/ops.cpp: libtorch's foreach and fused-optimizer ops that tch does not expose;
+/// fast/csrc/profiler.cpp: libtorch's Kineto profiler for `fast bench --profile`.
 /// Needs only libtorch's own headers (no CUDA headers), so it builds on every machine.
 fn build_ops() {
     let Some(lib) = libtorch_lib_dir() else {
@@ -18,9 +19,11 @@ fn build_ops() {
         .expect("libtorch lib dir has a parent")
         .to_path_buf();
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
+    println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     cc::Build::new()
         .cpp(true)
         .file("csrc/ops.cpp")
+        .file("csrc/profiler.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

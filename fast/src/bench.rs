@@ -80,6 +80,14 @@ pub struct BenchArgs {
     pub learning_rate: f64,
     #[arg(long, alias = "grad_clip", default_value_t = 1.0)]
     pub grad_clip: f64,
+    /// After timing, profile a few eager steps on the last batch with libtorch's profiler:
+    /// writes DIR/trace.json (chrome://tracing, Perfetto) and DIR/kernels.tsv, and prints the
+    /// device time per op and per kernel to stderr.
+    #[arg(long, value_name = "DIR")]
+    pub profile: Option<std::path::PathBuf>,
+    /// Steps profiled by --profile.
+    #[arg(long, default_value_t = 3)]
+    pub profile_steps: usize,
 }
 
 /// Batches for the bench: the loader over an epoch permutation of a corpus, or synthetic rows.
@@ -249,6 +257,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let mut step_no = 0u64;
     let mut last_loss: Option<Tensor> = None;
+    let mut last_hb: Option<HostBatch> = None;
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     let static_in = if use_graph {
         Some((
@@ -311,6 +320,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         step_no += 1;
         padded += hb.rows * hb.cols;
         useful += hb.counted_labels;
+        if args.profile.is_some() {
+            last_hb = Some(hb.clone());
+        }
         #[cfg(feature = "cuda")]
         if let (Some(g), Some((ids, labels))) = (&graph, &static_in) {
             copy_in(ids, labels, &hb, device);
@@ -376,6 +388,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "final_loss": loss,
     });
     println!("{line}");
+
+    if let (Some(dir), Some(hb)) = (&args.profile, &last_hb) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+        let n = args.profile_steps.max(1);
+        sync();
+        let rows = crate::profile::profile(device.is_cuda(), &dir.join("trace.json"), || {
+            for _ in 0..n {
+                let _ = tr.micro_step(&batch.input_ids, &batch.labels, 1.0)?;
+                let _ = tr.optimizer_step(args.learning_rate, args.grad_clip)?;
+            }
+            sync();
+            Ok(())
+        })?;
+        crate::profile::write_tsv(&rows, &dir.join("kernels.tsv"))?;
+        eprint!("{}", crate::profile::report(&rows, n));
+        eprintln!("profile: {} (trace.json, kernels.tsv)", dir.display());
+    }
     Ok(())
 }
 

@@ -23,6 +23,7 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod precision;
+pub mod profile;
 pub mod pth;
 pub mod sampler;
 pub mod sampling;
