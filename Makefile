@@ -48,9 +48,11 @@ pretrain: $(TORCH_STAMP)
 release: $(TORCH_STAMP)
 	cargo build --release --workspace
 
-# The binary for GPU machines: NCCL data parallelism and whole-step CUDA graphs.
+# The binaries for GPU machines: NCCL data parallelism, CUDA graphs and fused kernels
+# (target/release/fast), and `verify` checking that path on the GPU (target/release/verify).
 release-cuda: setup setup-cuda
 	cargo build --release -p fast --features cuda
+	cargo build --release -p harness --bin verify --features cuda
 
 doctor: setup
 	cargo run --release -p fast -- doctor

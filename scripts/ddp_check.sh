@@ -42,8 +42,9 @@ DATA=()
 [ -d "$IN/tokenizer" ] && DATA+=(--tokenizer "$IN/tokenizer")
 # Every run: bf16, one micro-batch per optimizer step (all-reduce every step), token-weighted loss,
 # log every step, no intermediate saves, no sample at the end.
+# PRETRAIN_ARGS (e.g. "--cuda-graph") is added to every run.
 COMMON=(--device cuda --dtype bfloat16 --accumulation-steps 1 --loss-normalization token --seed 42
-        --save-interval 1000000 --sample-tokens 0 --no-progress "${DATA[@]}")
+        --save-interval 1000000 --sample-tokens 0 --no-progress "${DATA[@]}" ${PRETRAIN_ARGS:-})
 
 # CHECKS="0 1 2 3 4" (default) picks the checks to run.
 CHECKS=${CHECKS:-0 1 2 3 4}
@@ -81,17 +82,33 @@ else
     tail -20 "$WORK/dist_check/log.txt"
     record "0 collectives (torchrun, 2 ranks)" "FAIL (see $WORK/dist_check/log.txt)"
 fi
-# Failure drill without torchrun (which would stop the peer itself): rank 1 fails before a
-# collective; rank 0 must end within the 20 s NCCL timeout (+ margin), not hang.
-T0=$(date +%s)
+# Failure drills without torchrun (which would stop the peer itself).
+# a) rank 1 fails with an error before a collective: rank 0 must print rank 1's message and exit 1
+#    within seconds (the store's failure notice), not wait for the 20 s NCCL timeout.
+T0=$(date +%s.%N)
 (cd "$WORK/dist_check" && export WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29561 FAST_DIST_TIMEOUT_SEC=20 &&
     { RANK=1 LOCAL_RANK=1 timeout 150 "$BIN" dist-check --fail-rank 1 >drill_r1.txt 2>&1 &
       RANK=0 LOCAL_RANK=0 timeout 150 "$BIN" dist-check --fail-rank 1 >drill_r0.txt 2>&1; echo "rank0 exit $?" >>drill_r0.txt; wait; })
-DT=$(( $(date +%s) - T0 ))
-if [ "$DT" -lt 140 ] && ! grep -q "exit 124" "$WORK/dist_check/drill_r0.txt"; then
-    record "0 failure drill" "ok: rank 0 ended ${DT}s after rank 1 failed ($(tail -1 "$WORK/dist_check/drill_r0.txt"))"
+DT=$(python3 -c "import time;print(f'{time.time()-$T0:.1f}')")
+MSG=$(grep -m1 "^error: rank 1 failed" "$WORK/dist_check/drill_r0.txt")
+if grep -q "rank0 exit 1$" "$WORK/dist_check/drill_r0.txt" && [ -n "$MSG" ]; then
+    record "0 failure drill (error)" "ok: rank 0 exit 1 ${DT}s after start: '$MSG'"
 else
-    record "0 failure drill" "FAIL: rank 0 still running after ${DT}s (killed by timeout)"
+    record "0 failure drill (error)" "FAIL after ${DT}s: $(tail -3 "$WORK/dist_check/drill_r0.txt" | tr '\n' ' ')"
+fi
+# b) rank 1 is SIGKILLed inside all-reduces (no message): rank 0 must end on its own.
+T0=$(date +%s.%N)
+(cd "$WORK/dist_check" && export WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29562 FAST_DIST_TIMEOUT_SEC=20 &&
+    { RANK=1 LOCAL_RANK=1 "$BIN" dist-check --iters 1000000 >kill_r1.txt 2>&1 &
+      P1=$!  # the binary itself (no `timeout` wrapper), so SIGKILL reaches it
+      RANK=0 LOCAL_RANK=0 timeout 150 "$BIN" dist-check --iters 1000000 >kill_r0.txt 2>&1 &
+      P0=$!
+      sleep 25; kill -9 $P1; K=$(date +%s.%N); wait $P0; echo "rank0 exit $? after $(python3 -c "import time;print(f'{time.time()-$K:.1f}')") s" >>kill_r0.txt; wait; })
+LAST=$(grep -m1 "^error" "$WORK/dist_check/kill_r0.txt")
+if ! grep -q "rank0 exit 124" "$WORK/dist_check/kill_r0.txt"; then
+    record "0 failure drill (SIGKILL)" "ok: $(tail -1 "$WORK/dist_check/kill_r0.txt"): '${LAST:-no error line}'"
+else
+    record "0 failure drill (SIGKILL)" "FAIL: rank 0 still running after 150 s (killed by timeout)"
 fi
 
 fi

@@ -151,6 +151,48 @@ char* c10d_shim_barrier(FastC10dGroup* g) {
   });
 }
 
+// ---- failure notices through the store (the monitor in nccl.rs) ----------------------------
+// A handle of its own on the group's store, so the monitor thread outlives an aborted group.
+struct FastC10dStore {
+  c10::intrusive_ptr<c10d::Store> store;
+};
+
+FastC10dStore* c10d_shim_store_handle(FastC10dGroup* g) {
+  if (g == nullptr) return nullptr;
+  return new FastC10dStore{g->store};
+}
+
+void c10d_shim_store_free(FastC10dStore* s) {
+  try { delete s; } catch (...) {}
+}
+
+// store[key] = value.
+char* c10d_shim_store_set(FastC10dStore* s, const char* key, const char* value) {
+  if (s == nullptr) return dup_string("store_set: store is null");
+  return guarded("store set", [&] {
+    std::string v(value);
+    s->store->set(key, std::vector<uint8_t>(v.begin(), v.end()));
+  });
+}
+
+// *value = store[key] (malloc'ed) if the key is set, else nullptr; never blocks.
+char* c10d_shim_store_try_get(FastC10dStore* s, const char* key, char** value) {
+  if (s == nullptr) return dup_string("store_try_get: store is null");
+  *value = nullptr;
+  return guarded("store check", [&] {
+    if (s->store->check({std::string(key)})) {
+      auto bytes = s->store->get(key);
+      *value = dup_string(std::string(bytes.begin(), bytes.end()));
+    }
+  });
+}
+
+// *out = (store[key] += delta), as an integer counter.
+char* c10d_shim_store_add(FastC10dStore* s, const char* key, int64_t delta, int64_t* out) {
+  if (s == nullptr) return dup_string("store_add: store is null");
+  return guarded("store add", [&] { *out = s->store->add(key, delta); });
+}
+
 char* c10d_shim_shutdown(FastC10dGroup* g) {
   if (g == nullptr) return nullptr;
   char* err = guarded("shutdown", [&] { g->pg->shutdown(); });

@@ -42,6 +42,15 @@ void c10d_shim_abort(FastC10dGroup* group);
 
 void c10d_shim_free_string(char* s);
 
+/* Failure notices (the monitor in nccl.rs): a handle of its own on the group's store, which
+ * outlives the group; set, non-blocking get (NULL *value when unset) and counter add. */
+typedef struct FastC10dStore FastC10dStore;
+FastC10dStore* c10d_shim_store_handle(FastC10dGroup* group);
+void c10d_shim_store_free(FastC10dStore* store);
+char* c10d_shim_store_set(FastC10dStore* store, const char* key, const char* value);
+char* c10d_shim_store_try_get(FastC10dStore* store, const char* key, char** value);
+char* c10d_shim_store_add(FastC10dStore* store, const char* key, int64_t delta, int64_t* out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -11,6 +11,7 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/stack.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -91,6 +92,22 @@ char *mm_unscale(at::Tensor **grads, int64_t n, at::Tensor *found_inf, at::Tenso
 
 char *mm_zero(at::Tensor **ts, int64_t n) {
   return guard([&] { at::_foreach_zero_(list(ts, n)); });
+}
+
+// torch.autograd.backward(tensors, grad_tensors): backpropagates each tensor with its given
+// gradient in one pass (tch's backward takes no gradient argument).
+char *mm_backward(at::Tensor **tensors, at::Tensor **grads, int64_t n) {
+  return guard([&] { torch::autograd::backward(list(tensors, n), list(grads, n)); });
+}
+
+// p.grad = g (Python's `p.grad = g`): makes a parameter's gradient a given tensor, e.g. a view
+// into one flat buffer. Autograd then accumulates into it in place.
+char *mm_set_grad(at::Tensor *p, at::Tensor *g) {
+  return guard([&] {
+    TORCH_CHECK(p->sizes() == g->sizes() && p->dtype() == g->dtype() && p->device() == g->device(),
+                "set_grad: the gradient must match the parameter's shape, dtype and device");
+    p->mutable_grad() = *g;
+  });
 }
 
 // Tensor.pin_memory() with the current accelerator (tch's binding passes a device argument,

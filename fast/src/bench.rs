@@ -149,6 +149,7 @@ pub fn flops_per_token(cfg: &ModelConfig, t: usize) -> f64 {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let device = crate::cli::resolve_device(&args.device)?;
+    crate::cli::host_threads_for(device);
     if args.batch_size == 0 || args.max_seq_len < 2 || args.steps == 0 {
         bail!("--batch-size and --steps must be at least 1 and --max-seq-len at least 2");
     }

@@ -37,6 +37,30 @@ extern "C" {
     ) -> *mut c_char;
     fn mm_zero(ts: *const *mut C_tensor, n: i64) -> *mut c_char;
     fn mm_pin_memory(t: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+    fn mm_set_grad(p: *mut C_tensor, g: *mut C_tensor) -> *mut c_char;
+    fn mm_backward(ts: *const *mut C_tensor, gs: *const *mut C_tensor, n: i64) -> *mut c_char;
+}
+
+/// `torch.autograd.backward(tensors, grads)`: one backward pass seeded with the given gradients.
+pub fn backward(tensors: &[Tensor], grads: &[Tensor]) -> Result<()> {
+    anyhow::ensure!(
+        tensors.len() == grads.len(),
+        "backward: {} tensors, {} gradients",
+        tensors.len(),
+        grads.len()
+    );
+    let (t, g) = (ptrs(tensors), ptrs(grads));
+    check("backward", unsafe {
+        mm_backward(t.as_ptr(), g.as_ptr(), tensors.len() as i64)
+    })
+}
+
+/// `p.grad = g`: the parameter's gradient becomes `g` (same shape, kind and device), e.g. a view
+/// into one flat buffer; backward then accumulates into it in place.
+pub fn set_grad(p: &Tensor, g: &Tensor) -> Result<()> {
+    check("set_grad", unsafe {
+        mm_set_grad(p.as_ptr() as *mut C_tensor, g.as_ptr() as *mut C_tensor)
+    })
 }
 
 /// A copy of CPU tensor `t` in page-locked memory (needs a CUDA-capable libtorch and device).

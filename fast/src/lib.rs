@@ -11,6 +11,9 @@ pub mod clip;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_graph_stub.rs"]
+pub mod cuda_graph;
 pub mod data;
 pub mod dist;
 pub mod doctor;
@@ -18,6 +21,7 @@ pub mod eval;
 pub mod export;
 pub mod fused;
 pub mod generate;
+pub mod graph_step;
 pub mod kv_cache;
 pub mod loss;
 pub mod metrics;

@@ -19,6 +19,16 @@ pub fn shift(x: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
     )
 }
 
+/// The shift applied to the labels alone: `[B, T]` -> `[B*T]` where position t of a row holds
+/// label t+1 and the last position IGNORE_INDEX. Against the unshifted `[B*T, C]` view of x it
+/// gives [`shift`]'s loss with no copy of x (the extra last positions count for nothing).
+pub fn shifted_labels(labels: &Tensor) -> Tensor {
+    let (b, t) = labels.size2().expect("labels must be [B, T]");
+    let tp = (t - 1).max(0);
+    let last = Tensor::full([b, t - tp], IGNORE_INDEX, (labels.kind(), labels.device()));
+    Tensor::cat(&[labels.narrow(1, 1, tp), last], 1).reshape([b * t])
+}
+
 /// logits `[B, T, V]`, labels `[B, T]` -> (summed loss over counted labels, count as an int64
 /// scalar tensor).
 pub fn shifted_cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {

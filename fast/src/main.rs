@@ -48,6 +48,7 @@ fn main() {
             std::process::exit(128 + stop.signal);
         }
         eprintln!("error: {err:#}");
+        fast::dist::report_failure(&format!("{err:#}"));
         std::process::exit(1);
     }
 }

@@ -96,6 +96,9 @@ pub struct Trainer {
     /// Without a scaler: after each optimizer step, a one-element device tensor, 1 if that step
     /// met a non-finite gradient norm and was skipped (weights and moments untouched), else 0.
     pub nonfinite: Option<Tensor>,
+    /// Every parameter's `.grad` is a view into this one contiguous buffer (name order), so a
+    /// data-parallel all-reduce and its rank-mean scaling are one call each, with no copies.
+    pub flat_grads: Tensor,
 }
 
 impl Trainer {
@@ -109,9 +112,17 @@ impl Trainer {
         }
         model.set_compute_kind(tc.precision.compute_kind());
         let params = named_parameters(&vs);
-        // Define every .grad as zeros: one backward of 0 * sum(params).
-        let zero: Tensor = params.iter().map(|(_, p)| p.sum(p.kind()) * 0.0).sum();
-        zero.backward();
+        // Every .grad a zeroed view into one flat buffer (all parameters share one kind).
+        let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+        let kind = tc.precision.param_kind();
+        let flat_grads = Tensor::zeros([total], (kind, tc.device));
+        let mut offset = 0;
+        for (name, p) in &params {
+            let n = p.numel() as i64;
+            let view = flat_grads.narrow(0, offset, n).view(p.size().as_slice());
+            crate::fused::set_grad(p, &view).with_context(|| format!("gradient of {name}"))?;
+            offset += n;
+        }
         let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
         let opt = AdamW::new(&tensors, tc.adamw, tc.adamw_impl);
         let scaler = tc
@@ -128,6 +139,7 @@ impl Trainer {
             scaler,
             nonfinite: None,
             loss_chunk_rows: loss_chunk_rows(),
+            flat_grads,
         })
     }
 
@@ -187,7 +199,10 @@ impl Trainer {
     ) -> Result<MicroStep> {
         let (h, aux) = self.model.forward_hidden(input_ids);
         let k = crate::model::upcast_kind(h.kind());
-        let (hs, lb) = crate::loss::shift(&h, labels);
+        let (b, t, d) = h.size3().context("hidden state must be [B, T, d]")?;
+        // Position t predicts label t+1: shift the labels, not the hidden state (no copy of it).
+        let hs = h.reshape([b * t, d]);
+        let lb = crate::loss::shifted_labels(labels);
         let count = lb.ne(crate::loss::IGNORE_INDEX).sum(tch::Kind::Int64);
         let denom = count.clamp_min(1).to_kind(k);
         // d(total * weight [* loss scale]) / d(sum of chunk losses): one device scalar.
@@ -200,14 +215,19 @@ impl Trainer {
                 None => s,
             }
         };
-        let rows = hs.size()[0];
+        let rows = b * t;
         let chunk = self.loss_chunk_rows.unwrap_or(rows).max(1);
-        let h_leaf = hs.detach().set_requires_grad(true);
+        // Each chunk is a leaf whose .grad is a view into g: the chunks' backward writes the
+        // gradient of the hidden state in place, with no full-size temporary per chunk.
+        let g = hs.zeros_like();
+        let h_det = hs.detach();
         let mut ce_sum = Tensor::zeros([], (k, h.device()));
         let mut start = 0;
         while start < rows {
             let n = chunk.min(rows - start);
-            let logits = self.model.lm_head(&h_leaf.narrow(0, start, n));
+            let leaf = h_det.narrow(0, start, n).detach().set_requires_grad(true);
+            crate::fused::set_grad(&leaf, &g.narrow(0, start, n))?;
+            let logits = self.model.lm_head(&leaf);
             let lg = crate::model::to_kind(&logits, k);
             let part = lg.cross_entropy_loss::<Tensor>(
                 &lb.narrow(0, start, n),
@@ -223,18 +243,17 @@ impl Trainer {
             start += n;
         }
         let aux = aux.to_kind(k);
-        // Through the model: d/dh of sum(h * g) is g, the chunks' gradient; plus the aux loss.
+        // Through the model, in one pass: the chunks' gradient into h, plus the aux loss.
         let aux_seed = match &self.scaler {
             Some(sc) => sc.scale_loss(&weight),
             None => weight,
         };
-        let g = if rows > 0 {
-            h_leaf.grad()
-        } else {
-            hs.zeros_like()
-        };
-        let surrogate = (&hs * g.detach()).sum(k) + &aux * aux_seed;
-        surrogate.f_backward().context("backward")?;
+        let (mut roots, mut seeds) = (vec![hs], vec![g]);
+        if aux.requires_grad() {
+            roots.push(aux.shallow_clone());
+            seeds.push(aux_seed.to_kind(aux.kind()).reshape(aux.size().as_slice()));
+        }
+        crate::fused::backward(&roots, &seeds).context("backward")?;
         let ce = ce_sum / &denom;
         Ok(MicroStep {
             loss: (&ce + &aux).detach(),
@@ -279,7 +298,8 @@ impl Trainer {
         if let Some(s) = self.scaler.as_mut() {
             s.update();
         }
-        crate::fused::zero(&grads)?;
+        // One kernel: every .grad is a view into flat_grads.
+        let _ = self.flat_grads.f_zero_()?;
         Ok(norm)
     }
 
@@ -433,8 +453,16 @@ mod tests {
         let ids = Tensor::from_slice(&[1i64, 5, 7, 9, 2, 0, 3, 4, 6, 8, 10, 2]).reshape([2, 6]);
         let labels =
             Tensor::from_slice(&[1i64, 5, 7, 9, 2, -100, 3, 4, 6, 8, 10, 2]).reshape([2, 6]);
+        // One set of weights for every run (the seeded init shares libtorch's global generator
+        // with tests running in parallel).
+        let weights: HashMap<String, Tensor> = Trainer::new(&cfg(), tc.clone())
+            .unwrap()
+            .named_f64()
+            .into_iter()
+            .collect();
         let run = |chunk: Option<i64>| {
-            let mut tr = Trainer::new(&cfg(), tc.clone()).unwrap();
+            let named = weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+            let mut tr = Trainer::from_named(&cfg(), tc.clone(), named, "test").unwrap();
             tr.loss_chunk_rows = chunk;
             let out = tr.micro_step(&ids, &labels, 0.5).unwrap();
             (f64::try_from(&out.loss).unwrap(), tr.named_grads_f64())

@@ -31,6 +31,7 @@ use crate::data::dataset::{DataMode, TokenDataset};
 use crate::data::jsonl::{JsonlCorpus, LinePolicy};
 use crate::data::loader::{HostBatch, Prefetcher};
 use crate::data::tokenize::{SpecialTokens, TextTokenizer};
+use crate::graph_step::GraphedStep;
 use crate::metrics::{self, MetricRow};
 use crate::precision::Precision;
 use crate::sampler::{epoch_permutation, rescale_step, SkipBatchSampler};
@@ -100,6 +101,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
         );
     }
     let device = denv.device(requested);
+    crate::cli::host_threads_for(device);
     let comm = crate::dist::communicator_from_env(&denv)?;
     let (rank, world_size, main) = (comm.rank(), comm.world_size(), comm.is_main());
     // Only rank 0 prints; its log lines describe the global batch.
@@ -345,6 +347,13 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
     // SIGINT / SIGTERM: finish the micro-step, save a resume checkpoint, exit 130 / 143.
     let signals = Signals::install()?;
     let mut interrupted: Option<i32> = None;
+    // --cuda-graph: captured after the first optimizer step (see graph_step.rs).
+    if cfg.cuda_graph {
+        if let Some(why) = crate::graph_step::unsupported(&tr) {
+            bail!("--cuda-graph: {why}");
+        }
+    }
+    let mut graphed: Option<GraphedStep> = None;
 
     // ---- 4. the loop ----
     'epochs: for epoch in pos.epoch..cfg.epochs {
@@ -417,25 +426,46 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                     window_count,
                 );
                 let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
-                let out = match &window_count_dev {
-                    Some(global) => {
-                        let w =
-                            (global.reciprocal() * hb.counted_labels as f64).to_kind(Kind::Float);
-                        tr.micro_step_weighted(&batch.input_ids, &batch.labels, &w)?
+                // Data parallel, token-weighted: the weight divides by the device-side count.
+                let weight_dev = window_count_dev.as_ref().map(|global| {
+                    (global.reciprocal() * hb.counted_labels as f64).to_kind(Kind::Float)
+                });
+                let out = match (graphed.as_ref().filter(|g| g.fits(&batch)), &weight_dev) {
+                    (Some(g), Some(w)) => g.micro_step(&batch, w)?,
+                    (Some(g), None) => {
+                        g.micro_step(&batch, &crate::graph_step::weight_tensor(&tr, weight))?
                     }
-                    None => tr.micro_step(&batch.input_ids, &batch.labels, weight)?,
+                    (None, Some(w)) => {
+                        tr.micro_step_weighted(&batch.input_ids, &batch.labels, w)?
+                    }
+                    (None, None) => tr.micro_step(&batch.input_ids, &batch.labels, weight)?,
                 };
                 if accumulation::is_optimizer_step(
                     step as u64,
                     cfg.accumulation_steps as u64,
                     iters as u64,
                 ) {
-                    crate::dist::average_gradients(&*comm, &mut tr.grads(), norm.into())?;
-                    last_grad_norm = Some(tr.optimizer_step(lr, cfg.grad_clip)?);
+                    // One collective on the flat gradient buffer (no-op on one rank).
+                    let mut flat = [tr.flat_grads.shallow_clone()];
+                    crate::dist::average_gradients(&*comm, &mut flat, norm.into())?;
+                    last_grad_norm = Some(match &graphed {
+                        Some(g) => g.optimizer_step(&mut tr, lr)?,
+                        None => tr.optimizer_step(lr, cfg.grad_clip)?,
+                    });
                     nonfinite.check_pending(&log, last_saved_global, &resume_path)?;
                     nonfinite.pending = tr.nonfinite.as_ref().map(|f| (global, f.shallow_clone()));
                     window_count = 0;
                     window_count_dev = None;
+                    // After one eager optimizer step every library is initialised: capture.
+                    if cfg.cuda_graph && graphed.is_none() && hb.rows == bs {
+                        graphed = Some(GraphedStep::capture(&mut tr, &batch, cfg.grad_clip)?);
+                        log(format!(
+                            "captured the micro-step and the optimizer step as CUDA graphs (batch {}x{}); replaying them from micro-step {}",
+                            hb.rows,
+                            hb.cols,
+                            global + 1
+                        ));
+                    }
                 }
                 useful_seen += hb.counted_labels as u64;
                 interval.add(&out.loss, hb.rows * hb.cols, hb.counted_labels);
@@ -509,7 +539,8 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                         cfg.accumulation_steps as u64,
                         iters as u64,
                     ) {
-                        crate::dist::consolidate_partial_gradients(&*comm, &mut tr.grads())?;
+                        let mut flat = [tr.flat_grads.shallow_clone()];
+                        crate::dist::consolidate_partial_gradients(&*comm, &mut flat)?;
                     }
                     let state = ResumeState {
                         format: RESUME_FORMAT.into(),

@@ -271,6 +271,12 @@ fn bad_tokenizers_options_and_directories_are_refused() {
         let arg = format!("{opt}={val}");
         t.refused(&format!("{opt} {val}"), pretrain(d, &[&arg]), want);
     }
+    // On this CPU-only build: the flag names what it needs instead of silently running eagerly.
+    t.refused(
+        "--cuda-graph on the CPU",
+        pretrain(d, &["--cuda-graph", "--max-steps", "1"]),
+        "--cuda-graph: ",
+    );
     t.refused(
         "unwritable --save-dir",
         pretrain(d, &["--save-dir", "/dev/null/out", "--max-steps", "1"]),

@@ -12,6 +12,8 @@
 
 mod in_process;
 #[cfg(feature = "nccl")]
+mod monitor;
+#[cfg(feature = "nccl")]
 mod nccl;
 pub mod order;
 pub mod selftest;
@@ -21,6 +23,16 @@ mod tests;
 pub use in_process::{run_ranks, InProcess};
 #[cfg(feature = "nccl")]
 pub use nccl::Nccl;
+
+/// Tells the other ranks of a data-parallel run that this one failed with `msg` (they print it
+/// and exit 1 instead of waiting in a collective); `main` calls it before exiting on an error.
+/// No-op without a process group.
+pub fn report_failure(msg: &str) {
+    #[cfg(feature = "nccl")]
+    monitor::report_failure(msg);
+    #[cfg(not(feature = "nccl"))]
+    let _ = msg;
+}
 
 use anyhow::{bail, ensure, Context, Result};
 use std::time::Duration;

@@ -4,7 +4,8 @@
 //! ProcessGroupNCCL's watchdog aborts the communicators of a collective that exceeds it and ends
 //! the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, default on), so ranks never hang on a dead peer;
 //! torchrun then stops the remaining ranks. A rank that fails in Rust calls `abort` (also done on
-//! drop unless `finish` ran), which aborts its communicators at once.
+//! drop unless `finish` ran), which aborts its communicators at once. Before any of that, the
+//! monitor (dist/monitor.rs) ends the peers of a failed rank with its message within a second.
 
 use super::{for_each_bucket, Communicator, DistEnv, DEFAULT_BUCKET_BYTES};
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -44,6 +45,7 @@ extern "C" {
     fn c10d_shim_shutdown(group: *mut FastC10dGroup) -> *mut c_char;
     fn c10d_shim_abort(group: *mut FastC10dGroup);
     fn c10d_shim_free_string(s: *mut c_char);
+    fn c10d_shim_store_handle(group: *mut FastC10dGroup) -> *mut super::monitor::FastC10dStore;
 }
 
 /// Turns the shim's error string (NULL = success) into a Result, freeing it.
@@ -66,6 +68,8 @@ pub struct Nccl {
     world: usize,
     device: Device,
     bucket_bytes: usize,
+    /// Failure notices and heartbeats through the store (dist/monitor.rs).
+    monitor: Option<super::monitor::Monitor>,
 }
 
 impl Nccl {
@@ -108,15 +112,30 @@ impl Nccl {
         })
         .with_context(|| format!("creating the NCCL process group ({})", env.describe()))?;
         ensure!(!group.is_null(), "c10d init returned no group");
-        let comm = Nccl {
+        let mut comm = Nccl {
             group: Cell::new(group),
             rank: env.rank,
             world: env.world_size,
             device: Device::Cuda(env.local_rank),
             bucket_bytes: DEFAULT_BUCKET_BYTES,
+            monitor: None,
         };
         comm.barrier()
             .context("first barrier after creating the NCCL process group")?;
+        // A silent peer is waited for as long as a collective would be, at most a minute.
+        let dead_after = env.timeout.clamp(
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(60),
+        );
+        // SAFETY: live group; the handle owns its own reference to the store.
+        let store = super::monitor::Store::new(unsafe { c10d_shim_store_handle(group) })
+            .context("no store handle")?;
+        comm.monitor = Some(super::monitor::Monitor::start(
+            store,
+            env.rank,
+            env.world_size,
+            dead_after,
+        ));
         Ok(comm)
     }
 
@@ -220,6 +239,10 @@ impl Communicator for Nccl {
     }
     fn finish(&self) -> Result<()> {
         self.barrier().context("final barrier")?;
+        // Every rank got here: peers may now exit (and rank 0 take the store down) freely.
+        if let Some(m) = &self.monitor {
+            m.stop();
+        }
         let g = self.group.replace(std::ptr::null_mut());
         if g.is_null() {
             return Ok(());
