@@ -18,6 +18,7 @@ pub mod eval;
 pub mod export;
 pub mod fused;
 pub mod generate;
+pub mod kernels_check;
 pub mod kv_cache;
 pub mod loss;
 pub mod metrics;
