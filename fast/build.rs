@@ -5,6 +5,7 @@ fn main() {
     build_ops();
     build_nccl();
     build_cuda_graph();
+    build_fused_kernels();
 }
 
 /// fast/csrc/ops.cpp: libtorch's foreach and fused-optimizer ops that tch does not expose;
@@ -96,27 +97,7 @@ fn build_cuda_graph() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let lib = libtorch_lib_dir()
-        .expect("feature cuda: DEP_TCH_LIBTORCH_LIB is not set; run `make setup`");
-    let root = lib
-        .parent()
-        .and_then(|p| p.canonicalize().ok())
-        .expect("feature cuda: cannot resolve the libtorch root");
-    let site = root
-        .parent()
-        .expect("feature cuda: libtorch root has no parent");
-    let includes = [
-        root.join("include"),
-        root.join("include/torch/csrc/api/include"),
-        site.join("nvidia/cu13/include"),
-        site.join("nvidia/cu13/include/cccl"),
-    ];
-    if let Some(missing) = includes.iter().find(|d| !d.is_dir()) {
-        panic!(
-            "feature cuda: missing {}; install the CUDA headers with `make setup-cuda`",
-            missing.display()
-        );
-    }
+    let (lib, includes, _) = cuda_paths();
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -132,4 +113,157 @@ fn build_cuda_graph() {
     for l in ["torch_cuda", "c10_cuda"] {
         println!("cargo:rustc-link-lib=dylib={l}");
     }
+}
+
+/// Under `--features cuda`: libtorch's lib dir, the include dirs of a C++ file that uses libtorch
+/// and the CUDA runtime headers, and the CUDA pip package root (`site-packages/nvidia/cu13`).
+fn cuda_paths() -> (
+    std::path::PathBuf,
+    Vec<std::path::PathBuf>,
+    std::path::PathBuf,
+) {
+    let lib = libtorch_lib_dir()
+        .expect("feature cuda: DEP_TCH_LIBTORCH_LIB is not set; run `make setup`");
+    // .venv/libtorch links to site-packages/torch; the CUDA pip packages sit beside it.
+    let root = lib
+        .parent()
+        .and_then(|p| p.canonicalize().ok())
+        .expect("feature cuda: cannot resolve the libtorch root");
+    let site = root
+        .parent()
+        .expect("feature cuda: libtorch root has no parent");
+    let cu13 = site.join("nvidia/cu13");
+    let includes = vec![
+        root.join("include"),
+        root.join("include/torch/csrc/api/include"),
+        cu13.join("include"),
+        cu13.join("include/cccl"),
+    ];
+    if let Some(missing) = includes.iter().find(|d| !d.is_dir()) {
+        panic!(
+            "feature cuda: missing {}; install the CUDA headers with `make setup-cuda`",
+            missing.display()
+        );
+    }
+    (lib, includes, cu13)
+}
+
+/// fast/csrc/kernels.cu (fused RMSNorm->bf16, RoPE + head layout, SwiGLU; compiled by nvcc for
+/// sm_90) and fast/csrc/fused_ops.cpp (their autograd functions and C entry points). Only with
+/// `--features cuda`.
+///
+/// nvcc comes from the virtualenv's CUDA pip packages (`make setup-cuda`). Those packages can
+/// be out of step: `cuda-toolkit[nvcc]==13.0.2` brings nvcc/ptxas 13.0 but pip may resolve
+/// nvidia-nvvm (cicc) to a newer release, whose PTX (`.version 9.5`) ptxas 13.0 refuses. So nvcc
+/// runs without its profile (`--dont-use-profile`: the paths it would set come from here) and
+/// with a `ptxas` shim first on PATH that, only when ptxas answers "Unsupported .version",
+/// rewrites the PTX's version line to the one ptxas names and runs it again. The shim changes
+/// nothing on a consistent toolkit; on a mismatched one an instruction this ptxas does not
+/// know would still fail loudly (our kernels use long-standing sm_90 instructions only).
+///
+/// Kernels are launched with `<<<>>>`, which calls the CUDA runtime: the binary links the
+/// shared libcudart.so.13 from `nvidia/cu13/lib` (the same file libtorch_cuda.so loads through
+/// its own rpath, so both share one runtime: one current device, one set of streams), not
+/// nvcc's default static cudart. There is no unversioned libcudart.so in the wheel, hence the
+/// verbatim link name, and binaries get an rpath to that directory (`link_libtorch`, beside the
+/// one to libtorch's lib dir), so they still run with only torch's lib dir on LD_LIBRARY_PATH.
+fn build_fused_kernels() {
+    for f in ["csrc/kernels.cu", "csrc/kernels.h", "csrc/fused_ops.cpp"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let (lib, includes, cu13) = cuda_paths();
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    let nvcc = cu13.join("bin/nvcc");
+    if !nvcc.is_file() {
+        panic!(
+            "feature cuda: missing {}; install nvcc with `make setup-cuda`",
+            nvcc.display()
+        );
+    }
+    let shim_dir = out.join("ptxas-shim");
+    std::fs::create_dir_all(&shim_dir).expect("create the ptxas shim directory");
+    let shim = shim_dir.join("ptxas");
+    std::fs::write(&shim, ptxas_shim(&cu13.join("bin/ptxas"))).expect("write the ptxas shim");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755))
+            .expect("make the ptxas shim executable");
+    }
+    let path = std::env::join_paths(
+        [shim_dir, cu13.join("nvvm/bin"), cu13.join("bin")]
+            .into_iter()
+            .chain(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            )),
+    )
+    .expect("PATH");
+    let obj = out.join("kernels.o");
+    let output = std::process::Command::new(&nvcc)
+        .env("PATH", path)
+        .env("NVVMIR_LIBRARY_DIR", cu13.join("nvvm/libdevice"))
+        .arg("--dont-use-profile")
+        .args(["-c", "csrc/kernels.cu", "-o"])
+        .arg(&obj)
+        // No --use_fast_math: expf, division and rsqrtf stay the IEEE-accurate versions
+        // libtorch's own kernels use, so outputs match the unfused path.
+        .args(["-arch=sm_90", "-O3", "-std=c++17", "-Xcompiler", "-fPIC"])
+        .arg(format!("-I{}", cu13.join("include").display()))
+        .arg("-isystem")
+        .arg(cu13.join("include/cccl"))
+        .output()
+        .unwrap_or_else(|e| panic!("feature cuda: cannot run {}: {e}", nvcc.display()));
+    if !output.status.success() {
+        panic!(
+            "feature cuda: nvcc failed on csrc/kernels.cu:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/fused_ops.cpp")
+        .object(&obj)
+        .includes(&includes)
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .warnings(false)
+        .compile("mm_fused");
+    let cudart_dir = cu13.join("lib");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-search=native={}", cudart_dir.display());
+    for l in ["torch_cpu", "c10_cuda", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={l}");
+    }
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libcudart.so.13");
+    // The rpath to cudart_dir comes from link_libtorch() (fast/link_libtorch.rs), which every
+    // binary linking fast runs.
+}
+
+/// The `ptxas` shim of [`build_fused_kernels`] (POSIX sh).
+fn ptxas_shim(real: &std::path::Path) -> String {
+    format!(
+        r#"#!/bin/sh
+# Written by fast/build.rs: runs ptxas; if it refuses the PTX's ISA version (a newer cicc than
+# ptxas in the CUDA pip packages), sets the PTX files' version to the one it supports and retries.
+real='{real}'
+if err=$("$real" "$@" 2>&1); then
+  [ -n "$err" ] && printf '%s\n' "$err" >&2
+  exit 0
+fi
+cur=$(printf '%s\n' "$err" | sed -n "s/.*Unsupported \.version [0-9.]*; current version is '\([0-9.]*\)'.*/\1/p" | head -n 1)
+if [ -z "$cur" ]; then
+  printf '%s\n' "$err" >&2
+  exit 1
+fi
+for a in "$@"; do
+  case "$a" in *.ptx) sed -i "s/^\.version .*/.version $cur/" "$a" ;; esac
+done
+exec "$real" "$@"
+"#,
+        real = real.display()
+    )
 }

@@ -15,6 +15,14 @@ fn link_libtorch() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // fast's fused kernels (`--features cuda`, fast/build.rs) link libcudart.so.13 from the CUDA
+    // pip package beside torch; find it as libtorch_cuda.so's own `$ORIGIN/../../nvidia/cu13/lib`
+    // does. Here rather than in fast/build.rs, so every binary linking fast gets it (a link-arg
+    // applies to its own package only); an rpath entry nothing needs costs nothing.
+    let cudart = lib.join("../../nvidia/cu13/lib");
+    if cudart.join("libcudart.so.13").exists() {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cudart.display());
+    }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");

@@ -80,7 +80,7 @@ fn opt_ptr(t: Option<&Tensor>) -> *mut C_tensor {
     t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut C_tensor)
 }
 
-fn check(what: &str, err: *mut c_char) -> Result<()> {
+pub(crate) fn check(what: &str, err: *mut c_char) -> Result<()> {
     if err.is_null() {
         return Ok(());
     }

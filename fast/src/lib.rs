@@ -22,6 +22,7 @@ pub mod export;
 pub mod fused;
 pub mod generate;
 pub mod graph_step;
+pub mod kernels_check;
 pub mod kv_cache;
 pub mod loss;
 pub mod metrics;

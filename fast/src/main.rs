@@ -18,6 +18,8 @@ enum Command {
     Pretrain(fast::cli::PretrainArgs),
     /// Time the training step (forward, backward, clip, AdamW) and print one JSON line.
     Bench(fast::bench::BenchArgs),
+    /// Check the fused CUDA kernels against libtorch's unfused ops and time both (GPU only).
+    Kernels(fast::kernels_check::KernelsArgs),
     /// Train MiniMind's byte-level BPE tokenizer on a JSONL corpus.
     TrainTokenizer(fast::tokenizer_train::TrainTokenizerArgs),
     /// Check the data-parallel communicator (run under torchrun) and time a gradient all-reduce.
@@ -36,6 +38,7 @@ fn main() {
         Command::Doctor(args) => fast::doctor::run(&args),
         Command::Pretrain(args) => fast::train::run(&args).map(|_| ()),
         Command::Bench(args) => fast::bench::run(&args),
+        Command::Kernels(args) => fast::kernels_check::run(&args),
         Command::TrainTokenizer(args) => fast::tokenizer_train::run(&args),
         Command::DistCheck(args) => fast::dist::selftest::run(&args),
         Command::Generate(args) => fast::generate::run(&args),

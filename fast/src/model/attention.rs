@@ -31,7 +31,7 @@ fn rotate_half(x: &Tensor) -> Tensor {
 /// x `[B, T, nh, hd]`, tables `[T, hd]`. A bf16 x times fp32 tables computes in fp32 by type
 /// promotion (as MiniMind's RoPE under autocast does), and autograd keeps x and rotate_half(x)
 /// in bf16: half the memory of upcasting x first, same values.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, out: Kind) -> Tensor {
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, out: Kind) -> Tensor {
     let (c, s) = (cos.unsqueeze(1), sin.unsqueeze(1));
     let y = x * c + rotate_half(x) * s;
     if y.kind() == out {
@@ -41,11 +41,32 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, out: Kind) -> Tensor {
     }
 }
 
+/// repeat_kv (MiniMind): z `[B, kv, T, hd]` -> `[B, kv*n_rep, T, hd]`, kv head j serving query
+/// heads j*n_rep .. (j+1)*n_rep - 1.
+pub(crate) fn repeat_kv(z: Tensor, n_rep: i64) -> Tensor {
+    if n_rep == 1 {
+        return z;
+    }
+    let (b, kv, t, hd) = z.size4().expect("repeat_kv input must be [B, kv, T, hd]");
+    z.unsqueeze(2)
+        .expand([b, kv, n_rep, t, hd], false)
+        .reshape([b, kv * n_rep, t, hd])
+}
+
 impl Attention {
     /// x `[B, T, d]` -> `[B, T, d]` in `compute` kind. Query head h reads kv head h / n_rep.
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, compute: Kind) -> Tensor {
         let (b, t, _) = x.size3().expect("attention input must be [B, T, d]");
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        if self.q_norm.is_none()
+            && compute == Kind::BFloat16
+            && x.device().is_cuda()
+            && cos.kind() == Kind::Float
+            && hd % 16 == 0
+            && super::fused::enabled()
+        {
+            return self.forward_fused(x, cos, sin, compute);
+        }
         // One cast of x for the three projections (autocast casts it per call; same values).
         let x = super::to_kind(x, compute);
         let mut q = linear(&x, &self.q_proj, compute).view([b, t, h, hd]);
@@ -58,21 +79,40 @@ impl Attention {
         let q = rope(&q, cos, sin, compute).transpose(1, 2);
         let k = rope(&k, cos, sin, compute).transpose(1, 2);
         let v = v.transpose(1, 2);
-        // repeat_kv (MiniMind): kv head j serves query heads j*n_rep .. (j+1)*n_rep - 1.
         let n_rep = h / kv;
-        let (k, v) = if n_rep == 1 {
-            (k, v)
-        } else {
-            let rep = |z: Tensor| {
-                z.unsqueeze(2)
-                    .expand([b, kv, n_rep, t, hd], false)
-                    .reshape([b, h, t, hd])
-            };
-            (rep(k), rep(v))
+        let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+        self.attend(&q, &k, &v, b, t, compute)
+    }
+
+    /// The bf16 CUDA path with the fused kernels (no qk-norm): q, k and v from one matmul
+    /// against `cat([q_proj, k_proj, v_proj])`, split without copies (`split_with_sizes`, whose
+    /// backward is one cat; `narrow` would allocate a zero tensor per slice), then one kernel
+    /// each for RoPE + transpose + repeat_kv (q, k) or transpose + repeat_kv (v).
+    fn forward_fused(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, compute: Kind) -> Tensor {
+        let (b, t, _) = x.size3().expect("attention input must be [B, T, d]");
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let n_rep = h / kv;
+        let x = super::to_kind(x, compute);
+        let w_qkv = Tensor::cat(&[&self.q_proj, &self.k_proj, &self.v_proj], 0);
+        let qkv = linear(&x, &w_qkv, compute).split_with_sizes([h * hd, kv * hd, kv * hd], -1);
+        let heads = |z: &Tensor, nh: i64, rep: i64, rotate: bool| {
+            let z = z.view([b, t, nh, hd]);
+            super::fused::expect(
+                "rope_heads",
+                super::fused::rope_heads(&z, cos, sin, rep, rotate),
+            )
         };
-        let o = Tensor::scaled_dot_product_attention::<Tensor>(
-            &q, &k, &v, None, 0.0, true, None, false,
-        );
+        let q = heads(&qkv[0], h, 1, true);
+        let k = heads(&qkv[1], kv, n_rep, true);
+        let v = heads(&qkv[2], kv, n_rep, false);
+        self.attend(&q, &k, &v, b, t, compute)
+    }
+
+    /// Causal SDPA over q, k, v `[B, H, T, hd]`, then o_proj: `[B, T, d]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, b: i64, t: i64, compute: Kind) -> Tensor {
+        let (h, hd) = (self.heads, self.head_dim);
+        let o =
+            Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, None, false);
         let o = o.transpose(1, 2).reshape([b, t, h * hd]);
         linear(&o, &self.o_proj, compute)
     }

@@ -13,12 +13,14 @@
 //! also let the bf16 path run (and be verified) on the CPU.
 
 mod attention;
+pub mod fused;
 mod mlp;
 mod moe;
 mod norm;
 mod weights;
 
 pub use attention::Attention;
+pub(crate) use attention::{repeat_kv, rope};
 pub use mlp::Mlp;
 pub use moe::MoeFeedForward;
 pub use norm::{rms_norm, RmsNorm};
@@ -60,6 +62,24 @@ pub fn upcast_kind(k: Kind) -> Kind {
     } else {
         Kind::Float
     }
+}
+
+/// RoPE tables cos/sin `[T, hd]` as MiniMind's precompute_freqs_cis: `inv_freq_i =
+/// theta^(-2i/hd)`, rows `[cos(t f), cos(t f)]`, in float32 on the CPU (libtorch's own kernels,
+/// so the tables are bitwise MiniMind's; an fp64 model then holds f32-rounded values too).
+pub(crate) fn rope_table(theta: f64, hd: i64, t: i64) -> (Tensor, Tensor) {
+    let f32cpu = (Kind::Float, Device::Cpu);
+    let expo = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, Device::Cpu))
+        .narrow(0, 0, hd / 2)
+        .to_kind(Kind::Float)
+        / hd as f64;
+    let inv = Tensor::pow_scalar(theta, &expo).reciprocal();
+    let pos = Tensor::arange(t, f32cpu);
+    let freqs = pos.outer(&inv);
+    (
+        Tensor::cat(&[freqs.cos(), freqs.cos()], -1),
+        Tensor::cat(&[freqs.sin(), freqs.sin()], -1),
+    )
 }
 
 /// One decoder layer: `h = x + attn(rms1(x)); out = h + ffn(rms2(h))`.
@@ -202,23 +222,9 @@ impl MiniMindForCausalLM {
                 return (c.cos.narrow(0, 0, t), c.sin.narrow(0, 0, t));
             }
         }
-        // As MiniMind's precompute_freqs_cis, in float32 on the CPU (libtorch's own kernels, so
-        // the tables are bitwise MiniMind's; an fp64 model then holds f32-rounded values too).
-        let hd = self.cfg.head_dim() as i64;
-        let f32cpu = (Kind::Float, Device::Cpu);
-        let expo = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, Device::Cpu))
-            .narrow(0, 0, hd / 2)
-            .to_kind(Kind::Float)
-            / hd as f64;
-        let inv = Tensor::pow_scalar(self.cfg.rope_theta, &expo).reciprocal();
-        let pos = Tensor::arange(t, f32cpu);
-        let freqs = pos.outer(&inv);
-        let c = Tensor::cat(&[freqs.cos(), freqs.cos()], -1)
-            .to_kind(kind)
-            .to_device(device);
-        let s = Tensor::cat(&[freqs.sin(), freqs.sin()], -1)
-            .to_kind(kind)
-            .to_device(device);
+        let (c, s) = rope_table(self.cfg.rope_theta, self.cfg.head_dim() as i64, t);
+        let c = c.to_kind(kind).to_device(device);
+        let s = s.to_kind(kind).to_device(device);
         *cache = Some(RopeCache {
             t,
             device,
@@ -244,34 +250,39 @@ impl MiniMindForCausalLM {
         linear(h, &self.embed_tokens, self.compute)
     }
 
-    /// Everything before the lm_head: the final RMSNorm's output `[B, T, d]` (parameters' kind)
-    /// and the summed aux loss. The training step applies the head chunk by chunk (step.rs).
+    /// Everything before the lm_head: the final RMSNorm's output `[B, T, d]` (parameters' kind,
+    /// or bf16 where the fused kernels write it in the lm_head's compute kind) and the summed aux
+    /// loss. The training step applies the head chunk by chunk (step.rs).
     pub fn forward_hidden(&self, input_ids: &Tensor) -> (Tensor, Tensor) {
         let (_, t) = input_ids.size2().expect("input_ids must be [B, T]");
         let device = self.embed_tokens.device();
         let (cos, sin) = self.rope_tables(t, device);
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         let mut aux = Tensor::zeros([], (upcast_kind(self.embed_tokens.kind()), device));
+        // Norms feeding projections may come out in bf16 straight from the fused kernel
+        // (`forward_for_matmul`); the MoE router reads its input's kind, so it keeps fp32.
         for layer in &self.layers {
             let a = layer.self_attn.forward(
-                &layer.input_layernorm.forward(&x),
+                &layer.input_layernorm.forward_for_matmul(&x, self.compute),
                 &cos,
                 &sin,
                 self.compute,
             );
             let h = &x + a;
-            let n2 = layer.post_attention_layernorm.forward(&h);
+            let norm2 = &layer.post_attention_layernorm;
             let f = match &layer.mlp {
-                FeedForward::Dense(m) => m.forward(&n2, self.compute),
+                FeedForward::Dense(m) => {
+                    m.forward_fused(&norm2.forward_for_matmul(&h, self.compute), self.compute)
+                }
                 FeedForward::Moe(m) => {
-                    let (f, layer_aux) = m.forward(&n2, self.compute);
+                    let (f, layer_aux) = m.forward(&norm2.forward(&h), self.compute);
                     aux = aux + layer_aux;
                     f
                 }
             };
             x = h + f;
         }
-        (self.norm.forward(&x), aux)
+        (self.norm.forward_for_matmul(&x, self.compute), aux)
     }
 }
 

@@ -22,6 +22,28 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         rms_norm(x, &self.weight, self.eps)
     }
+
+    /// The norm of x as the input of projections running in `compute` kind. With the fused
+    /// kernels (fp32 x and weight on CUDA, bf16 compute, width a multiple of 8 up to 1024), one
+    /// kernel writes the bf16 the projections would cast it to (same values: the fp32 norm
+    /// rounded once); otherwise [`Self::forward`], and the projection casts.
+    pub fn forward_for_matmul(&self, x: &Tensor, compute: Kind) -> Tensor {
+        let d = self.weight.size().first().copied().unwrap_or(0);
+        if compute == Kind::BFloat16
+            && x.kind() == Kind::Float
+            && self.weight.kind() == Kind::Float
+            && x.device().is_cuda()
+            && d % 8 == 0
+            && d <= 1024
+            && super::fused::enabled()
+        {
+            return super::fused::expect(
+                "rms_norm_bf16",
+                super::fused::rms_norm_bf16(x, &self.weight, self.eps),
+            );
+        }
+        self.forward(x)
+    }
 }
 
 /// Whether fp32 inputs on CUDA take libtorch's `rms_norm` (one fused kernel forward and one

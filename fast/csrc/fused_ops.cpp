@@ -1,0 +1,228 @@
+// The fused CUDA kernels of kernels.cu as autograd functions (torch::autograd::Function), so the
+// model's tensors flow through them under libtorch's autograd like any aten op: forward saves
+// what backward needs, backward launches the backward kernels. Exposed to Rust through C entry
+// points in ops.cpp's style: never throw into Rust, return nullptr or a malloc'd message (freed
+// with mm_free_error from ops.cpp).
+//
+// Kernels run on libtorch's current stream of the input's device, so CUDA graph capture and the
+// autograd engine's stream handling see them as ordinary kernels.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels.h"
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+cudaStream_t stream_of(const at::Tensor &t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void launched(const char *err, const char *what) {
+  TORCH_CHECK(err == nullptr, what, ": kernel launch failed: ", err ? err : "");
+}
+
+bool aligned16(const at::Tensor &t) {
+  return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// Contiguous and 16-byte aligned (the kernels load 8 or 16 bytes at a time).
+at::Tensor dense(const at::Tensor &t) {
+  at::Tensor c = t.contiguous();
+  return aligned16(c) ? c : c.clone();
+}
+
+void check_cuda(const at::Tensor &t, at::ScalarType kind, const char *op, const char *name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == kind, op, ": ", name, " must be ", kind, ", got ",
+              t.scalar_type());
+}
+
+// y = bf16(w * (x * rsqrt(mean(x^2) + eps))) over the last dimension; x, w fp32.
+struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
+                            double eps) {
+    const char *op = "rms_norm_bf16";
+    check_cuda(x, at::kFloat, op, "x");
+    check_cuda(w, at::kFloat, op, "w");
+    TORCH_CHECK(x.device() == w.device(), op, ": x on ", x.device(), ", w on ", w.device());
+    TORCH_CHECK(w.dim() == 1 && x.dim() >= 1 && x.size(-1) == w.size(0), op,
+                ": x's last dimension must equal w's length; x ", x.sizes(), ", w ", w.sizes());
+    const int64_t d = w.size(0);
+    TORCH_CHECK(d > 0 && d % 8 == 0 && d <= mm::kRmsMaxDim, op,
+                ": the width must be a positive multiple of 8 up to ", mm::kRmsMaxDim, ", got ",
+                d);
+    c10::DeviceGuard guard(x.device());
+    at::Tensor xc = dense(x), wc = dense(w);
+    const int64_t n = xc.numel() / d;
+    at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+    at::Tensor rstd = at::empty({n}, x.options());
+    launched(mm::rms_norm_fwd(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr(),
+                              rstd.data_ptr<float>(), n, d, static_cast<float>(eps),
+                              stream_of(x)),
+             op);
+    ctx->save_for_backward({xc, wc, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const char *op = "rms_norm_bf16 backward";
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+    check_cuda(grads[0], at::kBFloat16, op, "grad_y");
+    c10::DeviceGuard guard(x.device());
+    at::Tensor gy = dense(grads[0]);
+    const int64_t d = w.size(0), n = x.numel() / d;
+    const int64_t parts = mm::rms_norm_bwd_parts(n);
+    at::Tensor dx = at::empty(x.sizes(), x.options());
+    at::Tensor dw_part = at::empty({parts, d}, x.options());
+    at::Tensor dw = at::empty({d}, w.options());
+    launched(mm::rms_norm_bwd(x.data_ptr<float>(), w.data_ptr<float>(), rstd.data_ptr<float>(),
+                              gy.data_ptr(), dx.data_ptr<float>(), dw_part.data_ptr<float>(),
+                              dw.data_ptr<float>(), n, d, parts, stream_of(x)),
+             op);
+    return {dx, dw, at::Tensor()};
+  }
+};
+
+// x [B, T, nh, hd] bf16 (last dim contiguous) -> y [B, nh*n_rep, T, hd] bf16 contiguous:
+// RoPE (rotate) or a copy, each kv head repeated for its n_rep query heads.
+struct RopeHeads : public torch::autograd::Function<RopeHeads> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &cos,
+                            const at::Tensor &sin, int64_t n_rep, bool rotate) {
+    const char *op = "rope_heads";
+    check_cuda(x, at::kBFloat16, op, "x");
+    check_cuda(cos, at::kFloat, op, "cos");
+    check_cuda(sin, at::kFloat, op, "sin");
+    TORCH_CHECK(x.dim() == 4, op, ": x must be [B, T, heads, head_dim], got ", x.sizes());
+    const int64_t b = x.size(0), t = x.size(1), nh = x.size(2), hd = x.size(3);
+    TORCH_CHECK(hd % 16 == 0, op, ": head_dim must be a multiple of 16, got ", hd);
+    TORCH_CHECK(n_rep >= 1, op, ": n_rep must be >= 1, got ", n_rep);
+    TORCH_CHECK(cos.dim() == 2 && cos.size(0) == t && cos.size(1) == hd && sin.sizes() == cos.sizes(),
+                op, ": cos/sin must be [T, head_dim] = [", t, ", ", hd, "], got ", cos.sizes(),
+                " and ", sin.sizes());
+    TORCH_CHECK(cos.device() == x.device() && sin.device() == x.device(), op,
+                ": x, cos and sin must be on one device");
+    c10::DeviceGuard guard(x.device());
+    // A view is read in place when its rows are 16-byte aligned (a split of a merged qkv
+    // projection is); anything else is copied first.
+    at::Tensor xs = x;
+    const bool strided_ok = x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
+                            x.stride(2) % 8 == 0 && aligned16(x);
+    if (!strided_ok) xs = dense(x);
+    at::Tensor c = dense(cos), s = dense(sin);
+    at::Tensor y = at::empty({b, nh * n_rep, t, hd}, x.options());
+    launched(mm::rope_fwd(xs.data_ptr(), xs.stride(0), xs.stride(1), xs.stride(2),
+                          c.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr(), b, t, nh, hd,
+                          n_rep, rotate, stream_of(x)),
+             op);
+    ctx->save_for_backward({c, s});
+    ctx->saved_data["b"] = b;
+    ctx->saved_data["nh"] = nh;
+    ctx->saved_data["n_rep"] = n_rep;
+    ctx->saved_data["rotate"] = rotate;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const char *op = "rope_heads backward";
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &c = saved[0], &s = saved[1];
+    const int64_t b = ctx->saved_data["b"].toInt(), nh = ctx->saved_data["nh"].toInt();
+    const int64_t n_rep = ctx->saved_data["n_rep"].toInt();
+    const bool rotate = ctx->saved_data["rotate"].toBool();
+    const int64_t t = c.size(0), hd = c.size(1);
+    check_cuda(grads[0], at::kBFloat16, op, "grad_y");
+    c10::DeviceGuard guard(c.device());
+    at::Tensor gy = dense(grads[0]);
+    at::Tensor dx = at::empty({b, t, nh, hd}, gy.options());
+    launched(mm::rope_bwd(gy.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(), dx.data_ptr(),
+                          b, t, nh, hd, n_rep, rotate, stream_of(c)),
+             op);
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// gu [..., 2F] = [g | u] bf16 -> h [..., F] = bf16(bf16(silu(g)) * u).
+struct SwiGlu : public torch::autograd::Function<SwiGlu> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &gu, int64_t f) {
+    const char *op = "swiglu";
+    check_cuda(gu, at::kBFloat16, op, "gu");
+    TORCH_CHECK(gu.dim() >= 1 && f > 0 && gu.size(-1) == 2 * f, op,
+                ": gu's last dimension must be 2 * F = ", 2 * f, ", got ", gu.sizes());
+    TORCH_CHECK(f % 8 == 0, op, ": F must be a multiple of 8, got ", f);
+    c10::DeviceGuard guard(gu.device());
+    at::Tensor g = dense(gu);
+    const int64_t n = g.numel() / (2 * f);
+    std::vector<int64_t> sizes = gu.sizes().vec();
+    sizes.back() = f;
+    at::Tensor h = at::empty(sizes, gu.options());
+    launched(mm::swiglu_fwd(g.data_ptr(), h.data_ptr(), n, f, stream_of(gu)), op);
+    ctx->save_for_backward({g});
+    ctx->saved_data["f"] = f;
+    return h;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const char *op = "swiglu backward";
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &g = saved[0];
+    const int64_t f = ctx->saved_data["f"].toInt();
+    check_cuda(grads[0], at::kBFloat16, op, "grad_h");
+    c10::DeviceGuard guard(g.device());
+    at::Tensor dh = dense(grads[0]);
+    const int64_t n = g.numel() / (2 * f);
+    at::Tensor dgu = at::empty(g.sizes(), g.options());
+    launched(mm::swiglu_bwd(g.data_ptr(), dh.data_ptr(), dgu.data_ptr(), n, f, stream_of(g)), op);
+    return {dgu, at::Tensor()};
+  }
+};
+
+char *error(const char *what) {
+  char *s = static_cast<char *>(std::malloc(std::strlen(what) + 1));
+  std::strcpy(s, what);
+  return s;
+}
+
+template <typename F>
+char *guard(F f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const c10::Error &e) {
+    return error(e.what_without_backtrace());
+  } catch (const std::exception &e) {
+    return error(e.what());
+  } catch (...) {
+    return error("unknown C++ exception");
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+char *mm_rms_norm_bf16(at::Tensor *x, at::Tensor *w, double eps, at::Tensor **out) {
+  return guard([&] { *out = new at::Tensor(RmsNormBf16::apply(*x, *w, eps)); });
+}
+
+char *mm_rope_heads(at::Tensor *x, at::Tensor *cos, at::Tensor *sin, int64_t n_rep, bool rotate,
+                    at::Tensor **out) {
+  return guard([&] { *out = new at::Tensor(RopeHeads::apply(*x, *cos, *sin, n_rep, rotate)); });
+}
+
+char *mm_swiglu(at::Tensor *gu, int64_t f, at::Tensor **out) {
+  return guard([&] { *out = new at::Tensor(SwiGlu::apply(*gu, f)); });
+}
+
+}

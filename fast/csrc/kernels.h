@@ -1,0 +1,44 @@
+// Host launchers of the fused CUDA kernels in kernels.cu (compiled by nvcc). Raw pointers only, so
+// fused_ops.cpp (compiled by the host compiler against libtorch) needs no CUDA device headers.
+// bf16 buffers are passed as void*. Every launcher enqueues on `stream` and returns nullptr, or
+// the CUDA error string of the launch.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <cstdint>
+
+namespace mm {
+
+// Largest row width the RMSNorm kernels take (one warp per row, 4 floats per lane per chunk).
+constexpr int64_t kRmsMaxDim = 1024;
+
+// y[N, d] (bf16) = bf16(w * (x * rstd)), rstd[N] = rsqrt(mean(x^2) + eps); x, w fp32.
+const char *rms_norm_fwd(const float *x, const float *w, void *y, float *rstd, int64_t n,
+                         int64_t d, float eps, cudaStream_t stream);
+
+// Number of per-block partial rows of dw the backward writes (the size of `dw_part`'s first dim).
+int64_t rms_norm_bwd_parts(int64_t n);
+
+// dx[N, d] fp32 and dw[d] fp32 from gy[N, d] bf16; dw_part is scratch [parts, d] fp32.
+const char *rms_norm_bwd(const float *x, const float *w, const float *rstd, const void *gy,
+                         float *dx, float *dw_part, float *dw, int64_t n, int64_t d,
+                         int64_t parts, cudaStream_t stream);
+
+// y[B, nh*n_rep, T, hd] (bf16, contiguous) from x[B, T, nh, hd] (bf16, strides sb, st, sh, 1):
+// RoPE (rotate) or a plain copy, each head written to its n_rep query heads.
+const char *rope_fwd(const void *x, int64_t sb, int64_t st, int64_t sh, const float *cos,
+                     const float *sin, void *y, int64_t b, int64_t t, int64_t nh, int64_t hd,
+                     int64_t n_rep, bool rotate, cudaStream_t stream);
+
+// dx[B, T, nh, hd] (bf16, contiguous) from gy[B, nh*n_rep, T, hd] (bf16, contiguous).
+const char *rope_bwd(const void *gy, const float *cos, const float *sin, void *dx, int64_t b,
+                     int64_t t, int64_t nh, int64_t hd, int64_t n_rep, bool rotate,
+                     cudaStream_t stream);
+
+// h[N, F] = bf16(bf16(silu(g)) * u) from gu[N, 2F] = [g | u] (bf16, contiguous).
+const char *swiglu_fwd(const void *gu, void *h, int64_t n, int64_t f, cudaStream_t stream);
+
+// dgu[N, 2F] = [dg | du] from gu[N, 2F] and dh[N, F] (bf16, contiguous).
+const char *swiglu_bwd(const void *gu, const void *dh, void *dgu, int64_t n, int64_t f,
+                       cudaStream_t stream);
+
+}  // namespace mm

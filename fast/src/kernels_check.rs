@@ -1,0 +1,384 @@
+//! `fast kernels`: checks our fused CUDA kernels (`model::fused`) against the unfused libtorch
+//! ops they replace and times both.
+//!
+//! For each op, random inputs at the b128 training shape (26M model: `--rows` = 128 x 340
+//! positions, d 512, 8 heads / 2 kv heads of 64, FFN 1408): the forward outputs and the
+//! gradients of every input (under a random upstream gradient) of the fused op are compared with
+//! the same math done by libtorch ops under autograd (the model's own unfused functions), then
+//! forward + backward of each is timed (device-synchronised, `--iters` after `--warmup`). Last,
+//! the whole model (forward, lm_head, cross-entropy, backward) runs with the fused path off and
+//! on in one process: loss, final hidden state and every parameter gradient are compared and
+//! both steps timed.
+//!
+//! Tolerances are norm-wise, `||fused - ref|| / ||ref||`: bf16 results may differ by one bf16
+//! ulp in some elements (the fused kernels round once where the unfused ops round after each op,
+//! and fp32 sums run in another order), so 1e-2 for bf16 and 1e-4 for fp32 results; the
+//! fraction of elements that differ at all is printed beside. Exit code 1 when a check fails,
+//! 2 without CUDA or without `--features cuda`.
+use std::time::Instant;
+
+use anyhow::Result;
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use crate::config::ModelConfig;
+use crate::model::{fused, named_parameters, MiniMindForCausalLM};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct KernelsArgs {
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Positions (B*T) of the RMSNorm and SwiGLU inputs; RoPE and the model take B = rows / 340.
+    #[arg(long, default_value_t = 128 * 340)]
+    pub rows: i64,
+    /// Timed iterations per op.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed iterations before timing.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Skip the whole-model comparison.
+    #[arg(long)]
+    pub skip_model: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+}
+
+const SEQ: i64 = 340;
+const EPS: f64 = 1e-5;
+
+/// Differences of `a` (fused) from `b` (reference), computed in f64.
+struct Diff {
+    max_abs: f64,
+    /// max |a - b| / max |b|.
+    max_rel: f64,
+    /// ||a - b|| / ||b||.
+    norm_rel: f64,
+    /// Fraction of elements that differ at all.
+    differ: f64,
+}
+
+fn scalar(t: Tensor) -> f64 {
+    f64::try_from(t).expect("a scalar tensor")
+}
+
+fn diff(a: &Tensor, b: &Tensor) -> Diff {
+    let _g = tch::no_grad_guard();
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let d = &a - &b;
+    let max_abs = scalar(d.abs().max());
+    let max_ref = scalar(b.abs().max());
+    let norm_ref = scalar(b.norm());
+    Diff {
+        max_abs,
+        max_rel: max_abs / max_ref.max(f64::MIN_POSITIVE),
+        norm_rel: scalar(d.norm()) / norm_ref.max(f64::MIN_POSITIVE),
+        differ: scalar(a.ne_tensor(&b).to_kind(Kind::Double).mean(Kind::Double)),
+    }
+}
+
+fn tolerance(k: Kind) -> f64 {
+    match k {
+        Kind::BFloat16 | Kind::Half => 1e-2,
+        _ => 1e-4,
+    }
+}
+
+/// Prints one comparison line; true when within `tol`.
+fn report(case: &str, what: &str, d: &Diff, tol: f64) -> bool {
+    let ok = d.norm_rel <= tol && d.norm_rel.is_finite();
+    println!(
+        "{case:<10} {what:<8} max_abs {:.3e}  max_rel {:.3e}  norm_rel {:.3e}  differ {:>8.4}%  tol {tol:.0e}  {}",
+        d.max_abs,
+        d.max_rel,
+        d.norm_rel,
+        100.0 * d.differ,
+        if ok { "ok" } else { "FAIL" }
+    );
+    ok
+}
+
+/// Gradients of `sum_i sum(ys[i] * gs[i])` w.r.t. `leaves`: the upstream gradient of ys[i] is
+/// exactly gs[i] (same kind as ys[i]).
+fn grads(ys: &[Tensor], gs: &[Tensor], leaves: &[Tensor]) -> Vec<Tensor> {
+    let s = ys
+        .iter()
+        .zip(gs)
+        .map(|(y, g)| (y * g).sum(Kind::Float))
+        .reduce(|a, b| a + b)
+        .expect("at least one output");
+    Tensor::run_backward(&[s], leaves, false, false)
+}
+
+/// Mean milliseconds of `f` over `iters` calls after `warmup`, the device synchronised around.
+fn time_ms(
+    device: Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let idx = match device {
+        Device::Cuda(i) => i as i64,
+        _ => 0,
+    };
+    for _ in 0..warmup {
+        f()?;
+    }
+    tch::Cuda::synchronize(idx);
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    tch::Cuda::synchronize(idx);
+    Ok(t0.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
+}
+
+type Outputs = Vec<Tensor>;
+
+/// Compares and times one fused op against its reference. `leaves` require grad.
+#[allow(clippy::too_many_arguments)]
+fn check_op(
+    args: &KernelsArgs,
+    device: Device,
+    case: &str,
+    out_names: &[&str],
+    leaf_names: &[&str],
+    leaves: &[Tensor],
+    fused_fn: &dyn Fn(&[Tensor]) -> Result<Outputs>,
+    reference: &dyn Fn(&[Tensor]) -> Outputs,
+) -> Result<bool> {
+    let yf = fused_fn(leaves)?;
+    let yr = reference(leaves);
+    let gs: Vec<Tensor> = yr.iter().map(|y| y.randn_like()).collect();
+    let gf = grads(&yf, &gs, leaves);
+    let gr = grads(&yr, &gs, leaves);
+    let mut ok = true;
+    for ((name, a), b) in out_names.iter().zip(&yf).zip(&yr) {
+        if a.size() != b.size() || a.kind() != b.kind() {
+            println!(
+                "{case:<10} {name:<8} FAIL: fused {:?} {:?}, reference {:?} {:?}",
+                a.size(),
+                a.kind(),
+                b.size(),
+                b.kind()
+            );
+            ok = false;
+            continue;
+        }
+        ok &= report(case, name, &diff(a, b), tolerance(b.kind()));
+    }
+    for ((name, a), b) in leaf_names.iter().zip(&gf).zip(&gr) {
+        let what = format!("d{name}");
+        ok &= report(case, &what, &diff(a, b), tolerance(b.kind()));
+    }
+    drop((yf, yr, gf, gr));
+    let tf = time_ms(device, args.warmup, args.iters, || {
+        let y = fused_fn(leaves)?;
+        grads(&y, &gs, leaves);
+        Ok(())
+    })?;
+    let tr = time_ms(device, args.warmup, args.iters, || {
+        let y = reference(leaves);
+        grads(&y, &gs, leaves);
+        Ok(())
+    })?;
+    println!(
+        "{case:<10} fwd+bwd  fused {tf:.3} ms  unfused {tr:.3} ms  speedup {:.2}x",
+        tr / tf
+    );
+    Ok(ok)
+}
+
+fn check_rms_norm(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let d = 512;
+    let x = Tensor::randn([args.rows, d], (Kind::Float, device)).set_requires_grad(true);
+    let w = (Tensor::randn([d], (Kind::Float, device)) * 0.1 + 1.0).set_requires_grad(true);
+    check_op(
+        args,
+        device,
+        "rms_norm",
+        &["y"],
+        &["x", "w"],
+        &[x, w],
+        &|l| Ok(vec![fused::rms_norm_bf16(&l[0], &l[1], EPS)?]),
+        &|l| vec![crate::model::rms_norm(&l[0], &l[1], EPS).to_kind(Kind::BFloat16)],
+    )
+}
+
+fn check_rope(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let (b, t, h, kv, hd) = ((args.rows / SEQ).max(1), SEQ, 8i64, 2i64, 64i64);
+    let n_rep = h / kv;
+    let (cos, sin) = crate::model::rope_table(1e6, hd, t);
+    let (cos, sin) = (cos.to_device(device), sin.to_device(device));
+    // q, k, v as the model makes them: views of one merged projection output.
+    let qkv =
+        Tensor::randn([b, t, (h + 2 * kv) * hd], (Kind::BFloat16, device)).set_requires_grad(true);
+    let split = |l: &[Tensor]| {
+        let p = l[0].split_with_sizes([h * hd, kv * hd, kv * hd], -1);
+        (
+            p[0].view([b, t, h, hd]),
+            p[1].view([b, t, kv, hd]),
+            p[2].view([b, t, kv, hd]),
+        )
+    };
+    check_op(
+        args,
+        device,
+        "rope_heads",
+        &["q", "k", "v"],
+        &["qkv"],
+        &[qkv],
+        &|l| {
+            let (q, k, v) = split(l);
+            Ok(vec![
+                fused::rope_heads(&q, &cos, &sin, 1, true)?,
+                fused::rope_heads(&k, &cos, &sin, n_rep, true)?,
+                fused::rope_heads(&v, &cos, &sin, n_rep, false)?,
+            ])
+        },
+        &|l| {
+            let (q, k, v) = split(l);
+            let bf = Kind::BFloat16;
+            vec![
+                crate::model::rope(&q, &cos, &sin, bf).transpose(1, 2),
+                crate::model::repeat_kv(
+                    crate::model::rope(&k, &cos, &sin, bf).transpose(1, 2),
+                    n_rep,
+                ),
+                crate::model::repeat_kv(v.transpose(1, 2), n_rep),
+            ]
+        },
+    )
+}
+
+fn check_swiglu(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let f = 1408;
+    let gu = Tensor::randn([args.rows, 2 * f], (Kind::BFloat16, device)).set_requires_grad(true);
+    check_op(
+        args,
+        device,
+        "swiglu",
+        &["h"],
+        &["gu"],
+        &[gu],
+        &|l| Ok(vec![fused::swiglu(&l[0], f)?]),
+        &|l| {
+            let p = l[0].split_with_sizes([f, f], -1);
+            vec![p[0].silu() * &p[1]]
+        },
+    )
+}
+
+/// The 26M model's forward + backward with the fused path off, then on: same weights, same
+/// tokens.
+fn check_model(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let cfg = ModelConfig::minimind_26m();
+    let (b, t) = ((args.rows / SEQ).max(1), SEQ);
+    tch::manual_seed(args.seed + 1);
+    let vs = VarStore::new(device);
+    let mut model = MiniMindForCausalLM::new(&vs.root(), &cfg)?;
+    model.set_compute_kind(Kind::BFloat16);
+    let v = cfg.vocab_size as i64;
+    let ids = Tensor::randint(v, [b, t], (Kind::Int64, device));
+    let labels = Tensor::randint(v, [b * t], (Kind::Int64, device));
+    let (names, params): (Vec<String>, Vec<Tensor>) = named_parameters(&vs).into_iter().unzip();
+    let step = |on: bool| -> (Tensor, Tensor, Vec<Tensor>) {
+        fused::set_enabled(on);
+        let (h, _aux) = model.forward_hidden(&ids);
+        let logits = model.lm_head(&h).view([-1, v]).to_kind(Kind::Float);
+        let loss =
+            logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0);
+        let g = Tensor::run_backward(&[&loss], &params, false, false);
+        (loss.detach(), h.detach(), g)
+    };
+    let (loss_r, h_r, g_r) = step(false);
+    let (loss_f, h_f, g_f) = step(true);
+    let mut ok = true;
+    let (lf, lr) = (scalar(loss_f), scalar(loss_r));
+    let loss_rel = (lf - lr).abs() / lr.abs().max(f64::MIN_POSITIVE);
+    let loss_ok = loss_rel <= 1e-3;
+    println!(
+        "model      loss     fused {lf:.6}  unfused {lr:.6}  rel {loss_rel:.3e}  tol 1e-3  {}",
+        if loss_ok { "ok" } else { "FAIL" }
+    );
+    ok &= loss_ok;
+    println!(
+        "model      hidden   kinds: fused {:?}, unfused {:?}",
+        h_f.kind(),
+        h_r.kind()
+    );
+    // The unfused hidden state is fp32 (the lm_head casts it), the fused one already bf16.
+    ok &= report("model", "hidden", &diff(&h_f, &h_r), 1e-2);
+    // Two bf16 runs that round in different places drift apart through 8 layers: gradients are
+    // held to 5e-2 norm-wise, the worst parameter printed.
+    let mut worst = (String::new(), 0.0f64);
+    for ((name, a), b) in names.iter().zip(&g_f).zip(&g_r) {
+        let d = diff(a, b);
+        if !(d.norm_rel <= worst.1) {
+            worst = (name.clone(), d.norm_rel);
+        }
+    }
+    let grads_ok = worst.1 <= 5e-2;
+    println!(
+        "model      grads    worst norm_rel {:.3e} ({})  tol 5e-2  {}",
+        worst.1,
+        worst.0,
+        if grads_ok { "ok" } else { "FAIL" }
+    );
+    ok &= grads_ok;
+    drop((g_f, g_r));
+    let timed = |on: bool| {
+        time_ms(device, args.warmup, args.iters, || {
+            let _ = step(on);
+            Ok(())
+        })
+    };
+    let tr = timed(false)?;
+    let tf = timed(true)?;
+    println!(
+        "model      fwd+bwd  fused {tf:.3} ms  unfused {tr:.3} ms  speedup {:.2}x  (B {b}, T {t})",
+        tr / tf
+    );
+    Ok(ok)
+}
+
+pub fn run(args: &KernelsArgs) -> Result<()> {
+    if !cfg!(feature = "cuda") {
+        eprintln!("fast kernels: this binary was built without --features cuda (no fused kernels)");
+        std::process::exit(2);
+    }
+    let device = crate::precision::parse_device(&args.device)?;
+    let available = match device {
+        Device::Cuda(i) => tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count(),
+        _ => false,
+    };
+    if !available {
+        eprintln!(
+            "fast kernels: needs a CUDA device (--device cuda or cuda:N); {} is not available",
+            args.device
+        );
+        std::process::exit(2);
+    }
+    anyhow::ensure!(args.rows > 0, "--rows must be positive");
+    tch::manual_seed(args.seed);
+    println!(
+        "fast kernels: rows {}, iters {} (+{} warm-up), device {}",
+        args.rows,
+        args.iters,
+        args.warmup,
+        crate::cli::device_name(device)
+    );
+    let mut ok = true;
+    ok &= check_rms_norm(args, device)?;
+    ok &= check_rope(args, device)?;
+    ok &= check_swiglu(args, device)?;
+    if !args.skip_model {
+        ok &= check_model(args, device)?;
+    }
+    if !ok {
+        println!("fast kernels: FAILED");
+        std::process::exit(1);
+    }
+    println!("fast kernels: all checks passed");
+    Ok(())
+}

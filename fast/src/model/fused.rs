@@ -1,0 +1,162 @@
+//! Our own fused CUDA kernels (fast/csrc/kernels.cu, as autograd functions in
+//! fast/csrc/fused_ops.cpp) for the bf16 training step: the unfused step spends most of its time
+//! in element-wise passes over `[B*T, d]` and `[B*T, F]` tensors, and each of these ops replaces
+//! several of them (forward and backward).
+//!
+//! - [`rms_norm_bf16`]: RMSNorm of the fp32 residual stream written straight to bf16 (norm + the
+//!   projection's cast), fp32 gradients back.
+//! - [`rope_heads`]: RoPE + `[B, T, nh, hd] -> [B, nh*n_rep, T, hd]` + repeat_kv in one pass
+//!   (or, without rotation, the layout change and repeat only: v).
+//! - [`swiglu`]: `silu(g) * u` over a merged `[g | u]` projection, rounding as autocast's
+//!   unfused ops do.
+//!
+//! Used on CUDA when built with `--features cuda` and `MM_FUSED_KERNELS` is not `0`; the
+//! libtorch path stays the CPU path and the fallback. Without the feature the functions return
+//! an error and [`enabled`] is false.
+
+use anyhow::Result;
+use std::sync::atomic::{AtomicU8, Ordering};
+use tch::Tensor;
+
+/// 0: not decided yet (read `MM_FUSED_KERNELS`), 1: off, 2: on.
+static STATE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the model takes the fused kernels where they apply: built with `--features cuda` and
+/// `MM_FUSED_KERNELS` unset or not `0` (read once, like `MM_FUSED_RMSNORM` in norm.rs), unless
+/// [`set_enabled`] decided otherwise.
+pub fn enabled() -> bool {
+    if !cfg!(feature = "cuda") {
+        return false;
+    }
+    match STATE.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *ENV.get_or_init(|| std::env::var("MM_FUSED_KERNELS").map_or(true, |v| v != "0"))
+        }
+    }
+}
+
+/// Turn the fused path on or off for the whole process (`fast kernels` compares the model both
+/// ways in one process). Has no effect without `--features cuda`.
+pub fn set_enabled(on: bool) {
+    STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+#[cfg(feature = "cuda")]
+mod ffi {
+    use std::ffi::c_char;
+    use torch_sys::C_tensor;
+
+    extern "C" {
+        pub fn mm_rms_norm_bf16(
+            x: *mut C_tensor,
+            w: *mut C_tensor,
+            eps: f64,
+            out: *mut *mut C_tensor,
+        ) -> *mut c_char;
+        pub fn mm_rope_heads(
+            x: *mut C_tensor,
+            cos: *mut C_tensor,
+            sin: *mut C_tensor,
+            n_rep: i64,
+            rotate: bool,
+            out: *mut *mut C_tensor,
+        ) -> *mut c_char;
+        pub fn mm_swiglu(gu: *mut C_tensor, f: i64, out: *mut *mut C_tensor) -> *mut c_char;
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn ptr(t: &Tensor) -> *mut torch_sys::C_tensor {
+    t.as_ptr() as *mut torch_sys::C_tensor
+}
+
+/// `bf16(w * (x * rsqrt(mean(x^2) + eps)))` over the last dimension, in fp32 with one rounding;
+/// x fp32 `[..., d]` on CUDA (d a multiple of 8, at most 1024), w fp32 `[d]`. Differentiable in
+/// x and w (fp32 gradients).
+#[cfg(feature = "cuda")]
+pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    crate::fused::check("rms_norm_bf16", unsafe {
+        ffi::mm_rms_norm_bf16(ptr(x), ptr(w), eps, &mut out)
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// x bf16 `[B, T, nh, hd]` (a view whose last dimension is contiguous, e.g. a split of a merged
+/// projection) -> bf16 `[B, nh*n_rep, T, hd]` contiguous, query head `h*n_rep + r` holding kv
+/// head h. With `rotate`, RoPE with fp32 tables cos/sin `[T, hd]` (computed in fp32, one
+/// rounding); without, a copy (v). hd a multiple of 16. Differentiable in x.
+#[cfg(feature = "cuda")]
+pub fn rope_heads(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    n_rep: i64,
+    rotate: bool,
+) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    crate::fused::check("rope_heads", unsafe {
+        ffi::mm_rope_heads(ptr(x), ptr(cos), ptr(sin), n_rep, rotate, &mut out)
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// gu bf16 `[..., 2F]` = `[g | u]` -> bf16 `[..., F]` = `bf16(bf16(silu(g)) * u)`. F a multiple
+/// of 8. Differentiable in gu.
+#[cfg(feature = "cuda")]
+pub fn swiglu(gu: &Tensor, f: i64) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    crate::fused::check("swiglu", unsafe { ffi::mm_swiglu(ptr(gu), f, &mut out) })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn unavailable(op: &str) -> anyhow::Error {
+    anyhow::anyhow!("{op}: the fused kernels need a build with --features cuda")
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn rms_norm_bf16(_x: &Tensor, _w: &Tensor, _eps: f64) -> Result<Tensor> {
+    Err(unavailable("rms_norm_bf16"))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn rope_heads(
+    _x: &Tensor,
+    _cos: &Tensor,
+    _sin: &Tensor,
+    _n_rep: i64,
+    _rotate: bool,
+) -> Result<Tensor> {
+    Err(unavailable("rope_heads"))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn swiglu(_gu: &Tensor, _f: i64) -> Result<Tensor> {
+    Err(unavailable("swiglu"))
+}
+
+/// Unwrap a fused op's result inside a forward that cannot return errors: its inputs were
+/// checked by the caller (kinds, device, shapes), so a failure here is a kernel or CUDA error.
+pub(crate) fn expect(what: &str, r: Result<Tensor>) -> Tensor {
+    r.unwrap_or_else(|e| panic!("fused kernel {what}: {e:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without `--features cuda` the fused path is off and the ops say why.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cpu_build_has_no_fused_path() {
+        set_enabled(true);
+        assert!(!enabled());
+        let x = Tensor::zeros([2, 8], (tch::Kind::Float, tch::Device::Cpu));
+        let err = rms_norm_bf16(&x, &x.get(0), 1e-5).unwrap_err().to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}
