@@ -33,7 +33,9 @@ $(EXTRAS_STAMP): $(TORCH_STAMP)
 setup-cuda: $(CUDA_STAMP)
 
 $(CUDA_STAMP): $(TORCH_STAMP)
-	$(PY) -m pip install --disable-pip-version-check --quiet "cuda-toolkit[cccl,nvcc]==13.0.2"
+	# nvvm and crt pinned to nvcc's release: pip would otherwise pick 13.5, whose PTX ptxas 13.0 refuses.
+	$(PY) -m pip install --disable-pip-version-check --quiet "cuda-toolkit[cccl,nvcc]==13.0.2" \
+		"nvidia-nvvm==13.0.88" "nvidia-cuda-crt==13.0.88"
 	touch $@
 
 # Property tests draw new random cases on every plain `cargo test`; `make test` (CI) pins

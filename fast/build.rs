@@ -152,14 +152,9 @@ fn cuda_paths() -> (
 /// sm_90) and fast/csrc/fused_ops.cpp (their autograd functions and C entry points). Only with
 /// `--features cuda`.
 ///
-/// nvcc comes from the virtualenv's CUDA pip packages (`make setup-cuda`). Those packages can
-/// be out of step: `cuda-toolkit[nvcc]==13.0.2` brings nvcc/ptxas 13.0 but pip may resolve
-/// nvidia-nvvm (cicc) to a newer release, whose PTX (`.version 9.5`) ptxas 13.0 refuses. So nvcc
-/// runs without its profile (`--dont-use-profile`: the paths it would set come from here) and
-/// with a `ptxas` shim first on PATH that, only when ptxas answers "Unsupported .version",
-/// rewrites the PTX's version line to the one ptxas names and runs it again. The shim changes
-/// nothing on a consistent toolkit; on a mismatched one an instruction this ptxas does not
-/// know would still fail loudly (our kernels use long-standing sm_90 instructions only).
+/// nvcc comes from the virtualenv's CUDA pip packages (`make setup-cuda`, which pins nvcc's
+/// compiler front end nvidia-nvvm and nvidia-cuda-crt to the 13.0 release of nvcc and ptxas: left
+/// free, pip resolves them to 13.5, whose PTX ISA 9.5 ptxas 13.0 refuses).
 ///
 /// Kernels are launched with `<<<>>>`, which calls the CUDA runtime: the binary links the
 /// shared libcudart.so.13 from `nvidia/cu13/lib` (the same file libtorch_cuda.so loads through
@@ -183,28 +178,8 @@ fn build_fused_kernels() {
             nvcc.display()
         );
     }
-    let shim_dir = out.join("ptxas-shim");
-    std::fs::create_dir_all(&shim_dir).expect("create the ptxas shim directory");
-    let shim = shim_dir.join("ptxas");
-    std::fs::write(&shim, ptxas_shim(&cu13.join("bin/ptxas"))).expect("write the ptxas shim");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755))
-            .expect("make the ptxas shim executable");
-    }
-    let path = std::env::join_paths(
-        [shim_dir, cu13.join("nvvm/bin"), cu13.join("bin")]
-            .into_iter()
-            .chain(std::env::split_paths(
-                &std::env::var_os("PATH").unwrap_or_default(),
-            )),
-    )
-    .expect("PATH");
     let obj = out.join("kernels.o");
     let output = std::process::Command::new(&nvcc)
-        .env("PATH", path)
-        .env("NVVMIR_LIBRARY_DIR", cu13.join("nvvm/libdevice"))
-        .arg("--dont-use-profile")
         .args(["-c", "csrc/kernels.cu", "-o"])
         .arg(&obj)
         // No --use_fast_math: expf, division and rsqrtf stay the IEEE-accurate versions
@@ -241,29 +216,4 @@ fn build_fused_kernels() {
     println!("cargo:rustc-link-lib=dylib:+verbatim=libcudart.so.13");
     // The rpath to cudart_dir comes from link_libtorch() (fast/link_libtorch.rs), which every
     // binary linking fast runs.
-}
-
-/// The `ptxas` shim of [`build_fused_kernels`] (POSIX sh).
-fn ptxas_shim(real: &std::path::Path) -> String {
-    format!(
-        r#"#!/bin/sh
-# Written by fast/build.rs: runs ptxas; if it refuses the PTX's ISA version (a newer cicc than
-# ptxas in the CUDA pip packages), sets the PTX files' version to the one it supports and retries.
-real='{real}'
-if err=$("$real" "$@" 2>&1); then
-  [ -n "$err" ] && printf '%s\n' "$err" >&2
-  exit 0
-fi
-cur=$(printf '%s\n' "$err" | sed -n "s/.*Unsupported \.version [0-9.]*; current version is '\([0-9.]*\)'.*/\1/p" | head -n 1)
-if [ -z "$cur" ]; then
-  printf '%s\n' "$err" >&2
-  exit 1
-fi
-for a in "$@"; do
-  case "$a" in *.ptx) sed -i "s/^\.version .*/.version $cur/" "$a" ;; esac
-done
-exec "$real" "$@"
-"#,
-        real = real.display()
-    )
 }

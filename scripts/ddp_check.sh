@@ -29,7 +29,8 @@ mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 
 TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib || die "python3 has no torch"
-export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
+# libcudart.so.13 (the fused kernels link it) sits beside torch in nvidia/cu13/lib.
+export LD_LIBRARY_PATH="$TORCH_LIB:$TORCH_LIB/../../nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
 # NVLink multicast stays off on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 NGPU=$(python3 -c 'import torch;print(torch.cuda.device_count())')

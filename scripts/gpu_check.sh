@@ -21,7 +21,7 @@ IN=$(cd "$1" && pwd)
 OUT=$(mkdir -p "$2" && cd "$2" && pwd)
 STAGES=${STAGES:-1 2 3 4 5}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib:${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;d=os.path.dirname(torch.__file__);print(d+"/lib:"+d+"/../nvidia/cu13/lib")'):${LD_LIBRARY_PATH:-}
 FAST=$IN/fast
 VERIFY=$IN/verify
 WORK=/tmp/gpu_check

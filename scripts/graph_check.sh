@@ -9,7 +9,7 @@
 set -uo pipefail
 IN=$(cd "$1" && pwd)
 STEPS=${2:-200}
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib:${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;d=os.path.dirname(torch.__file__);print(d+"/lib:"+d+"/../nvidia/cu13/lib")'):${LD_LIBRARY_PATH:-}
 DATA=/tmp/graph_check.jsonl
 [ -f $DATA ] || xz -dc "$IN/poems_100k.jsonl.xz" >$DATA
 WORK=$(mktemp -d /tmp/graph_check.XXXXXX)

@@ -7,10 +7,10 @@
 #   INPUT_DIR/fast_old, INPUT_DIR/fast    the builds to compare (make release-cuda)
 #   INPUT_DIR/verify                      cargo build --release --bin verify (same sources as fast)
 #   INPUT_DIR/poems_100k.jsonl.xz         corpus for real-data batches (scripts/build_corpus.sh)
-# Variants: VARIANTS="name:binary:ENV=..:args" lines; defaults below. Prints one table row each.
+# Variants: VARIANTS="name|binary|ENV=..|args" lines; defaults below. Prints one table row each.
 set -uo pipefail
 IN=$(cd "$1" && pwd)
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib:${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;d=os.path.dirname(torch.__file__);print(d+"/lib:"+d+"/../nvidia/cu13/lib")'):${LD_LIBRARY_PATH:-}
 DATA=/tmp/perf_ab.jsonl
 [ -f $DATA ] || xz -dc "$IN/poems_100k.jsonl.xz" >$DATA
 
@@ -37,6 +37,13 @@ except Exception as e:
     grep -iE "error|panick" /tmp/bench_$name.err | head -3
 }
 echo "variant                            step      padded        useful       of ceiling     peak memory"
+if [ -n "${VARIANTS:-}" ]; then
+    # One "name|binary|ENV=..|args" per line.
+    while IFS='|' read -r name bin envs args; do
+        [ -n "$name" ] && bench "$name" "$bin" "$envs" $args
+    done <<<"$VARIANTS"
+    exit 0
+fi
 bench old_padded_b32_eager      fast_old "" --batch-size 32
 bench new_padded_b32_eager      fast     "" --batch-size 32
 bench old_padded_b32_graph      fast_old "" --batch-size 32 --cuda-graph
