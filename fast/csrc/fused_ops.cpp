@@ -8,6 +8,7 @@
 // autograd engine's stream handling see them as ordinary kernels.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -67,8 +68,8 @@ struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
     const int64_t n = xc.numel() / d;
     at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
     at::Tensor rstd = at::empty({n}, x.options());
-    launched(mm::rms_norm_fwd(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr(),
-                              rstd.data_ptr<float>(), n, d, static_cast<float>(eps),
+    launched(mm::rms_norm_fwd(xc.data_ptr<float>(), nullptr, wc.data_ptr<float>(), y.data_ptr(),
+                              nullptr, rstd.data_ptr<float>(), n, d, static_cast<float>(eps),
                               stream_of(x)),
              op);
     ctx->save_for_backward({xc, wc, rstd});
@@ -88,14 +89,83 @@ struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
     at::Tensor dw_part = at::empty({parts, d}, x.options());
     at::Tensor dw = at::empty({d}, w.options());
     launched(mm::rms_norm_bwd(x.data_ptr<float>(), w.data_ptr<float>(), rstd.data_ptr<float>(),
-                              gy.data_ptr(), dx.data_ptr<float>(), dw_part.data_ptr<float>(),
-                              dw.data_ptr<float>(), n, d, parts, stream_of(x)),
+                              gy.data_ptr(), nullptr, dx.data_ptr<float>(), nullptr,
+                              dw_part.data_ptr<float>(), dw.data_ptr<float>(), n, d, parts,
+                              stream_of(x)),
              op);
     return {dx, dw, at::Tensor()};
   }
 };
 
-// x [B, T, nh, hd] bf16 (last dim contiguous) -> y [B, nh*n_rep, T, hd] bf16 contiguous:
+// The residual add before a norm, fused into it: h = x + a (x fp32, a bf16: fp32 sum, as type
+// promotion computes it), y = bf16(w * (h * rsqrt(mean(h^2) + eps))). Returns (h, y). Backward:
+// dh_total = dh + norm backward of dy (h's two uses: the residual stream and the norm),
+// dx = dh_total (fp32), da = bf16(dh_total), dw as RmsNormBf16's.
+struct AddRmsNormBf16 : public torch::autograd::Function<AddRmsNormBf16> {
+  static variable_list forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &a,
+                               const at::Tensor &w, double eps) {
+    const char *op = "add_rms_norm_bf16";
+    check_cuda(x, at::kFloat, op, "x");
+    check_cuda(a, at::kBFloat16, op, "a");
+    check_cuda(w, at::kFloat, op, "w");
+    TORCH_CHECK(x.sizes() == a.sizes(), op, ": x ", x.sizes(), " and a ", a.sizes(),
+                " must have one shape");
+    TORCH_CHECK(x.device() == w.device() && a.device() == x.device(), op,
+                ": x, a and w must be on one device");
+    TORCH_CHECK(w.dim() == 1 && x.dim() >= 1 && x.size(-1) == w.size(0), op,
+                ": x's last dimension must equal w's length; x ", x.sizes(), ", w ", w.sizes());
+    const int64_t d = w.size(0);
+    TORCH_CHECK(d > 0 && d % 8 == 0 && d <= mm::kRmsMaxDim, op,
+                ": the width must be a positive multiple of 8 up to ", mm::kRmsMaxDim, ", got ",
+                d);
+    c10::DeviceGuard guard(x.device());
+    at::Tensor xc = dense(x), ac = dense(a), wc = dense(w);
+    const int64_t n = xc.numel() / d;
+    at::Tensor h = at::empty(x.sizes(), x.options());
+    at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+    at::Tensor rstd = at::empty({n}, x.options());
+    launched(mm::rms_norm_fwd(xc.data_ptr<float>(), ac.data_ptr(), wc.data_ptr<float>(),
+                              y.data_ptr(), h.data_ptr<float>(), rstd.data_ptr<float>(), n, d,
+                              static_cast<float>(eps), stream_of(x)),
+             op);
+    ctx->save_for_backward({h, wc, rstd});
+    return {h, y};
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const char *op = "add_rms_norm_bf16 backward";
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &h = saved[0], &w = saved[1], &rstd = saved[2];
+    c10::DeviceGuard guard(h.device());
+    const int64_t d = w.size(0), n = h.numel() / d;
+    // An unused output's gradient arrives undefined: h feeds nothing after the final norm.
+    at::Tensor gres;
+    if (grads[0].defined()) {
+      check_cuda(grads[0], at::kFloat, op, "grad_h");
+      gres = dense(grads[0]);
+    }
+    at::Tensor gy;
+    if (grads[1].defined()) {
+      check_cuda(grads[1], at::kBFloat16, op, "grad_y");
+      gy = dense(grads[1]);
+    } else {
+      gy = at::zeros(h.sizes(), h.options().dtype(at::kBFloat16));
+    }
+    const int64_t parts = mm::rms_norm_bwd_parts(n);
+    at::Tensor dx = at::empty(h.sizes(), h.options());
+    at::Tensor da = at::empty(h.sizes(), h.options().dtype(at::kBFloat16));
+    at::Tensor dw_part = at::empty({parts, d}, h.options());
+    at::Tensor dw = at::empty({d}, w.options());
+    launched(mm::rms_norm_bwd(h.data_ptr<float>(), w.data_ptr<float>(), rstd.data_ptr<float>(),
+                              gy.data_ptr(), gres.defined() ? gres.data_ptr<float>() : nullptr,
+                              dx.data_ptr<float>(), da.data_ptr(), dw_part.data_ptr<float>(),
+                              dw.data_ptr<float>(), n, d, parts, stream_of(h)),
+             op);
+    return {dx, da, dw, at::Tensor()};
+  }
+};
+
+// x [B, T, nh, hd] bf16 (last dim contiguous) -> y [B, T, nh*n_rep, hd] bf16 contiguous:
 // RoPE (rotate) or a copy, each kv head repeated for its n_rep query heads.
 struct RopeHeads : public torch::autograd::Function<RopeHeads> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &cos,
@@ -121,7 +191,7 @@ struct RopeHeads : public torch::autograd::Function<RopeHeads> {
                             x.stride(2) % 8 == 0 && aligned16(x);
     if (!strided_ok) xs = dense(x);
     at::Tensor c = dense(cos), s = dense(sin);
-    at::Tensor y = at::empty({b, nh * n_rep, t, hd}, x.options());
+    at::Tensor y = at::empty({b, t, nh * n_rep, hd}, x.options());
     launched(mm::rope_fwd(xs.data_ptr(), xs.stride(0), xs.stride(1), xs.stride(2),
                           c.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr(), b, t, nh, hd,
                           n_rep, rotate, stream_of(x)),
@@ -214,6 +284,16 @@ extern "C" {
 
 char *mm_rms_norm_bf16(at::Tensor *x, at::Tensor *w, double eps, at::Tensor **out) {
   return guard([&] { *out = new at::Tensor(RmsNormBf16::apply(*x, *w, eps)); });
+}
+
+// (h, y) = (x + a, bf16 rms_norm(x + a) * w): the residual add and the next norm in one kernel.
+char *mm_add_rms_norm_bf16(at::Tensor *x, at::Tensor *a, at::Tensor *w, double eps,
+                           at::Tensor **h, at::Tensor **y) {
+  return guard([&] {
+    auto out = AddRmsNormBf16::apply(*x, *a, *w, eps);
+    *h = new at::Tensor(out[0]);
+    *y = new at::Tensor(out[1]);
+  });
 }
 
 char *mm_rope_heads(at::Tensor *x, at::Tensor *cos, at::Tensor *sin, int64_t n_rep, bool rotate,

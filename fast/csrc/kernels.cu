@@ -81,10 +81,13 @@ constexpr int kRowsPerBlock = 8;  // warps per block
 // Chunks per lane: C = 4 covers d <= 512, C = 8 covers d <= 1024 = kRmsMaxDim (two instances,
 // so the common d = 512 does not pay registers for 1024).
 
+// With `a` (bf16) the row is first h = x + a (fp32, as bf16 + fp32 type promotion computes it),
+// written to h_out: the residual add before the norm, fused (a and h_out both null otherwise).
 template <int C>
-__global__ void rms_norm_fwd_kernel(const float *__restrict__ x, const float *__restrict__ w,
-                                    bf16 *__restrict__ y, float *__restrict__ rstd, int64_t n,
-                                    int d, float eps) {
+__global__ void rms_norm_fwd_kernel(const float *__restrict__ x, const bf16 *__restrict__ a,
+                                    const float *__restrict__ w, bf16 *__restrict__ y,
+                                    float *__restrict__ h_out, float *__restrict__ rstd,
+                                    int64_t n, int d, float eps) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
   if (row >= n) return;
@@ -98,6 +101,12 @@ __global__ void rms_norm_fwd_kernel(const float *__restrict__ x, const float *__
     const int c = lane + 32 * j;
     if (c < nc) {
       xv[j] = xr[c];
+      if (a != nullptr) {
+        float av[4];
+        load4(a + row * d + 4 * c, av);
+        xv[j].x += av[0], xv[j].y += av[1], xv[j].z += av[2], xv[j].w += av[3];
+        reinterpret_cast<float4 *>(h_out + row * d)[c] = xv[j];
+      }
       ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y + xv[j].z * xv[j].z + xv[j].w * xv[j].w;
     }
   }
@@ -125,7 +134,8 @@ template <int C>
 __global__ void __launch_bounds__(32 * kRowsPerBlock, 2)
     rms_norm_bwd_kernel(const float *__restrict__ x, const float *__restrict__ w,
                         const float *__restrict__ rstd, const bf16 *__restrict__ gy,
-                        float *__restrict__ dx, float *__restrict__ dw_part, int64_t n, int d) {
+                        const float *__restrict__ gres, float *__restrict__ dx,
+                        bf16 *__restrict__ da, float *__restrict__ dw_part, int64_t n, int d) {
   __shared__ float red[kRowsPerBlock][32 * 4 * C];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nc = d / 4;
@@ -165,8 +175,16 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, 2)
         const float4 xv = xr[c], wv = wr[c];
         float g[4];
         load4(gr + 4 * c, g);
-        dxr[c] = make_float4(r * (wv.x * g[0] - (xv.x * r) * m), r * (wv.y * g[1] - (xv.y * r) * m),
-                             r * (wv.z * g[2] - (xv.z * r) * m), r * (wv.w * g[3] - (xv.w * r) * m));
+        float4 o = make_float4(r * (wv.x * g[0] - (xv.x * r) * m), r * (wv.y * g[1] - (xv.y * r) * m),
+                               r * (wv.z * g[2] - (xv.z * r) * m), r * (wv.w * g[3] - (xv.w * r) * m));
+        // The fused residual add: x's other use (the residual stream) brings gres, and the
+        // bf16 addend's gradient is the total cast to bf16 (the type-promotion backward).
+        if (gres != nullptr) {
+          const float4 gr4 = reinterpret_cast<const float4 *>(gres + row * d)[c];
+          o.x += gr4.x, o.y += gr4.y, o.z += gr4.z, o.w += gr4.w;
+        }
+        dxr[c] = o;
+        if (da != nullptr) store4(da + row * d + 4 * c, o.x, o.y, o.z, o.w);
       }
     }
   }
@@ -207,7 +225,9 @@ __global__ void rms_norm_dw_kernel(const float *__restrict__ dw_part, float *__r
 }
 
 // ---------------------------------------------------------------------------------------------
-// RoPE + [B, T, nh, hd] -> [B, nh*n_rep, T, hd] + repeat_kv. One thread per 8 elements of the
+// RoPE + repeat_kv: [B, T, nh, hd] -> [B, T, nh*n_rep, hd] (attention takes its transpose, a
+// view: SDPA then writes its output, and its gradients, in this layout too, so the output's
+// transpose back to [B, T, d] is free). One thread per 8 elements of the
 // first half of a head (and the matching 8 of the second half): item = ((b*T + t)*nh + h)*nq + q.
 
 __global__ void rope_fwd_kernel(const bf16 *__restrict__ x, int64_t sb, int64_t st, int64_t sh,
@@ -239,7 +259,7 @@ __global__ void rope_fwd_kernel(const bf16 *__restrict__ x, int64_t sb, int64_t 
   }
   const int64_t heads = nh * n_rep;
   for (int64_t r = 0; r < n_rep; ++r) {
-    bf16 *yp = y + ((b * heads + h * n_rep + r) * t_n + t) * hd;
+    bf16 *yp = y + ((b * t_n + t) * heads + h * n_rep + r) * hd;
     store8(yp + i, y1);
     store8(yp + half + i, y2);
   }
@@ -260,7 +280,7 @@ __global__ void heads_copy_kernel(const bf16 *__restrict__ x, int64_t sb, int64_
   const uint4 v = *reinterpret_cast<const uint4 *>(x + b * sb + t * st + h * sh + i);
   const int64_t heads = nh * n_rep;
   for (int64_t r = 0; r < n_rep; ++r) {
-    *reinterpret_cast<uint4 *>(y + ((b * heads + h * n_rep + r) * t_n + t) * hd + i) = v;
+    *reinterpret_cast<uint4 *>(y + ((b * t_n + t) * heads + h * n_rep + r) * hd + i) = v;
   }
 }
 
@@ -280,7 +300,7 @@ __global__ void rope_bwd_kernel(const bf16 *__restrict__ gy, const float *__rest
   float g1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, g2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   const int64_t heads = nh * n_rep;
   for (int64_t r = 0; r < n_rep; ++r) {
-    const bf16 *gp = gy + ((b * heads + h * n_rep + r) * t_n + t) * hd;
+    const bf16 *gp = gy + ((b * t_n + t) * heads + h * n_rep + r) * hd;
     float a[8], c[8];
     load8(gp + i, a);
     load8(gp + half + i, c);
@@ -316,7 +336,7 @@ __global__ void heads_sum_kernel(const bf16 *__restrict__ gy, bf16 *__restrict__
   const int64_t heads = nh * n_rep;
   for (int64_t r = 0; r < n_rep; ++r) {
     float a[8];
-    load8(gy + ((b * heads + h * n_rep + r) * t_n + t) * hd + i, a);
+    load8(gy + ((b * t_n + t) * heads + h * n_rep + r) * hd + i, a);
 #pragma unroll
     for (int k = 0; k < 8; ++k) s[k] += a[k];
   }
@@ -389,15 +409,16 @@ constexpr int kThreads = 256;
 
 namespace mm {
 
-const char *rms_norm_fwd(const float *x, const float *w, void *y, float *rstd, int64_t n,
-                         int64_t d, float eps, cudaStream_t stream) {
+const char *rms_norm_fwd(const float *x, const void *a, const float *w, void *y, float *h_out,
+                         float *rstd, int64_t n, int64_t d, float eps, cudaStream_t stream) {
   if (n == 0) return nullptr;
   const unsigned blocks = blocks_for(n, kRowsPerBlock), threads = 32 * kRowsPerBlock;
   bf16 *yp = static_cast<bf16 *>(y);
+  const bf16 *ap = static_cast<const bf16 *>(a);
   if (d <= 512) {
-    rms_norm_fwd_kernel<4><<<blocks, threads, 0, stream>>>(x, w, yp, rstd, n, int(d), eps);
+    rms_norm_fwd_kernel<4><<<blocks, threads, 0, stream>>>(x, ap, w, yp, h_out, rstd, n, int(d), eps);
   } else {
-    rms_norm_fwd_kernel<8><<<blocks, threads, 0, stream>>>(x, w, yp, rstd, n, int(d), eps);
+    rms_norm_fwd_kernel<8><<<blocks, threads, 0, stream>>>(x, ap, w, yp, h_out, rstd, n, int(d), eps);
   }
   return launched();
 }
@@ -410,14 +431,17 @@ int64_t rms_norm_bwd_parts(int64_t n) {
 }
 
 const char *rms_norm_bwd(const float *x, const float *w, const float *rstd, const void *gy,
-                         float *dx, float *dw_part, float *dw, int64_t n, int64_t d,
-                         int64_t parts, cudaStream_t stream) {
+                         const float *gres, float *dx, void *da, float *dw_part, float *dw,
+                         int64_t n, int64_t d, int64_t parts, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(parts), threads = 32 * kRowsPerBlock;
   const bf16 *gp = static_cast<const bf16 *>(gy);
+  bf16 *dap = static_cast<bf16 *>(da);
   if (d <= 512) {
-    rms_norm_bwd_kernel<4><<<blocks, threads, 0, stream>>>(x, w, rstd, gp, dx, dw_part, n, int(d));
+    rms_norm_bwd_kernel<4><<<blocks, threads, 0, stream>>>(x, w, rstd, gp, gres, dx, dap, dw_part,
+                                                          n, int(d));
   } else {
-    rms_norm_bwd_kernel<8><<<blocks, threads, 0, stream>>>(x, w, rstd, gp, dx, dw_part, n, int(d));
+    rms_norm_bwd_kernel<8><<<blocks, threads, 0, stream>>>(x, w, rstd, gp, gres, dx, dap, dw_part,
+                                                          n, int(d));
   }
   if (const char *e = launched()) return e;
   rms_norm_dw_kernel<<<blocks_for(d, 32), dim3(32, 8), 0, stream>>>(dw_part, dw, parts,

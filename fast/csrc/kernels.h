@@ -12,24 +12,27 @@ namespace mm {
 constexpr int64_t kRmsMaxDim = 1024;
 
 // y[N, d] (bf16) = bf16(w * (x * rstd)), rstd[N] = rsqrt(mean(x^2) + eps); x, w fp32.
-const char *rms_norm_fwd(const float *x, const float *w, void *y, float *rstd, int64_t n,
-                         int64_t d, float eps, cudaStream_t stream);
+// With a (bf16 [N, d], else null): x is first replaced by h = x + a, written to h_out (fp32).
+const char *rms_norm_fwd(const float *x, const void *a, const float *w, void *y, float *h_out,
+                         float *rstd, int64_t n, int64_t d, float eps, cudaStream_t stream);
 
 // Number of per-block partial rows of dw the backward writes (the size of `dw_part`'s first dim).
 int64_t rms_norm_bwd_parts(int64_t n);
 
 // dx[N, d] fp32 and dw[d] fp32 from gy[N, d] bf16; dw_part is scratch [parts, d] fp32.
+// gres (fp32 [N, d], or null) is added to dx (the residual stream's own gradient); da (bf16
+// [N, d], or null) receives bf16(dx), the gradient of the fused add's bf16 addend.
 const char *rms_norm_bwd(const float *x, const float *w, const float *rstd, const void *gy,
-                         float *dx, float *dw_part, float *dw, int64_t n, int64_t d,
-                         int64_t parts, cudaStream_t stream);
+                         const float *gres, float *dx, void *da, float *dw_part, float *dw,
+                         int64_t n, int64_t d, int64_t parts, cudaStream_t stream);
 
-// y[B, nh*n_rep, T, hd] (bf16, contiguous) from x[B, T, nh, hd] (bf16, strides sb, st, sh, 1):
+// y[B, T, nh*n_rep, hd] (bf16, contiguous) from x[B, T, nh, hd] (bf16, strides sb, st, sh, 1):
 // RoPE (rotate) or a plain copy, each head written to its n_rep query heads.
 const char *rope_fwd(const void *x, int64_t sb, int64_t st, int64_t sh, const float *cos,
                      const float *sin, void *y, int64_t b, int64_t t, int64_t nh, int64_t hd,
                      int64_t n_rep, bool rotate, cudaStream_t stream);
 
-// dx[B, T, nh, hd] (bf16, contiguous) from gy[B, nh*n_rep, T, hd] (bf16, contiguous).
+// dx[B, T, nh, hd] (bf16, contiguous) from gy[B, T, nh*n_rep, hd] (bf16, contiguous).
 const char *rope_bwd(const void *gy, const float *cos, const float *sin, void *dx, int64_t b,
                      int64_t t, int64_t nh, int64_t hd, int64_t n_rep, bool rotate,
                      cudaStream_t stream);

@@ -205,6 +205,32 @@ fn check_rms_norm(args: &KernelsArgs, device: Device) -> Result<bool> {
     )
 }
 
+/// The residual add fused into the norm: outputs h (fp32) and y (bf16), gradients for x (fp32),
+/// the branch output a (bf16) and w; the reference is `h = x + a` then the unfused norm.
+fn check_add_rms_norm(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let d = 512;
+    let x = Tensor::randn([args.rows, d], (Kind::Float, device)).set_requires_grad(true);
+    let a = Tensor::randn([args.rows, d], (Kind::BFloat16, device)).set_requires_grad(true);
+    let w = (Tensor::randn([d], (Kind::Float, device)) * 0.1 + 1.0).set_requires_grad(true);
+    check_op(
+        args,
+        device,
+        "add_norm",
+        &["h", "y"],
+        &["x", "a", "w"],
+        &[x, a, w],
+        &|l| {
+            let (h, y) = fused::add_rms_norm_bf16(&l[0], &l[1], &l[2], EPS)?;
+            Ok(vec![h, y])
+        },
+        &|l| {
+            let h = &l[0] + &l[1];
+            let y = crate::model::rms_norm(&h, &l[2], EPS).to_kind(Kind::BFloat16);
+            vec![h, y]
+        },
+    )
+}
+
 fn check_rope(args: &KernelsArgs, device: Device) -> Result<bool> {
     let (b, t, h, kv, hd) = ((args.rows / SEQ).max(1), SEQ, 8i64, 2i64, 64i64);
     let n_rep = h / kv;
@@ -230,10 +256,11 @@ fn check_rope(args: &KernelsArgs, device: Device) -> Result<bool> {
         &[qkv],
         &|l| {
             let (q, k, v) = split(l);
+            // The kernel writes [B, T, heads, hd]; attention reads its [B, heads, T, hd] view.
             Ok(vec![
-                fused::rope_heads(&q, &cos, &sin, 1, true)?,
-                fused::rope_heads(&k, &cos, &sin, n_rep, true)?,
-                fused::rope_heads(&v, &cos, &sin, n_rep, false)?,
+                fused::rope_heads(&q, &cos, &sin, 1, true)?.transpose(1, 2),
+                fused::rope_heads(&k, &cos, &sin, n_rep, true)?.transpose(1, 2),
+                fused::rope_heads(&v, &cos, &sin, n_rep, false)?.transpose(1, 2),
             ])
         },
         &|l| {
@@ -370,6 +397,7 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     );
     let mut ok = true;
     ok &= check_rms_norm(args, device)?;
+    ok &= check_add_rms_norm(args, device)?;
     ok &= check_rope(args, device)?;
     ok &= check_swiglu(args, device)?;
     if !args.skip_model {

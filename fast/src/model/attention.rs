@@ -97,10 +97,14 @@ impl Attention {
         let qkv = linear(&x, &w_qkv, compute).split_with_sizes([h * hd, kv * hd, kv * hd], -1);
         let heads = |z: &Tensor, nh: i64, rep: i64, rotate: bool| {
             let z = z.view([b, t, nh, hd]);
+            // [B, T, heads, hd] from the kernel, read as its [B, heads, T, hd] view: SDPA
+            // (cuDNN) then lays out its output and gradients the same way, so the output's
+            // transpose back to [B, T, d] below is a view, not a copy.
             super::fused::expect(
                 "rope_heads",
                 super::fused::rope_heads(&z, cos, sin, rep, rotate),
             )
+            .transpose(1, 2)
         };
         let q = heads(&qkv[0], h, 1, true);
         let k = heads(&qkv[1], kv, n_rep, true);

@@ -5,7 +5,9 @@
 //!
 //! - [`rms_norm_bf16`]: RMSNorm of the fp32 residual stream written straight to bf16 (norm + the
 //!   projection's cast), fp32 gradients back.
-//! - [`rope_heads`]: RoPE + `[B, T, nh, hd] -> [B, nh*n_rep, T, hd]` + repeat_kv in one pass
+//! - [`add_rms_norm_bf16`]: the residual add before a norm fused into it (h = x + a and the
+//!   norm of h in one pass; backward adds the residual stream's gradient in the same pass).
+//! - [`rope_heads`]: RoPE + `[B, T, nh, hd] -> [B, T, nh*n_rep, hd]` + repeat_kv in one pass
 //!   (or, without rotation, the layout change and repeat only: v).
 //! - [`swiglu`]: `silu(g) * u` over a merged `[g | u]` projection, rounding as autocast's
 //!   unfused ops do.
@@ -56,6 +58,14 @@ mod ffi {
             eps: f64,
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
+        pub fn mm_add_rms_norm_bf16(
+            x: *mut C_tensor,
+            a: *mut C_tensor,
+            w: *mut C_tensor,
+            eps: f64,
+            h: *mut *mut C_tensor,
+            y: *mut *mut C_tensor,
+        ) -> *mut c_char;
         pub fn mm_rope_heads(
             x: *mut C_tensor,
             cos: *mut C_tensor,
@@ -85,8 +95,20 @@ pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
+/// The residual add and the next norm in one kernel: x fp32, a bf16 (an attention or MLP output)
+/// `[..., d]` -> (h = x + a in fp32, [`rms_norm_bf16`] of h). Differentiable in x, a and w;
+/// backward sums h's two gradients (residual stream and norm) in the same pass.
+#[cfg(feature = "cuda")]
+pub fn add_rms_norm_bf16(x: &Tensor, a: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (mut h, mut y) = (std::ptr::null_mut(), std::ptr::null_mut());
+    crate::fused::check("add_rms_norm_bf16", unsafe {
+        ffi::mm_add_rms_norm_bf16(ptr(x), ptr(a), ptr(w), eps, &mut h, &mut y)
+    })?;
+    Ok(unsafe { (Tensor::from_ptr(h), Tensor::from_ptr(y)) })
+}
+
 /// x bf16 `[B, T, nh, hd]` (a view whose last dimension is contiguous, e.g. a split of a merged
-/// projection) -> bf16 `[B, nh*n_rep, T, hd]` contiguous, query head `h*n_rep + r` holding kv
+/// projection) -> bf16 `[B, T, nh*n_rep, hd]` contiguous, query head `h*n_rep + r` holding kv
 /// head h. With `rotate`, RoPE with fp32 tables cos/sin `[T, hd]` (computed in fp32, one
 /// rounding); without, a copy (v). hd a multiple of 16. Differentiable in x.
 #[cfg(feature = "cuda")]
@@ -111,6 +133,16 @@ pub fn swiglu(gu: &Tensor, f: i64) -> Result<Tensor> {
     let mut out = std::ptr::null_mut();
     crate::fused::check("swiglu", unsafe { ffi::mm_swiglu(ptr(gu), f, &mut out) })?;
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn add_rms_norm_bf16(
+    _x: &Tensor,
+    _a: &Tensor,
+    _w: &Tensor,
+    _eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    Err(unavailable("add_rms_norm_bf16"))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -141,7 +173,7 @@ pub fn swiglu(_gu: &Tensor, _f: i64) -> Result<Tensor> {
 
 /// Unwrap a fused op's result inside a forward that cannot return errors: its inputs were
 /// checked by the caller (kinds, device, shapes), so a failure here is a kernel or CUDA error.
-pub(crate) fn expect(what: &str, r: Result<Tensor>) -> Tensor {
+pub(crate) fn expect<T>(what: &str, r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("fused kernel {what}: {e:#}"))
 }
 

@@ -259,30 +259,37 @@ impl MiniMindForCausalLM {
         let (cos, sin) = self.rope_tables(t, device);
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         let mut aux = Tensor::zeros([], (upcast_kind(self.embed_tokens.kind()), device));
-        // Norms feeding projections may come out in bf16 straight from the fused kernel
-        // (`forward_for_matmul`); the MoE router reads its input's kind, so it keeps fp32.
+        // Each residual add happens in the norm that reads its sum (`add_forward_for_matmul`:
+        // one kernel with the fused path), so a branch's output waits in `pending` until then.
+        // Norms feeding projections may come out in bf16 straight from the fused kernel; the
+        // MoE router reads its input's kind, so it keeps the fp32 norm and a separate add.
+        let mut pending: Option<Tensor> = None;
         for layer in &self.layers {
-            let a = layer.self_attn.forward(
-                &layer.input_layernorm.forward_for_matmul(&x, self.compute),
-                &cos,
-                &sin,
-                self.compute,
-            );
-            let h = &x + a;
+            let (x1, n1) =
+                layer
+                    .input_layernorm
+                    .add_forward_for_matmul(&x, pending.take(), self.compute);
+            let a = layer.self_attn.forward(&n1, &cos, &sin, self.compute);
             let norm2 = &layer.post_attention_layernorm;
             let f = match &layer.mlp {
                 FeedForward::Dense(m) => {
-                    m.forward_fused(&norm2.forward_for_matmul(&h, self.compute), self.compute)
+                    let (h, n2) = norm2.add_forward_for_matmul(&x1, Some(a), self.compute);
+                    x = h;
+                    m.forward_fused(&n2, self.compute)
                 }
                 FeedForward::Moe(m) => {
-                    let (f, layer_aux) = m.forward(&norm2.forward(&h), self.compute);
+                    x = &x1 + a;
+                    let (f, layer_aux) = m.forward(&norm2.forward(&x), self.compute);
                     aux = aux + layer_aux;
                     f
                 }
             };
-            x = h + f;
+            pending = Some(f);
         }
-        (self.norm.forward_for_matmul(&x, self.compute), aux)
+        let (_, y) = self
+            .norm
+            .add_forward_for_matmul(&x, pending.take(), self.compute);
+        (y, aux)
     }
 }
 

@@ -44,6 +44,39 @@ impl RmsNorm {
         }
         self.forward(x)
     }
+
+    /// `h = x + a` (a residual branch's output, when there is one) and the norm of h for the
+    /// projections: `(h, norm)`. With the fused kernels and a bf16 branch output the add happens
+    /// inside the norm's kernel (and its backward adds h's two gradients in the same pass).
+    pub fn add_forward_for_matmul(
+        &self,
+        x: &Tensor,
+        a: Option<Tensor>,
+        compute: Kind,
+    ) -> (Tensor, Tensor) {
+        let Some(a) = a else {
+            return (x.shallow_clone(), self.forward_for_matmul(x, compute));
+        };
+        let d = self.weight.size().first().copied().unwrap_or(0);
+        if compute == Kind::BFloat16
+            && x.kind() == Kind::Float
+            && a.kind() == Kind::BFloat16
+            && x.size() == a.size()
+            && self.weight.kind() == Kind::Float
+            && x.device().is_cuda()
+            && d % 8 == 0
+            && d <= 1024
+            && super::fused::enabled()
+        {
+            return super::fused::expect(
+                "add_rms_norm_bf16",
+                super::fused::add_rms_norm_bf16(x, &a, &self.weight, self.eps),
+            );
+        }
+        let h = x + a;
+        let y = self.forward_for_matmul(&h, compute);
+        (h, y)
+    }
 }
 
 /// Whether fp32 inputs on CUDA take libtorch's `rms_norm` (one fused kernel forward and one
