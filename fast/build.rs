@@ -148,9 +148,10 @@ fn cuda_paths() -> (
     (lib, includes, cu13)
 }
 
-/// fast/csrc/kernels.cu (fused RMSNorm->bf16, RoPE + head layout, SwiGLU; compiled by nvcc for
-/// sm_90) and fast/csrc/fused_ops.cpp (their autograd functions and C entry points). Only with
-/// `--features cuda`.
+/// fast/csrc/kernels.cu (fused RMSNorm->bf16, RoPE + head layout, SwiGLU) and
+/// fast/csrc/cross_entropy.cu (fused cross-entropy forward + backward), each compiled by nvcc for
+/// sm_90 to an object, and fast/csrc/fused_ops.cpp (their autograd functions and C entry points).
+/// Only with `--features cuda`.
 ///
 /// nvcc comes from the virtualenv's CUDA pip packages (`make setup-cuda`, which pins nvcc's
 /// compiler front end nvidia-nvvm and nvidia-cuda-crt to the 13.0 release of nvcc and ptxas: left
@@ -163,7 +164,12 @@ fn cuda_paths() -> (
 /// verbatim link name, and binaries get an rpath to that directory (`link_libtorch`, beside the
 /// one to libtorch's lib dir), so they still run with only torch's lib dir on LD_LIBRARY_PATH.
 fn build_fused_kernels() {
-    for f in ["csrc/kernels.cu", "csrc/kernels.h", "csrc/fused_ops.cpp"] {
+    for f in [
+        "csrc/kernels.cu",
+        "csrc/cross_entropy.cu",
+        "csrc/kernels.h",
+        "csrc/fused_ops.cpp",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -178,29 +184,36 @@ fn build_fused_kernels() {
             nvcc.display()
         );
     }
-    let obj = out.join("kernels.o");
-    let output = std::process::Command::new(&nvcc)
-        .args(["-c", "csrc/kernels.cu", "-o"])
-        .arg(&obj)
-        // No --use_fast_math: expf, division and rsqrtf stay the IEEE-accurate versions
-        // libtorch's own kernels use, so outputs match the unfused path.
-        .args(["-arch=sm_90", "-O3", "-std=c++17", "-Xcompiler", "-fPIC"])
-        .arg(format!("-I{}", cu13.join("include").display()))
-        .arg("-isystem")
-        .arg(cu13.join("include/cccl"))
-        .output()
-        .unwrap_or_else(|e| panic!("feature cuda: cannot run {}: {e}", nvcc.display()));
-    if !output.status.success() {
-        panic!(
-            "feature cuda: nvcc failed on csrc/kernels.cu:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    let objs: Vec<std::path::PathBuf> = ["kernels", "cross_entropy"]
+        .iter()
+        .map(|name| {
+            let src = format!("csrc/{name}.cu");
+            let obj = out.join(format!("{name}.o"));
+            let output = std::process::Command::new(&nvcc)
+                .args(["-c", &src, "-o"])
+                .arg(&obj)
+                // No --use_fast_math: expf, logf, division and rsqrtf stay the IEEE-accurate
+                // versions libtorch's own kernels use, so outputs match the unfused path.
+                .args(["-arch=sm_90", "-O3", "-std=c++17", "-Xcompiler", "-fPIC"])
+                .arg(format!("-I{}", cu13.join("include").display()))
+                .arg("-isystem")
+                .arg(cu13.join("include/cccl"))
+                .output()
+                .unwrap_or_else(|e| panic!("feature cuda: cannot run {}: {e}", nvcc.display()));
+            if !output.status.success() {
+                panic!(
+                    "feature cuda: nvcc failed on {src}:\n{}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            obj
+        })
+        .collect();
     cc::Build::new()
         .cpp(true)
         .file("csrc/fused_ops.cpp")
-        .object(&obj)
+        .objects(&objs)
         .includes(&includes)
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")

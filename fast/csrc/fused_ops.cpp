@@ -1,6 +1,8 @@
 // The fused CUDA kernels of kernels.cu as autograd functions (torch::autograd::Function), so the
 // model's tensors flow through them under libtorch's autograd like any aten op: forward saves
-// what backward needs, backward launches the backward kernels. Exposed to Rust through C entry
+// what backward needs, backward launches the backward kernels. The fused cross-entropy of
+// cross_entropy.cu is a plain function instead (forward and backward in one kernel, outside
+// autograd: the training step calls it under no_grad and does the lm_head's matmuls itself). Exposed to Rust through C entry
 // points in ops.cpp's style: never throw into Rust, return nullptr or a malloc'd message (freed
 // with mm_free_error from ops.cpp).
 //
@@ -8,6 +10,7 @@
 // autograd engine's stream handling see them as ordinary kernels.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -258,6 +261,36 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   }
 };
 
+// logits [N, V] bf16 (contiguous, not requiring grad) are overwritten with the bf16 gradient of
+// `seed * sum of the rows' cross-entropy` (labels int64 [N], -100 ignored; seed one fp32 on the
+// device); returns that sum (unscaled) as an fp32 0-dim tensor. Per-row losses go to an [N]
+// buffer summed by libtorch: deterministic, no atomics.
+at::Tensor ce_fwd_bwd(const at::Tensor &logits, const at::Tensor &labels, const at::Tensor &seed) {
+  const char *op = "ce_fwd_bwd";
+  check_cuda(logits, at::kBFloat16, op, "logits");
+  check_cuda(labels, at::kLong, op, "labels");
+  check_cuda(seed, at::kFloat, op, "seed");
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.is_contiguous(), op,
+              ": logits must be contiguous (the gradient is written over them in place)");
+  TORCH_CHECK(!logits.requires_grad(), op,
+              ": logits must not require grad (the gradient is written over them in place)");
+  const int64_t n = logits.size(0), v = logits.size(1);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n, op, ": labels must be [", n, "], got ",
+              labels.sizes());
+  TORCH_CHECK(seed.numel() == 1, op, ": seed must hold one value, got ", seed.sizes());
+  TORCH_CHECK(labels.device() == logits.device() && seed.device() == logits.device(), op,
+              ": logits, labels and seed must be on one device");
+  TORCH_CHECK(n <= INT32_MAX, op, ": at most ", INT32_MAX, " rows, got ", n);
+  c10::DeviceGuard guard(logits.device());
+  at::Tensor lb = labels.contiguous(), sd = seed.contiguous();
+  at::Tensor row_loss = at::empty({n}, logits.options().dtype(at::kFloat));
+  launched(mm::ce_fwd_bwd(logits.data_ptr(), lb.data_ptr<int64_t>(), sd.data_ptr<float>(),
+                          row_loss.data_ptr<float>(), n, v, stream_of(logits)),
+           op);
+  return at::sum(row_loss);
+}
+
 char *error(const char *what) {
   char *s = static_cast<char *>(std::malloc(std::strlen(what) + 1));
   std::strcpy(s, what);
@@ -303,6 +336,11 @@ char *mm_rope_heads(at::Tensor *x, at::Tensor *cos, at::Tensor *sin, int64_t n_r
 
 char *mm_swiglu(at::Tensor *gu, int64_t f, at::Tensor **out) {
   return guard([&] { *out = new at::Tensor(SwiGlu::apply(*gu, f)); });
+}
+
+char *mm_ce_fwd_bwd(at::Tensor *logits, at::Tensor *labels, at::Tensor *seed,
+                    at::Tensor **loss_sum) {
+  return guard([&] { *loss_sum = new at::Tensor(ce_fwd_bwd(*logits, *labels, *seed)); });
 }
 
 }

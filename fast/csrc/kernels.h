@@ -1,4 +1,4 @@
-// Host launchers of the fused CUDA kernels in kernels.cu (compiled by nvcc). Raw pointers only, so
+// Host launchers of the fused CUDA kernels in kernels.cu and cross_entropy.cu (compiled by nvcc). Raw pointers only, so
 // fused_ops.cpp (compiled by the host compiler against libtorch) needs no CUDA device headers.
 // bf16 buffers are passed as void*. Every launcher enqueues on `stream` and returns nullptr, or
 // the CUDA error string of the launch.
@@ -43,5 +43,12 @@ const char *swiglu_fwd(const void *gu, void *h, int64_t n, int64_t f, cudaStream
 // dgu[N, 2F] = [dg | du] from gu[N, 2F] and dh[N, F] (bf16, contiguous).
 const char *swiglu_bwd(const void *gu, const void *dh, void *dgu, int64_t n, int64_t f,
                        cudaStream_t stream);
+
+// Cross-entropy forward + backward over logits[N, V] (bf16, contiguous), in place: row_loss[N]
+// (fp32) = lse(x) - x[label], and each row of logits becomes bf16((softmax(x) - onehot(label)) *
+// *seed). Rows whose label is not in [0, V) (ignore_index -100, or out of range) get loss 0 and a
+// zero gradient. labels int64 [N], seed one fp32 on the device.
+const char *ce_fwd_bwd(void *logits, const int64_t *labels, const float *seed, float *row_loss,
+                       int64_t n, int64_t v, cudaStream_t stream);
 
 }  // namespace mm

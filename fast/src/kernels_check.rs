@@ -5,10 +5,15 @@
 //! positions, d 512, 8 heads / 2 kv heads of 64, FFN 1408): the forward outputs and the
 //! gradients of every input (under a random upstream gradient) of the fused op are compared with
 //! the same math done by libtorch ops under autograd (the model's own unfused functions), then
-//! forward + backward of each is timed (device-synchronised, `--iters` after `--warmup`). Last,
-//! the whole model (forward, lm_head, cross-entropy, backward) runs with the fused path off and
-//! on in one process: loss, final hidden state and every parameter gradient are compared and
-//! both steps timed.
+//! forward + backward of each is timed (device-synchronised, `--iters` after `--warmup`). The
+//! fused cross-entropy (forward and backward in one kernel, in place over bf16 logits `[4096,
+//! 6400]`, one lm_head chunk) is compared with libtorch's fp32 cross-entropy under autograd.
+//! Then the whole model (forward, lm_head, cross-entropy, backward) runs with the fused path off
+//! and on in one process: loss, final hidden state and every parameter gradient are compared and
+//! both steps timed. Last, the training step itself (`Trainer::micro_step`, bf16, chunked
+//! lm_head) runs unfused, with the fused kernels but autograd's cross-entropy, and fully fused
+//! (the fused cross-entropy included): losses and every parameter gradient compared, each timed,
+//! with its peak memory.
 //!
 //! Tolerances are norm-wise, `||fused - ref|| / ||ref||`: bf16 results may differ by one bf16
 //! ulp in some elements (the fused kernels round once where the unfused ops round after each op,
@@ -22,6 +27,8 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::model::{fused, named_parameters, MiniMindForCausalLM};
+use crate::precision::Precision;
+use crate::step::{Trainer, TrainerConfig};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct KernelsArgs {
@@ -37,7 +44,7 @@ pub struct KernelsArgs {
     /// Untimed iterations before timing.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    /// Skip the whole-model comparison.
+    /// Skip the whole-model and training-step comparisons.
     #[arg(long)]
     pub skip_model: bool,
     #[arg(long, default_value_t = 0)]
@@ -369,6 +376,235 @@ fn check_model(args: &KernelsArgs, device: Device) -> Result<bool> {
     Ok(ok)
 }
 
+/// Index of a CUDA device (0 otherwise).
+fn cuda_index(device: Device) -> usize {
+    match device {
+        Device::Cuda(i) => i,
+        _ => 0,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn reset_peak(device: Device) {
+    crate::cuda_graph::reset_peak_memory(cuda_index(device));
+}
+
+/// Peak allocated GiB since the last [`reset_peak`].
+#[cfg(feature = "cuda")]
+fn peak_gib(device: Device) -> f64 {
+    crate::cuda_graph::peak_memory(cuda_index(device)).0 as f64 / (1u64 << 30) as f64
+}
+
+#[cfg(not(feature = "cuda"))]
+fn reset_peak(_device: Device) {}
+
+#[cfg(not(feature = "cuda"))]
+fn peak_gib(_device: Device) -> f64 {
+    f64::NAN
+}
+
+/// Prints a loss comparison line; true when the relative difference is within `tol`.
+fn report_loss(case: &str, what: &str, fused: f64, reference: f64, tol: f64) -> bool {
+    let rel = (fused - reference).abs() / reference.abs().max(f64::MIN_POSITIVE);
+    let ok = rel <= tol;
+    println!(
+        "{case:<10} {what:<8} fused {fused:.6}  unfused {reference:.6}  rel {rel:.3e}  tol {tol:.0e}  {}",
+        if ok { "ok" } else { "FAIL" }
+    );
+    ok
+}
+
+/// The fused cross-entropy over one lm_head chunk (bf16 logits `[4096, 6400]`, about 10% of the
+/// labels ignored, labels 0 and V-1 present) against libtorch: `cross_entropy(logits.float(),
+/// Sum, ignore -100) * seed` under autograd, the gradient cast back to bf16 as the lm_head's
+/// cast-backward does.
+fn check_cross_entropy(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let (n, v) = (4096i64, 6400i64);
+    let logits = (Tensor::randn([n, v], (Kind::Float, device)) * 3.0).to_kind(Kind::BFloat16);
+    let ignored = Tensor::rand([n], (Kind::Float, device)).lt(0.1);
+    let labels = Tensor::randint(v, [n], (Kind::Int64, device)).masked_fill(&ignored, -100);
+    let _ = labels.get(0).fill_(0);
+    let _ = labels.get(1).fill_(v - 1);
+    // A positive scale of the order the step uses (1 / counted labels, times the weight).
+    let seed = (Tensor::rand([], (Kind::Float, device)) + 0.5) * 1e-3;
+    let reference = |x: &Tensor| -> (Tensor, Tensor) {
+        let leaf = x.detach().set_requires_grad(true);
+        let loss = leaf.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+            &labels,
+            None,
+            tch::Reduction::Sum,
+            crate::loss::IGNORE_INDEX,
+            0.0,
+        );
+        let g = Tensor::run_backward(&[&loss * &seed], &[&leaf], false, false);
+        (loss.detach(), g[0].shallow_clone())
+    };
+    let (loss_r, grad_r) = reference(&logits);
+    let grad_f = logits.copy();
+    let loss_f = fused::cross_entropy_bf16(&grad_f, &labels, &seed)?;
+    let mut ok = true;
+    ok &= report_loss(
+        "cross_ent",
+        "loss",
+        scalar(loss_f.shallow_clone()),
+        scalar(loss_r),
+        1e-5,
+    );
+    if grad_f.kind() != grad_r.kind() || loss_f.kind() != Kind::Float || loss_f.dim() != 0 {
+        println!(
+            "cross_ent  kinds    FAIL: gradient {:?} (reference {:?}), loss {:?} of {} dims",
+            grad_f.kind(),
+            grad_r.kind(),
+            loss_f.kind(),
+            loss_f.dim()
+        );
+        ok = false;
+    }
+    ok &= report("cross_ent", "dlogits", &diff(&grad_f, &grad_r), 1e-2);
+    // Labels outside [0, V) other than -100 count as ignored: loss 0, gradient 0.
+    let bad = logits.narrow(0, 0, 3).copy();
+    let bad_labels = Tensor::from_slice(&[v, -7, 5]).to_device(device);
+    let bad_loss = scalar(fused::cross_entropy_bf16(&bad, &bad_labels, &seed)?);
+    // Only the third row (label 5) counts.
+    let ref_loss = scalar(
+        logits
+            .narrow(0, 2, 1)
+            .to_kind(Kind::Float)
+            .cross_entropy_loss::<Tensor>(
+                &bad_labels.narrow(0, 2, 1),
+                None,
+                tch::Reduction::Sum,
+                crate::loss::IGNORE_INDEX,
+                0.0,
+            ),
+    );
+    let bad_zero = scalar(bad.narrow(0, 0, 2).abs().sum(Kind::Float)) == 0.0;
+    let bad_ok = bad_zero && (bad_loss - ref_loss).abs() <= 1e-5 * ref_loss.abs();
+    println!(
+        "cross_ent  range    labels V and -7 ignored (zero gradient {bad_zero}, loss {bad_loss:.6} vs {ref_loss:.6})  {}",
+        if bad_ok { "ok" } else { "FAIL" }
+    );
+    ok &= bad_ok;
+    drop((grad_f, grad_r, bad));
+    // In place: later iterations run on the previous one's gradient, the same work.
+    let buf = logits.copy();
+    let tf = time_ms(device, args.warmup, args.iters, || {
+        let _ = fused::cross_entropy_bf16(&buf, &labels, &seed)?;
+        Ok(())
+    })?;
+    let tr = time_ms(device, args.warmup, args.iters, || {
+        let _ = reference(&logits);
+        Ok(())
+    })?;
+    println!(
+        "cross_ent  fwd+bwd  fused {tf:.3} ms  unfused {tr:.3} ms  speedup {:.2}x  (N {n}, V {v})",
+        tr / tf
+    );
+    Ok(ok)
+}
+
+/// One micro-step from zeroed gradients, the fused kernels and the fused cross-entropy each on
+/// or off: (loss, copies of every parameter gradient).
+fn micro_step_with(
+    tr: &mut Trainer,
+    ids: &Tensor,
+    labels: &Tensor,
+    kernels: bool,
+    ce: bool,
+) -> Result<(f64, Vec<Tensor>)> {
+    fused::set_enabled(kernels);
+    tr.fused_ce = ce;
+    let _ = tr.flat_grads.f_zero_()?;
+    let out = tr.micro_step(ids, labels, 1.0)?;
+    let grads = tr.grads().iter().map(|g| g.copy()).collect();
+    Ok((scalar(out.loss), grads))
+}
+
+/// Worst norm-wise relative difference over the parameters' gradients: (name, norm_rel).
+fn worst_grad(names: &[String], a: &[Tensor], b: &[Tensor]) -> (String, f64) {
+    let mut worst = (String::new(), 0.0f64);
+    for ((name, x), y) in names.iter().zip(a).zip(b) {
+        let d = diff(x, y);
+        if !(d.norm_rel <= worst.1) {
+            worst = (name.clone(), d.norm_rel);
+        }
+    }
+    worst
+}
+
+/// The training step, `Trainer::micro_step` at bf16 (26M model, chunked lm_head, ~10% of the
+/// labels ignored), on one set of weights and one batch: unfused; fused kernels with autograd's
+/// cross-entropy; fully fused. The fused cross-entropy is held to the model tolerances against
+/// both; the run-to-run noise of the unfused cross-entropy (attention's backward is not
+/// bitwise deterministic) is printed beside.
+fn check_step(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let cfg = ModelConfig::minimind_26m();
+    let (b, t) = ((args.rows / SEQ).max(1), SEQ);
+    let tc = TrainerConfig {
+        precision: Precision::Bf16,
+        device,
+        seed: args.seed + 2,
+        ..Default::default()
+    };
+    let mut tr = Trainer::new(&cfg, tc)?;
+    let names: Vec<String> = tr.params.iter().map(|(n, _)| n.clone()).collect();
+    let v = cfg.vocab_size as i64;
+    let ids = Tensor::randint(v, [b, t], (Kind::Int64, device));
+    let ignored = Tensor::rand([b, t], (Kind::Float, device)).lt(0.1);
+    let labels = ids.masked_fill(&ignored, crate::loss::IGNORE_INDEX);
+    let (loss_u, g_u) = micro_step_with(&mut tr, &ids, &labels, false, false)?;
+    let (loss_k, g_k) = micro_step_with(&mut tr, &ids, &labels, true, false)?;
+    let (loss_k2, g_k2) = micro_step_with(&mut tr, &ids, &labels, true, false)?;
+    let (loss_f, g_f) = micro_step_with(&mut tr, &ids, &labels, true, true)?;
+    let mut ok = true;
+    let noise = worst_grad(&names, &g_k2, &g_k);
+    println!(
+        "step       noise    kernels on, autograd CE twice: loss rel {:.3e}, worst grad norm_rel {:.3e} ({})",
+        (loss_k2 - loss_k).abs() / loss_k.abs().max(f64::MIN_POSITIVE),
+        noise.1,
+        noise.0
+    );
+    let mut compare = |what: &str, loss_a: f64, loss_b: f64, a: &[Tensor], b: &[Tensor]| {
+        ok &= report_loss("step", "loss", loss_a, loss_b, 1e-3);
+        let worst = worst_grad(&names, a, b);
+        let grads_ok = worst.1 <= 5e-2;
+        println!(
+            "step       grads    {what}: worst norm_rel {:.3e} ({})  tol 5e-2  {}",
+            worst.1,
+            worst.0,
+            if grads_ok { "ok" } else { "FAIL" }
+        );
+        ok &= grads_ok;
+    };
+    println!("step       fused CE vs autograd CE (fused kernels on in both):");
+    compare("fused CE vs autograd CE", loss_f, loss_k, &g_f, &g_k);
+    println!("step       all fused vs all unfused:");
+    compare("all fused vs unfused", loss_f, loss_u, &g_f, &g_u);
+    drop((g_u, g_k, g_k2, g_f));
+    for (label, kernels, ce) in [
+        ("unfused", false, false),
+        ("kernels", true, false),
+        ("kernels+ce", true, true),
+    ] {
+        fused::set_enabled(kernels);
+        tr.fused_ce = ce;
+        let ms = time_ms(device, args.warmup, args.iters, || {
+            tr.micro_step(&ids, &labels, 1.0)?;
+            Ok(())
+        })?;
+        tch::Cuda::synchronize(cuda_index(device) as i64);
+        reset_peak(device);
+        tr.micro_step(&ids, &labels, 1.0)?;
+        tch::Cuda::synchronize(cuda_index(device) as i64);
+        println!(
+            "step       {label:<10} micro_step {ms:.3} ms  peak {:.3} GiB  (B {b}, T {t})",
+            peak_gib(device)
+        );
+    }
+    let _ = tr.flat_grads.f_zero_()?;
+    Ok(ok)
+}
+
 pub fn run(args: &KernelsArgs) -> Result<()> {
     if !cfg!(feature = "cuda") {
         eprintln!("fast kernels: this binary was built without --features cuda (no fused kernels)");
@@ -400,8 +636,10 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     ok &= check_add_rms_norm(args, device)?;
     ok &= check_rope(args, device)?;
     ok &= check_swiglu(args, device)?;
+    ok &= check_cross_entropy(args, device)?;
     if !args.skip_model {
         ok &= check_model(args, device)?;
+        ok &= check_step(args, device)?;
     }
     if !ok {
         println!("fast kernels: FAILED");

@@ -99,6 +99,12 @@ pub struct Trainer {
     /// Every parameter's `.grad` is a view into this one contiguous buffer (name order), so a
     /// data-parallel all-reduce and its rank-mean scaling are one call each, with no copies.
     pub flat_grads: Tensor,
+    /// Whether `micro_step` may take the fused cross-entropy path (explicit lm_head matmuls around
+    /// one CUDA kernel, `fused::cross_entropy_bf16`, instead of autograd over fp32 logits). It is
+    /// taken only where it applies: bf16 compute and a bf16 hidden state on CUDA (the fused final
+    /// RMSNorm writes it). Defaults to `fused::enabled()` (`--features cuda`, `MM_FUSED_KERNELS`
+    /// not `0`); `fast kernels` flips it to compare both paths in one process.
+    pub fused_ce: bool,
 }
 
 impl Trainer {
@@ -140,6 +146,7 @@ impl Trainer {
             nonfinite: None,
             loss_chunk_rows: loss_chunk_rows(),
             flat_grads,
+            fused_ce: crate::model::fused::enabled(),
         })
     }
 
@@ -176,7 +183,8 @@ impl Trainer {
     /// log-softmax and its gradient) never exist whole: at batch 128 x 340 that is about 3 GB
     /// less. The chunks' gradients meet in a detached copy of the final hidden state, which then
     /// backpropagates through the model together with the aux loss. Same loss and gradients as
-    /// one pass, up to the order of the sums.
+    /// one pass, up to the order of the sums. On the fused path ([`Trainer::fused_ce`]) each
+    /// chunk's head and loss run without autograd: bf16 logits, one kernel for loss and gradient.
     pub fn micro_step(
         &mut self,
         input_ids: &Tensor,
@@ -217,30 +225,65 @@ impl Trainer {
         };
         let rows = b * t;
         let chunk = self.loss_chunk_rows.unwrap_or(rows).max(1);
-        // Each chunk is a leaf whose .grad is a view into g: the chunks' backward writes the
-        // gradient of the hidden state in place, with no full-size temporary per chunk.
         let g = hs.zeros_like();
         let h_det = hs.detach();
         let mut ce_sum = Tensor::zeros([], (k, h.device()));
+        let fused_ce = self.fused_ce
+            && h.device().is_cuda()
+            && h.kind() == tch::Kind::BFloat16
+            && self.model.compute == tch::Kind::BFloat16
+            && k == tch::Kind::Float;
         let mut start = 0;
-        while start < rows {
-            let n = chunk.min(rows - start);
-            let leaf = h_det.narrow(0, start, n).detach().set_requires_grad(true);
-            crate::fused::set_grad(&leaf, &g.narrow(0, start, n))?;
-            let logits = self.model.lm_head(&leaf);
-            let lg = crate::model::to_kind(&logits, k);
-            let part = lg.cross_entropy_loss::<Tensor>(
-                &lb.narrow(0, start, n),
-                None,
-                tch::Reduction::Sum,
-                crate::loss::IGNORE_INDEX,
-                0.0,
-            );
-            (&part * &seed)
-                .f_backward()
-                .context("backward of the loss")?;
-            ce_sum = ce_sum + part.detach();
-            start += n;
+        if fused_ce {
+            // The head's forward and backward by hand, chunk by chunk: logits = h_c W^T (bf16, as
+            // lm_head's linear), one kernel for the loss and the bf16 gradient of the logits
+            // (written over them), then the two matmuls of the linear's backward, as autograd
+            // runs them: dh_c = dlogits W into g, dW = dlogits^T h_c accumulated in place into
+            // the tied embedding's fp32 .grad (a view into flat_grads). No fp32 logits, no
+            // log-softmax kept, no autograd graph.
+            let _guard = tch::no_grad_guard();
+            let w = self.model.embed_tokens.to_kind(tch::Kind::BFloat16);
+            let wt = w.tr();
+            let mut gw = self.model.embed_tokens.grad();
+            while start < rows {
+                let n = chunk.min(rows - start);
+                let hc = h_det.narrow(0, start, n);
+                let logits = hc.matmul(&wt);
+                let part = crate::model::fused::cross_entropy_bf16(
+                    &logits,
+                    &lb.narrow(0, start, n),
+                    &seed,
+                )
+                .context("fused cross-entropy")?;
+                let _ = g.narrow(0, start, n).f_copy_(&logits.matmul(&w))?;
+                // bf16 [V, d] added into fp32 in one kernel (libtorch casts on the fly: the
+                // values autograd's cast-backward and accumulation give).
+                let _ = gw.f_add_(&logits.tr().matmul(&hc))?;
+                ce_sum = ce_sum + part;
+                start += n;
+            }
+        } else {
+            // Each chunk is a leaf whose .grad is a view into g: the chunks' backward writes the
+            // gradient of the hidden state in place, with no full-size temporary per chunk.
+            while start < rows {
+                let n = chunk.min(rows - start);
+                let leaf = h_det.narrow(0, start, n).detach().set_requires_grad(true);
+                crate::fused::set_grad(&leaf, &g.narrow(0, start, n))?;
+                let logits = self.model.lm_head(&leaf);
+                let lg = crate::model::to_kind(&logits, k);
+                let part = lg.cross_entropy_loss::<Tensor>(
+                    &lb.narrow(0, start, n),
+                    None,
+                    tch::Reduction::Sum,
+                    crate::loss::IGNORE_INDEX,
+                    0.0,
+                );
+                (&part * &seed)
+                    .f_backward()
+                    .context("backward of the loss")?;
+                ce_sum = ce_sum + part.detach();
+                start += n;
+            }
         }
         let aux = aux.to_kind(k);
         // Through the model, in one pass: the chunks' gradient into h, plus the aux loss.

@@ -11,6 +11,9 @@
 //!   (or, without rotation, the layout change and repeat only: v).
 //! - [`swiglu`]: `silu(g) * u` over a merged `[g | u]` projection, rounding as autocast's
 //!   unfused ops do.
+//! - [`cross_entropy_bf16`]: the chunked lm_head's cross-entropy forward and backward in one
+//!   kernel (fast/csrc/cross_entropy.cu) over bf16 logits, the bf16 gradient written over them;
+//!   not an autograd function: the training step calls it under no_grad (step.rs).
 //!
 //! Used on CUDA when built with `--features cuda` and `MM_FUSED_KERNELS` is not `0`; the
 //! libtorch path stays the CPU path and the fallback. Without the feature the functions return
@@ -75,6 +78,12 @@ mod ffi {
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
         pub fn mm_swiglu(gu: *mut C_tensor, f: i64, out: *mut *mut C_tensor) -> *mut c_char;
+        pub fn mm_ce_fwd_bwd(
+            logits: *mut C_tensor,
+            labels: *mut C_tensor,
+            seed: *mut C_tensor,
+            loss_sum: *mut *mut C_tensor,
+        ) -> *mut c_char;
     }
 }
 
@@ -135,6 +144,24 @@ pub fn swiglu(gu: &Tensor, f: i64) -> Result<Tensor> {
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
+/// Cross-entropy forward and backward in one pass over `logits` bf16 `[N, V]` (contiguous, not
+/// requiring grad), labels int64 `[N]` (-100 ignored), `seed` an fp32 scalar on the device.
+/// Returns the sum of the rows' losses (fp32 0-dim, unscaled) and overwrites `logits` **in place**
+/// with the bf16 gradient of `seed * that sum`: `bf16((softmax(x) - onehot(label)) * seed)` per
+/// counted row, zeros for ignored rows. What autograd gives for `cross_entropy(logits.float(),
+/// labels, Sum, -100) * seed` and the cast back to bf16, up to the order of fp32 sums. A label
+/// outside `[0, V)` other than -100 counts as ignored (libtorch raises a device-side assert
+/// there; the kernel cannot report it without a host synchronisation). No host synchronisation,
+/// so it can be captured in a CUDA graph.
+#[cfg(feature = "cuda")]
+pub fn cross_entropy_bf16(logits: &Tensor, labels: &Tensor, seed: &Tensor) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    crate::fused::check("cross_entropy_bf16", unsafe {
+        ffi::mm_ce_fwd_bwd(ptr(logits), ptr(labels), ptr(seed), &mut out)
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
 #[cfg(not(feature = "cuda"))]
 pub fn add_rms_norm_bf16(
     _x: &Tensor,
@@ -169,6 +196,11 @@ pub fn rope_heads(
 #[cfg(not(feature = "cuda"))]
 pub fn swiglu(_gu: &Tensor, _f: i64) -> Result<Tensor> {
     Err(unavailable("swiglu"))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cross_entropy_bf16(_logits: &Tensor, _labels: &Tensor, _seed: &Tensor) -> Result<Tensor> {
+    Err(unavailable("cross_entropy_bf16"))
 }
 
 /// Unwrap a fused op's result inside a forward that cannot return errors: its inputs were
