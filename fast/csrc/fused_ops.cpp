@@ -220,9 +220,85 @@ struct RopeHeads : public torch::autograd::Function<RopeHeads> {
     at::Tensor gy = dense(grads[0]);
     at::Tensor dx = at::empty({b, t, nh, hd}, gy.options());
     launched(mm::rope_bwd(gy.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(), dx.data_ptr(),
-                          b, t, nh, hd, n_rep, rotate, stream_of(c)),
+                          nh * hd, b, t, nh, hd, n_rep, rotate, stream_of(c)),
              op);
     return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// The merged projection qkv [B, T, (H + 2 KV) hd] bf16 -> q, k, v [B, T, H, hd] bf16 contiguous:
+// RopeHeads on its three column blocks (q: RoPE; k: RoPE + repeat_kv; v: repeat_kv) as one
+// autograd node, whose backward writes the three gradients straight into one [B, T, (H+2KV) hd]
+// tensor (three RopeHeads on split views would meet in a cat: one more pass over it).
+struct QkvHeads : public torch::autograd::Function<QkvHeads> {
+  static variable_list forward(AutogradContext *ctx, const at::Tensor &qkv, const at::Tensor &cos,
+                               const at::Tensor &sin, int64_t heads, int64_t kv_heads) {
+    const char *op = "qkv_heads";
+    check_cuda(qkv, at::kBFloat16, op, "qkv");
+    check_cuda(cos, at::kFloat, op, "cos");
+    check_cuda(sin, at::kFloat, op, "sin");
+    TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be [B, T, (heads + 2 kv_heads) head_dim], got ",
+                qkv.sizes());
+    TORCH_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0, op, ": ", heads,
+                " heads are not a multiple of ", kv_heads, " kv heads");
+    const int64_t b = qkv.size(0), t = qkv.size(1), hd = cos.size(-1);
+    const int64_t ld = (heads + 2 * kv_heads) * hd, n_rep = heads / kv_heads;
+    TORCH_CHECK(qkv.size(2) == ld, op, ": qkv's last dimension must be (", heads, " + 2 x ",
+                kv_heads, ") x ", hd, " = ", ld, ", got ", qkv.size(2));
+    TORCH_CHECK(hd % 16 == 0, op, ": head_dim must be a multiple of 16, got ", hd);
+    TORCH_CHECK(cos.dim() == 2 && cos.size(0) == t && sin.sizes() == cos.sizes(), op,
+                ": cos/sin must be [T, head_dim] = [", t, ", ", hd, "], got ", cos.sizes(),
+                " and ", sin.sizes());
+    TORCH_CHECK(cos.device() == qkv.device() && sin.device() == qkv.device(), op,
+                ": qkv, cos and sin must be on one device");
+    c10::DeviceGuard guard(qkv.device());
+    at::Tensor x = dense(qkv), c = dense(cos), s = dense(sin);
+    const auto *base = static_cast<const char *>(x.data_ptr());
+    const int64_t esz = 2;  // bf16
+    variable_list out;
+    const int64_t nhs[3] = {heads, kv_heads, kv_heads}, reps[3] = {1, n_rep, n_rep};
+    int64_t col = 0;
+    for (int i = 0; i < 3; ++i) {
+      at::Tensor y = at::empty({b, t, heads, hd}, x.options());
+      launched(mm::rope_fwd(base + col * esz, t * ld, ld, hd, c.data_ptr<float>(),
+                            s.data_ptr<float>(), y.data_ptr(), b, t, nhs[i], hd, reps[i], i < 2,
+                            stream_of(x)),
+               op);
+      out.push_back(y);
+      col += nhs[i] * hd;
+    }
+    ctx->save_for_backward({c, s});
+    ctx->saved_data["b"] = b;
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["kv_heads"] = kv_heads;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const char *op = "qkv_heads backward";
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &c = saved[0], &s = saved[1];
+    const int64_t b = ctx->saved_data["b"].toInt(), heads = ctx->saved_data["heads"].toInt();
+    const int64_t kv_heads = ctx->saved_data["kv_heads"].toInt();
+    const int64_t t = c.size(0), hd = c.size(1), ld = (heads + 2 * kv_heads) * hd;
+    const int64_t n_rep = heads / kv_heads;
+    c10::DeviceGuard guard(c.device());
+    at::Tensor dqkv = at::empty({b, t, ld}, c.options().dtype(at::kBFloat16));
+    auto *base = static_cast<char *>(dqkv.data_ptr());
+    const int64_t nhs[3] = {heads, kv_heads, kv_heads}, reps[3] = {1, n_rep, n_rep};
+    int64_t col = 0;
+    for (int i = 0; i < 3; ++i) {
+      // An output nothing used (never, in the model) has an undefined gradient: zeros.
+      at::Tensor gy = grads[i].defined()
+                          ? dense(grads[i])
+                          : at::zeros({b, t, heads, hd}, c.options().dtype(at::kBFloat16));
+      check_cuda(gy, at::kBFloat16, op, "grad");
+      launched(mm::rope_bwd(gy.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(),
+                            base + col * 2, ld, b, t, nhs[i], hd, reps[i], i < 2, stream_of(c)),
+               op);
+      col += nhs[i] * hd;
+    }
+    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -326,6 +402,17 @@ char *mm_add_rms_norm_bf16(at::Tensor *x, at::Tensor *a, at::Tensor *w, double e
     auto out = AddRmsNormBf16::apply(*x, *a, *w, eps);
     *h = new at::Tensor(out[0]);
     *y = new at::Tensor(out[1]);
+  });
+}
+
+// (q, k, v) = QkvHeads(qkv): see above.
+char *mm_qkv_heads(at::Tensor *qkv, at::Tensor *cos, at::Tensor *sin, int64_t heads,
+                   int64_t kv_heads, at::Tensor **q, at::Tensor **k, at::Tensor **v) {
+  return guard([&] {
+    auto out = QkvHeads::apply(*qkv, *cos, *sin, heads, kv_heads);
+    *q = new at::Tensor(out[0]);
+    *k = new at::Tensor(out[1]);
+    *v = new at::Tensor(out[2]);
   });
 }
 

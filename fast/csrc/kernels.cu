@@ -287,7 +287,7 @@ __global__ void heads_copy_kernel(const bf16 *__restrict__ x, int64_t sb, int64_
 // Backward: s = sum over the n_rep copies (fp32); y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 give
 // dx1 = s1 c1 + s2 sin2, dx2 = s2 c2 - s1 sin1.
 __global__ void rope_bwd_kernel(const bf16 *__restrict__ gy, const float *__restrict__ cos,
-                                const float *__restrict__ sin, bf16 *__restrict__ dx,
+                                const float *__restrict__ sin, bf16 *__restrict__ dx, int64_t ld,
                                 int64_t b_n, int64_t t_n, int64_t nh, int64_t hd, int64_t n_rep) {
   const int64_t half = hd / 2, nq = half / 8;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -317,13 +317,13 @@ __global__ void rope_bwd_kernel(const bf16 *__restrict__ gy, const float *__rest
     d1[k] = g1[k] * c1[k] + g2[k] * s2[k];
     d2[k] = g2[k] * c2[k] - g1[k] * s1[k];
   }
-  bf16 *dp = dx + ((b * t_n + t) * nh + h) * hd;
+  bf16 *dp = dx + (b * t_n + t) * ld + h * hd;
   store8(dp + i, d1);
   store8(dp + half + i, d2);
 }
 
-__global__ void heads_sum_kernel(const bf16 *__restrict__ gy, bf16 *__restrict__ dx, int64_t b_n,
-                                 int64_t t_n, int64_t nh, int64_t hd, int64_t n_rep) {
+__global__ void heads_sum_kernel(const bf16 *__restrict__ gy, bf16 *__restrict__ dx, int64_t ld,
+                                 int64_t b_n, int64_t t_n, int64_t nh, int64_t hd, int64_t n_rep) {
   const int64_t nq = hd / 8;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (item >= b_n * t_n * nh * nq) return;
@@ -340,7 +340,7 @@ __global__ void heads_sum_kernel(const bf16 *__restrict__ gy, bf16 *__restrict__
 #pragma unroll
     for (int k = 0; k < 8; ++k) s[k] += a[k];
   }
-  store8(dx + ((b * t_n + t) * nh + h) * hd + i, s);
+  store8(dx + (b * t_n + t) * ld + h * hd + i, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -466,19 +466,19 @@ const char *rope_fwd(const void *x, int64_t sb, int64_t st, int64_t sh, const fl
   return launched();
 }
 
-const char *rope_bwd(const void *gy, const float *cos, const float *sin, void *dx, int64_t b,
-                     int64_t t, int64_t nh, int64_t hd, int64_t n_rep, bool rotate,
+const char *rope_bwd(const void *gy, const float *cos, const float *sin, void *dx, int64_t ld,
+                     int64_t b, int64_t t, int64_t nh, int64_t hd, int64_t n_rep, bool rotate,
                      cudaStream_t stream) {
   const int64_t items = b * t * nh * (rotate ? hd / 16 : hd / 8);
   if (items == 0) return nullptr;
   const bf16 *gp = static_cast<const bf16 *>(gy);
   bf16 *dp = static_cast<bf16 *>(dx);
   if (rotate) {
-    rope_bwd_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream>>>(gp, cos, sin, dp, b, t,
-                                                                         nh, hd, n_rep);
+    rope_bwd_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream>>>(gp, cos, sin, dp, ld, b,
+                                                                         t, nh, hd, n_rep);
   } else {
-    heads_sum_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream>>>(gp, dp, b, t, nh, hd,
-                                                                          n_rep);
+    heads_sum_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream>>>(gp, dp, ld, b, t, nh,
+                                                                          hd, n_rep);
   }
   return launched();
 }

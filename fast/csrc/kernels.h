@@ -32,9 +32,10 @@ const char *rope_fwd(const void *x, int64_t sb, int64_t st, int64_t sh, const fl
                      const float *sin, void *y, int64_t b, int64_t t, int64_t nh, int64_t hd,
                      int64_t n_rep, bool rotate, cudaStream_t stream);
 
-// dx[B, T, nh, hd] (bf16, contiguous) from gy[B, T, nh*n_rep, hd] (bf16, contiguous).
-const char *rope_bwd(const void *gy, const float *cos, const float *sin, void *dx, int64_t b,
-                     int64_t t, int64_t nh, int64_t hd, int64_t n_rep, bool rotate,
+// dx[B, T, nh, hd] (bf16; rows of ld elements: nh*hd when contiguous, wider when dx is a slice
+// of a merged projection's gradient) from gy[B, T, nh*n_rep, hd] (bf16, contiguous).
+const char *rope_bwd(const void *gy, const float *cos, const float *sin, void *dx, int64_t ld,
+                     int64_t b, int64_t t, int64_t nh, int64_t hd, int64_t n_rep, bool rotate,
                      cudaStream_t stream);
 
 // h[N, F] = bf16(bf16(silu(g)) * u) from gu[N, 2F] = [g | u] (bf16, contiguous).

@@ -262,12 +262,13 @@ fn check_rope(args: &KernelsArgs, device: Device) -> Result<bool> {
         &["qkv"],
         &[qkv],
         &|l| {
-            let (q, k, v) = split(l);
-            // The kernel writes [B, T, heads, hd]; attention reads its [B, heads, T, hd] view.
+            // The model's op: one node over the merged projection. It writes [B, T, heads, hd];
+            // attention reads the [B, heads, T, hd] view.
+            let (q, k, v) = fused::qkv_heads(&l[0], &cos, &sin, h, kv)?;
             Ok(vec![
-                fused::rope_heads(&q, &cos, &sin, 1, true)?.transpose(1, 2),
-                fused::rope_heads(&k, &cos, &sin, n_rep, true)?.transpose(1, 2),
-                fused::rope_heads(&v, &cos, &sin, n_rep, false)?.transpose(1, 2),
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
             ])
         },
         &|l| {

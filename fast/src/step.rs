@@ -225,14 +225,20 @@ impl Trainer {
         };
         let rows = b * t;
         let chunk = self.loss_chunk_rows.unwrap_or(rows).max(1);
-        let g = hs.zeros_like();
-        let h_det = hs.detach();
-        let mut ce_sum = Tensor::zeros([], (k, h.device()));
         let fused_ce = self.fused_ce
             && h.device().is_cuda()
             && h.kind() == tch::Kind::BFloat16
             && self.model.compute == tch::Kind::BFloat16
             && k == tch::Kind::Float;
+        // The gradient of the hidden state: every chunk writes its rows (fused) or accumulates
+        // into them (autograd, hence zeros).
+        let g = if fused_ce {
+            hs.empty_like()
+        } else {
+            hs.zeros_like()
+        };
+        let h_det = hs.detach();
+        let mut ce_sum = Tensor::zeros([], (k, h.device()));
         let mut start = 0;
         if fused_ce {
             // The head's forward and backward by hand, chunk by chunk: logits = h_c W^T (bf16, as

@@ -85,30 +85,21 @@ impl Attention {
     }
 
     /// The bf16 CUDA path with the fused kernels (no qk-norm): q, k and v from one matmul
-    /// against `cat([q_proj, k_proj, v_proj])`, split without copies (`split_with_sizes`, whose
-    /// backward is one cat; `narrow` would allocate a zero tensor per slice), then one kernel
-    /// each for RoPE + transpose + repeat_kv (q, k) or transpose + repeat_kv (v).
+    /// against `cat([q_proj, k_proj, v_proj])`, then one autograd node (`qkv_heads`) for RoPE
+    /// (q, k) and repeat_kv (k, v), whose backward writes the merged projection's gradient
+    /// directly.
     fn forward_fused(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, compute: Kind) -> Tensor {
         let (b, t, _) = x.size3().expect("attention input must be [B, T, d]");
-        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let n_rep = h / kv;
+        let (h, kv) = (self.heads, self.kv_heads);
         let x = super::to_kind(x, compute);
         let w_qkv = Tensor::cat(&[&self.q_proj, &self.k_proj, &self.v_proj], 0);
-        let qkv = linear(&x, &w_qkv, compute).split_with_sizes([h * hd, kv * hd, kv * hd], -1);
-        let heads = |z: &Tensor, nh: i64, rep: i64, rotate: bool| {
-            let z = z.view([b, t, nh, hd]);
-            // [B, T, heads, hd] from the kernel, read as its [B, heads, T, hd] view: SDPA
-            // (cuDNN) then lays out its output and gradients the same way, so the output's
-            // transpose back to [B, T, d] below is a view, not a copy.
-            super::fused::expect(
-                "rope_heads",
-                super::fused::rope_heads(&z, cos, sin, rep, rotate),
-            )
-            .transpose(1, 2)
-        };
-        let q = heads(&qkv[0], h, 1, true);
-        let k = heads(&qkv[1], kv, n_rep, true);
-        let v = heads(&qkv[2], kv, n_rep, false);
+        let qkv = linear(&x, &w_qkv, compute);
+        // [B, T, heads, hd] each from the kernel, read as [B, heads, T, hd] views: SDPA (cuDNN)
+        // then lays out its output and gradients the same way, so the output's transpose back
+        // to [B, T, d] below is a view, not a copy.
+        let (q, k, v) =
+            super::fused::expect("qkv_heads", super::fused::qkv_heads(&qkv, cos, sin, h, kv));
+        let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         self.attend(&q, &k, &v, b, t, compute)
     }
 

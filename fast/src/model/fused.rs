@@ -69,6 +69,17 @@ mod ffi {
             h: *mut *mut C_tensor,
             y: *mut *mut C_tensor,
         ) -> *mut c_char;
+        #[allow(clippy::too_many_arguments)]
+        pub fn mm_qkv_heads(
+            qkv: *mut C_tensor,
+            cos: *mut C_tensor,
+            sin: *mut C_tensor,
+            heads: i64,
+            kv_heads: i64,
+            q: *mut *mut C_tensor,
+            k: *mut *mut C_tensor,
+            v: *mut *mut C_tensor,
+        ) -> *mut c_char;
         pub fn mm_rope_heads(
             x: *mut C_tensor,
             cos: *mut C_tensor,
@@ -114,6 +125,44 @@ pub fn add_rms_norm_bf16(x: &Tensor, a: &Tensor, w: &Tensor, eps: f64) -> Result
         ffi::mm_add_rms_norm_bf16(ptr(x), ptr(a), ptr(w), eps, &mut h, &mut y)
     })?;
     Ok(unsafe { (Tensor::from_ptr(h), Tensor::from_ptr(y)) })
+}
+
+/// The merged projection qkv bf16 `[B, T, (heads + 2 kv_heads) hd]` -> (q, k, v), each bf16
+/// `[B, T, heads, hd]` contiguous: [`rope_heads`] of its three column blocks (q and k rotated, k
+/// and v repeated for their query heads) as one autograd node, whose backward writes one
+/// `[B, T, (heads + 2 kv_heads) hd]` gradient (no cat of three). Differentiable in qkv.
+#[cfg(feature = "cuda")]
+pub fn qkv_heads(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: i64,
+    kv_heads: i64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (mut q, mut k, mut v) = (
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    );
+    crate::fused::check("qkv_heads", unsafe {
+        ffi::mm_qkv_heads(
+            ptr(qkv),
+            ptr(cos),
+            ptr(sin),
+            heads,
+            kv_heads,
+            &mut q,
+            &mut k,
+            &mut v,
+        )
+    })?;
+    Ok(unsafe {
+        (
+            Tensor::from_ptr(q),
+            Tensor::from_ptr(k),
+            Tensor::from_ptr(v),
+        )
+    })
 }
 
 /// x bf16 `[B, T, nh, hd]` (a view whose last dimension is contiguous, e.g. a split of a merged
@@ -170,6 +219,17 @@ pub fn add_rms_norm_bf16(
     _eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     Err(unavailable("add_rms_norm_bf16"))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn qkv_heads(
+    _qkv: &Tensor,
+    _cos: &Tensor,
+    _sin: &Tensor,
+    _heads: i64,
+    _kv_heads: i64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    Err(unavailable("qkv_heads"))
 }
 
 #[cfg(not(feature = "cuda"))]
