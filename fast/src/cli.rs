@@ -226,8 +226,9 @@ pub struct RunConfig {
 /// On a GPU the host thread only copies batches into pinned memory; libtorch's default of one
 /// OpenMP thread per core would then compete with the data loader's workers, and a parallel
 /// copy waits for its slowest, descheduled thread (measured: 26M model, batch 128, one H100,
-/// 611k tok/s with the default threads against 820k per rank under torchrun, which sets
-/// OMP_NUM_THREADS=1). So CUDA runs use one intra-op thread unless OMP_NUM_THREADS says otherwise.
+/// `pretrain --cuda-graph` at 615k tok/s with the default threads, 1764k with one; torchrun sets
+/// OMP_NUM_THREADS=1 for the same reason). So CUDA runs use one intra-op thread unless
+/// OMP_NUM_THREADS says otherwise.
 pub fn host_threads_for(device: tch::Device) {
     if device.is_cuda() && std::env::var_os("OMP_NUM_THREADS").is_none() {
         tch::set_num_threads(1);
