@@ -168,68 +168,10 @@ struct AddRmsNormBf16 : public torch::autograd::Function<AddRmsNormBf16> {
   }
 };
 
-// x [B, T, nh, hd] bf16 (last dim contiguous) -> y [B, T, nh*n_rep, hd] bf16 contiguous:
-// RoPE (rotate) or a copy, each kv head repeated for its n_rep query heads.
-struct RopeHeads : public torch::autograd::Function<RopeHeads> {
-  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &cos,
-                            const at::Tensor &sin, int64_t n_rep, bool rotate) {
-    const char *op = "rope_heads";
-    check_cuda(x, at::kBFloat16, op, "x");
-    check_cuda(cos, at::kFloat, op, "cos");
-    check_cuda(sin, at::kFloat, op, "sin");
-    TORCH_CHECK(x.dim() == 4, op, ": x must be [B, T, heads, head_dim], got ", x.sizes());
-    const int64_t b = x.size(0), t = x.size(1), nh = x.size(2), hd = x.size(3);
-    TORCH_CHECK(hd % 16 == 0, op, ": head_dim must be a multiple of 16, got ", hd);
-    TORCH_CHECK(n_rep >= 1, op, ": n_rep must be >= 1, got ", n_rep);
-    TORCH_CHECK(cos.dim() == 2 && cos.size(0) == t && cos.size(1) == hd && sin.sizes() == cos.sizes(),
-                op, ": cos/sin must be [T, head_dim] = [", t, ", ", hd, "], got ", cos.sizes(),
-                " and ", sin.sizes());
-    TORCH_CHECK(cos.device() == x.device() && sin.device() == x.device(), op,
-                ": x, cos and sin must be on one device");
-    c10::DeviceGuard guard(x.device());
-    // A view is read in place when its rows are 16-byte aligned (a split of a merged qkv
-    // projection is); anything else is copied first.
-    at::Tensor xs = x;
-    const bool strided_ok = x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
-                            x.stride(2) % 8 == 0 && aligned16(x);
-    if (!strided_ok) xs = dense(x);
-    at::Tensor c = dense(cos), s = dense(sin);
-    at::Tensor y = at::empty({b, t, nh * n_rep, hd}, x.options());
-    launched(mm::rope_fwd(xs.data_ptr(), xs.stride(0), xs.stride(1), xs.stride(2),
-                          c.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr(), b, t, nh, hd,
-                          n_rep, rotate, stream_of(x)),
-             op);
-    ctx->save_for_backward({c, s});
-    ctx->saved_data["b"] = b;
-    ctx->saved_data["nh"] = nh;
-    ctx->saved_data["n_rep"] = n_rep;
-    ctx->saved_data["rotate"] = rotate;
-    return y;
-  }
-
-  static variable_list backward(AutogradContext *ctx, variable_list grads) {
-    const char *op = "rope_heads backward";
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor &c = saved[0], &s = saved[1];
-    const int64_t b = ctx->saved_data["b"].toInt(), nh = ctx->saved_data["nh"].toInt();
-    const int64_t n_rep = ctx->saved_data["n_rep"].toInt();
-    const bool rotate = ctx->saved_data["rotate"].toBool();
-    const int64_t t = c.size(0), hd = c.size(1);
-    check_cuda(grads[0], at::kBFloat16, op, "grad_y");
-    c10::DeviceGuard guard(c.device());
-    at::Tensor gy = dense(grads[0]);
-    at::Tensor dx = at::empty({b, t, nh, hd}, gy.options());
-    launched(mm::rope_bwd(gy.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(), dx.data_ptr(),
-                          nh * hd, b, t, nh, hd, n_rep, rotate, stream_of(c)),
-             op);
-    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
 // The merged projection qkv [B, T, (H + 2 KV) hd] bf16 -> q, k, v [B, T, H, hd] bf16 contiguous:
-// RopeHeads on its three column blocks (q: RoPE; k: RoPE + repeat_kv; v: repeat_kv) as one
-// autograd node, whose backward writes the three gradients straight into one [B, T, (H+2KV) hd]
-// tensor (three RopeHeads on split views would meet in a cat: one more pass over it).
+// RoPE + repeat_kv + head layout of its three column blocks (q: RoPE; k: RoPE + repeat_kv; v:
+// repeat_kv) as one autograd node, whose backward writes the three gradients straight into one
+// [B, T, (H+2KV) hd] tensor (three nodes on split views would meet in a cat: one more pass).
 struct QkvHeads : public torch::autograd::Function<QkvHeads> {
   static variable_list forward(AutogradContext *ctx, const at::Tensor &qkv, const at::Tensor &cos,
                                const at::Tensor &sin, int64_t heads, int64_t kv_heads) {
@@ -414,11 +356,6 @@ char *mm_qkv_heads(at::Tensor *qkv, at::Tensor *cos, at::Tensor *sin, int64_t he
     *k = new at::Tensor(out[1]);
     *v = new at::Tensor(out[2]);
   });
-}
-
-char *mm_rope_heads(at::Tensor *x, at::Tensor *cos, at::Tensor *sin, int64_t n_rep, bool rotate,
-                    at::Tensor **out) {
-  return guard([&] { *out = new at::Tensor(RopeHeads::apply(*x, *cos, *sin, n_rep, rotate)); });
 }
 
 char *mm_swiglu(at::Tensor *gu, int64_t f, at::Tensor **out) {

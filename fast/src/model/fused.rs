@@ -7,8 +7,9 @@
 //!   projection's cast), fp32 gradients back.
 //! - [`add_rms_norm_bf16`]: the residual add before a norm fused into it (h = x + a and the
 //!   norm of h in one pass; backward adds the residual stream's gradient in the same pass).
-//! - [`rope_heads`]: RoPE + `[B, T, nh, hd] -> [B, T, nh*n_rep, hd]` + repeat_kv in one pass
-//!   (or, without rotation, the layout change and repeat only: v).
+//! - [`qkv_heads`]: over the merged q/k/v projection, one pass per block for RoPE, repeat_kv and
+//!   the `[B, T, nh, hd] -> [B, T, nh*n_rep, hd]` layout (v: layout and repeat only); backward
+//!   writes the merged projection's gradient.
 //! - [`swiglu`]: `silu(g) * u` over a merged `[g | u]` projection, rounding as autocast's
 //!   unfused ops do.
 //! - [`cross_entropy_bf16`]: the chunked lm_head's cross-entropy forward and backward in one
@@ -80,14 +81,6 @@ mod ffi {
             k: *mut *mut C_tensor,
             v: *mut *mut C_tensor,
         ) -> *mut c_char;
-        pub fn mm_rope_heads(
-            x: *mut C_tensor,
-            cos: *mut C_tensor,
-            sin: *mut C_tensor,
-            n_rep: i64,
-            rotate: bool,
-            out: *mut *mut C_tensor,
-        ) -> *mut c_char;
         pub fn mm_swiglu(gu: *mut C_tensor, f: i64, out: *mut *mut C_tensor) -> *mut c_char;
         pub fn mm_ce_fwd_bwd(
             logits: *mut C_tensor,
@@ -128,8 +121,9 @@ pub fn add_rms_norm_bf16(x: &Tensor, a: &Tensor, w: &Tensor, eps: f64) -> Result
 }
 
 /// The merged projection qkv bf16 `[B, T, (heads + 2 kv_heads) hd]` -> (q, k, v), each bf16
-/// `[B, T, heads, hd]` contiguous: [`rope_heads`] of its three column blocks (q and k rotated, k
-/// and v repeated for their query heads) as one autograd node, whose backward writes one
+/// `[B, T, heads, hd]` contiguous: its three column blocks with RoPE (q, k; computed in fp32 with
+/// fp32 tables cos/sin `[T, hd]`, one rounding) and repeated for their query heads (k, v; query
+/// head `h*n_rep + r` reads kv head h) as one autograd node, whose backward writes one
 /// `[B, T, (heads + 2 kv_heads) hd]` gradient (no cat of three). Differentiable in qkv.
 #[cfg(feature = "cuda")]
 pub fn qkv_heads(
@@ -163,25 +157,6 @@ pub fn qkv_heads(
             Tensor::from_ptr(v),
         )
     })
-}
-
-/// x bf16 `[B, T, nh, hd]` (a view whose last dimension is contiguous, e.g. a split of a merged
-/// projection) -> bf16 `[B, T, nh*n_rep, hd]` contiguous, query head `h*n_rep + r` holding kv
-/// head h. With `rotate`, RoPE with fp32 tables cos/sin `[T, hd]` (computed in fp32, one
-/// rounding); without, a copy (v). hd a multiple of 16. Differentiable in x.
-#[cfg(feature = "cuda")]
-pub fn rope_heads(
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    n_rep: i64,
-    rotate: bool,
-) -> Result<Tensor> {
-    let mut out = std::ptr::null_mut();
-    crate::fused::check("rope_heads", unsafe {
-        ffi::mm_rope_heads(ptr(x), ptr(cos), ptr(sin), n_rep, rotate, &mut out)
-    })?;
-    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// gu bf16 `[..., 2F]` = `[g | u]` -> bf16 `[..., F]` = `bf16(bf16(silu(g)) * u)`. F a multiple
@@ -240,17 +215,6 @@ fn unavailable(op: &str) -> anyhow::Error {
 #[cfg(not(feature = "cuda"))]
 pub fn rms_norm_bf16(_x: &Tensor, _w: &Tensor, _eps: f64) -> Result<Tensor> {
     Err(unavailable("rms_norm_bf16"))
-}
-
-#[cfg(not(feature = "cuda"))]
-pub fn rope_heads(
-    _x: &Tensor,
-    _cos: &Tensor,
-    _sin: &Tensor,
-    _n_rep: i64,
-    _rotate: bool,
-) -> Result<Tensor> {
-    Err(unavailable("rope_heads"))
 }
 
 #[cfg(not(feature = "cuda"))]
