@@ -73,4 +73,33 @@ mod tests {
         assert_eq!(i64::try_from(&count).unwrap(), 1);
         assert!((f64::try_from(&loss).unwrap() - 4f64.ln()).abs() < 1e-6);
     }
+
+    /// Shifting the labels against the whole hidden state (what the training step does) gives
+    /// the loss and gradient of shifting the hidden state (`shift`), pads included: fp64, equal
+    /// to round-off.
+    #[test]
+    fn shifted_labels_match_the_shifted_hidden_state() {
+        let (b, t, v) = (3, 5, 7);
+        let x = Tensor::randn([b, t, v], (Kind::Double, Device::Cpu));
+        let labels = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 0, -100, 2, 3, 4, 4, 4, -100, -100])
+            .reshape([b, t]);
+        let lb = shifted_labels(&labels);
+        assert_eq!(
+            Vec::<i64>::try_from(&lb).unwrap(),
+            [2, 3, 4, 5, -100, 0, -100, 2, 3, -100, 4, 4, -100, -100, -100]
+        );
+        let loss_of = |xl: &Tensor, l: &Tensor| {
+            xl.cross_entropy_loss::<Tensor>(l, None, Reduction::Sum, IGNORE_INDEX, 0.0)
+        };
+        let x1 = x.detach().set_requires_grad(true);
+        let a = loss_of(&x1.reshape([b * t, v]), &lb);
+        a.backward();
+        let x2 = x.detach().set_requires_grad(true);
+        let (xs, ls) = shift(&x2, &labels);
+        let c = loss_of(&xs, &ls);
+        c.backward();
+        assert!((f64::try_from(&a).unwrap() - f64::try_from(&c).unwrap()).abs() < 1e-12);
+        let dg = f64::try_from((x1.grad() - x2.grad()).abs().max()).unwrap();
+        assert!(dg < 1e-15, "gradients differ by {dg}");
+    }
 }
