@@ -328,15 +328,7 @@ fn check_model(args: &KernelsArgs, device: Device) -> Result<bool> {
     };
     let (loss_r, h_r, g_r) = step(false);
     let (loss_f, h_f, g_f) = step(true);
-    let mut ok = true;
-    let (lf, lr) = (scalar(loss_f), scalar(loss_r));
-    let loss_rel = (lf - lr).abs() / lr.abs().max(f64::MIN_POSITIVE);
-    let loss_ok = loss_rel <= 1e-3;
-    println!(
-        "model      loss     fused {lf:.6}  unfused {lr:.6}  rel {loss_rel:.3e}  tol 1e-3  {}",
-        if loss_ok { "ok" } else { "FAIL" }
-    );
-    ok &= loss_ok;
+    let mut ok = report_loss("model", "loss", scalar(loss_f), scalar(loss_r), 1e-3);
     println!(
         "model      hidden   kinds: fused {:?}, unfused {:?}",
         h_f.kind(),
@@ -346,21 +338,7 @@ fn check_model(args: &KernelsArgs, device: Device) -> Result<bool> {
     ok &= report("model", "hidden", &diff(&h_f, &h_r), 1e-2);
     // Two bf16 runs that round in different places drift apart through 8 layers: gradients are
     // held to 5e-2 norm-wise, the worst parameter printed.
-    let mut worst = (String::new(), 0.0f64);
-    for ((name, a), b) in names.iter().zip(&g_f).zip(&g_r) {
-        let d = diff(a, b);
-        if !(d.norm_rel <= worst.1) {
-            worst = (name.clone(), d.norm_rel);
-        }
-    }
-    let grads_ok = worst.1 <= 5e-2;
-    println!(
-        "model      grads    worst norm_rel {:.3e} ({})  tol 5e-2  {}",
-        worst.1,
-        worst.0,
-        if grads_ok { "ok" } else { "FAIL" }
-    );
-    ok &= grads_ok;
+    ok &= report_grads("model", "", &worst_grad(&names, &g_f, &g_r), 5e-2);
     drop((g_f, g_r));
     let timed = |on: bool| {
         time_ms(device, args.warmup, args.iters, || {
@@ -522,6 +500,18 @@ fn micro_step_with(
 }
 
 /// Worst norm-wise relative difference over the parameters' gradients: (name, norm_rel).
+/// Prints the worst parameter gradient's norm-wise error against `tol`; true when within.
+fn report_grads(case: &str, prefix: &str, worst: &(String, f64), tol: f64) -> bool {
+    let ok = worst.1 <= tol;
+    println!(
+        "{case:<10} grads    {prefix}worst norm_rel {:.3e} ({})  tol {tol:.0e}  {}",
+        worst.1,
+        worst.0,
+        if ok { "ok" } else { "FAIL" }
+    );
+    ok
+}
+
 fn worst_grad(names: &[String], a: &[Tensor], b: &[Tensor]) -> (String, f64) {
     let mut worst = (String::new(), 0.0f64);
     for ((name, x), y) in names.iter().zip(a).zip(b) {
@@ -567,15 +557,12 @@ fn check_step(args: &KernelsArgs, device: Device) -> Result<bool> {
     );
     let mut compare = |what: &str, loss_a: f64, loss_b: f64, a: &[Tensor], b: &[Tensor]| {
         ok &= report_loss("step", "loss", loss_a, loss_b, 1e-3);
-        let worst = worst_grad(&names, a, b);
-        let grads_ok = worst.1 <= 5e-2;
-        println!(
-            "step       grads    {what}: worst norm_rel {:.3e} ({})  tol 5e-2  {}",
-            worst.1,
-            worst.0,
-            if grads_ok { "ok" } else { "FAIL" }
+        ok &= report_grads(
+            "step",
+            &format!("{what}: "),
+            &worst_grad(&names, a, b),
+            5e-2,
         );
-        ok &= grads_ok;
     };
     println!("step       fused CE vs autograd CE (fused kernels on in both):");
     compare("fused CE vs autograd CE", loss_f, loss_k, &g_f, &g_k);
