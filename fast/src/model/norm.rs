@@ -23,20 +23,25 @@ impl RmsNorm {
         rms_norm(x, &self.weight, self.eps)
     }
 
-    /// The norm of x as the input of projections running in `compute` kind. With the fused
-    /// kernels (fp32 x and weight on CUDA, bf16 compute, width a multiple of 8 up to 1024), one
-    /// kernel writes the bf16 the projections would cast it to (same values: the fp32 norm
-    /// rounded once); otherwise [`Self::forward`], and the projection casts.
-    pub fn forward_for_matmul(&self, x: &Tensor, compute: Kind) -> Tensor {
+    /// Whether the fused kernels take this norm: fp32 x and weight on CUDA, bf16 compute, a
+    /// width the kernels handle (a multiple of 8 up to 1024), the fused path enabled.
+    fn fused_applies(&self, x: &Tensor, compute: Kind) -> bool {
         let d = self.weight.size().first().copied().unwrap_or(0);
-        if compute == Kind::BFloat16
+        compute == Kind::BFloat16
             && x.kind() == Kind::Float
             && self.weight.kind() == Kind::Float
             && x.device().is_cuda()
             && d % 8 == 0
             && d <= 1024
             && super::fused::enabled()
-        {
+    }
+
+    /// The norm of x as the input of projections running in `compute` kind. With the fused
+    /// kernels (fp32 x and weight on CUDA, bf16 compute, width a multiple of 8 up to 1024), one
+    /// kernel writes the bf16 the projections would cast it to (same values: the fp32 norm
+    /// rounded once); otherwise [`Self::forward`], and the projection casts.
+    pub fn forward_for_matmul(&self, x: &Tensor, compute: Kind) -> Tensor {
+        if self.fused_applies(x, compute) {
             return super::fused::expect(
                 "rms_norm_bf16",
                 super::fused::rms_norm_bf16(x, &self.weight, self.eps),
@@ -57,17 +62,7 @@ impl RmsNorm {
         let Some(a) = a else {
             return (x.shallow_clone(), self.forward_for_matmul(x, compute));
         };
-        let d = self.weight.size().first().copied().unwrap_or(0);
-        if compute == Kind::BFloat16
-            && x.kind() == Kind::Float
-            && a.kind() == Kind::BFloat16
-            && x.size() == a.size()
-            && self.weight.kind() == Kind::Float
-            && x.device().is_cuda()
-            && d % 8 == 0
-            && d <= 1024
-            && super::fused::enabled()
-        {
+        if self.fused_applies(x, compute) && a.kind() == Kind::BFloat16 && x.size() == a.size() {
             return super::fused::expect(
                 "add_rms_norm_bf16",
                 super::fused::add_rms_norm_bf16(x, &a, &self.weight, self.eps),
