@@ -7,7 +7,6 @@
 #include <ATen/ops/_foreach_sub.h>
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
-#include <ATen/ops/_foreach_zero.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/stack.h>
@@ -88,10 +87,6 @@ char *mm_unscale(at::Tensor **grads, int64_t n, at::Tensor *found_inf, at::Tenso
     auto gs = list(grads, n);
     at::_amp_foreach_non_finite_check_and_unscale_(gs, *found_inf, *inv_scale);
   });
-}
-
-char *mm_zero(at::Tensor **ts, int64_t n) {
-  return guard([&] { at::_foreach_zero_(list(ts, n)); });
 }
 
 // torch.autograd.backward(tensors, grad_tensors): backpropagates each tensor with its given

@@ -1,6 +1,7 @@
 //! Safe wrappers over fast/csrc/ops.cpp: libtorch's multi-tensor kernels (fused AdamW, foreach
-//! norm/mul/zero, AMP unscale) that tch's generated API does not expose. One launch (or a few)
-//! per step instead of several per parameter, and no host synchronisation.
+//! norm/mul, AMP unscale), `.grad` as a given view, and a backward seeded with given gradients,
+//! none of which tch's generated API exposes. One launch (or a few) per step instead of several
+//! per parameter, and no host synchronisation.
 use anyhow::{anyhow, Result};
 use std::ffi::{c_char, CStr};
 use tch::Tensor;
@@ -35,7 +36,6 @@ extern "C" {
         found_inf: *mut C_tensor,
         inv_scale: *mut C_tensor,
     ) -> *mut c_char;
-    fn mm_zero(ts: *const *mut C_tensor, n: i64) -> *mut c_char;
     fn mm_pin_memory(t: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
     fn mm_set_grad(p: *mut C_tensor, g: *mut C_tensor) -> *mut c_char;
     fn mm_backward(ts: *const *mut C_tensor, gs: *const *mut C_tensor, n: i64) -> *mut c_char;
@@ -184,12 +184,6 @@ pub fn unscale(grads: &[Tensor], found_inf: &Tensor, inv_scale: &Tensor) -> Resu
     check("unscale", err)
 }
 
-/// Zero every tensor in one multi-tensor launch.
-pub fn zero(ts: &[Tensor]) -> Result<()> {
-    let p = ptrs(ts);
-    check("zero", unsafe { mm_zero(p.as_ptr(), ts.len() as i64) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,14 +288,26 @@ mod tests {
     }
 
     #[test]
-    fn unscale_flags_non_finite_and_zero_clears() {
+    fn unscale_flags_non_finite() {
         let g = Tensor::from_slice(&[2.0f32, f32::INFINITY]);
         let found = Tensor::zeros([1], (Kind::Float, Device::Cpu));
         let inv = Tensor::from_slice(&[0.5f32]);
         unscale(&[g.shallow_clone()], &found, &inv).unwrap();
         assert_eq!(f64::try_from(found.get(0)).unwrap(), 1.0);
         assert_eq!(f64::try_from(g.get(0)).unwrap(), 1.0);
-        zero(&[g.shallow_clone()]).unwrap();
-        assert_eq!(f64::try_from(g.abs().sum(Kind::Float)).unwrap(), 0.0);
+    }
+
+    /// A gradient set to a view of a flat buffer is accumulated into in place, and zeroing the
+    /// buffer clears it (what the trainer's flat_grads rely on).
+    #[test]
+    fn set_grad_views_accumulate_in_place_and_zero_with_the_buffer() {
+        let p = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let mut flat = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        set_grad(&p, &flat.narrow(0, 1, 2)).unwrap();
+        (&p * 3.0).sum(Kind::Float).backward();
+        (&p * 3.0).sum(Kind::Float).backward();
+        assert_eq!(Vec::<f32>::try_from(&flat).unwrap(), vec![0.0, 6.0, 6.0]);
+        let _ = flat.zero_();
+        assert_eq!(f64::try_from(p.grad().abs().sum(Kind::Float)).unwrap(), 0.0);
     }
 }

@@ -243,7 +243,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 restore_trainer(&mut tr, &r.tensors, &r.state.trainer, &resume_path)?;
                 if rank != 0 {
                     // Rank 0 holds a half-finished window's gradients (dist::consolidate_partial_gradients).
-                    crate::fused::zero(&tr.grads())?;
+                    let _ = tr.flat_grads.f_zero_()?;
                 }
                 pos = Position {
                     epoch: r.state.epoch,
