@@ -21,6 +21,7 @@ fn build_ops() {
         .to_path_buf();
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
+    println!("cargo:rerun-if-changed=csrc/ffi_error.h");
     cc::Build::new()
         .cpp(true)
         .file("csrc/ops.cpp")

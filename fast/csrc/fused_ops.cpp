@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "ffi_error.h"
 #include "kernels.h"
 
 using torch::autograd::AutogradContext;
@@ -309,27 +310,9 @@ at::Tensor ce_fwd_bwd(const at::Tensor &logits, const at::Tensor &labels, const 
   return at::sum(row_loss);
 }
 
-char *error(const char *what) {
-  char *s = static_cast<char *>(std::malloc(std::strlen(what) + 1));
-  std::strcpy(s, what);
-  return s;
-}
-
-template <typename F>
-char *guard(F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error &e) {
-    return error(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    return error(e.what());
-  } catch (...) {
-    return error("unknown C++ exception");
-  }
-}
-
 }  // namespace
+
+using mm_ffi::guard;
 
 extern "C" {
 

@@ -12,8 +12,9 @@
 #include <ATen/ops/stack.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
+
+#include "ffi_error.h"
 
 namespace {
 std::vector<at::Tensor> list(at::Tensor **ts, int64_t n) {
@@ -22,25 +23,9 @@ std::vector<at::Tensor> list(at::Tensor **ts, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
   return out;
 }
-
-char *error(const char *what) {
-  char *s = static_cast<char *>(std::malloc(std::strlen(what) + 1));
-  std::strcpy(s, what);
-  return s;
-}
-
-template <typename F>
-char *guard(F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception &e) {
-    return error(e.what());
-  } catch (...) {
-    return error("unknown C++ exception");
-  }
-}
 }  // namespace
+
+using mm_ffi::guard;
 
 extern "C" {
 void mm_free_error(char *e) { std::free(e); }

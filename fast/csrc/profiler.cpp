@@ -5,6 +5,8 @@
 // success or a malloc'd message freed with mm_prof_free.
 #include <torch/csrc/autograd/profiler_kineto.h>
 
+#include "ffi_error.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -19,12 +21,6 @@ namespace prof = torch::autograd::profiler;
 using torch::profiler::impl::ActivityType;
 using torch::profiler::impl::ProfilerConfig;
 using torch::profiler::impl::ProfilerState;
-
-char *dup(const std::string &s) {
-  char *out = static_cast<char *>(std::malloc(s.size() + 1));
-  std::memcpy(out, s.c_str(), s.size() + 1);
-  return out;
-}
 
 std::set<ActivityType> activities(bool cuda) {
   std::set<ActivityType> a{ActivityType::CPU};
@@ -46,7 +42,7 @@ char *mm_prof_start(int cuda) {
     prof::enableProfiler(config(), activities(g_cuda));
     return nullptr;
   } catch (const std::exception &e) {
-    return dup(e.what());
+    return mm_ffi::error(e.what());
   }
 }
 
@@ -56,7 +52,7 @@ char *mm_prof_start(int cuda) {
 char *mm_prof_stop(const char *trace_path, char **summary) {
   try {
     auto result = prof::disableProfiler();
-    if (!result) return dup("the profiler was not running");
+    if (!result) return mm_ffi::error("the profiler was not running");
     std::unordered_map<uint64_t, std::string> op_of;
     for (const auto &e : result->events()) {
       if (e.deviceType() == c10::DeviceType::CPU) op_of[e.correlationId()] = e.name();
@@ -82,11 +78,11 @@ char *mm_prof_stop(const char *trace_path, char **summary) {
       out << r.second.first << '\t' << r.second.second << '\t' << r.first.first << '\t' << kernel
           << '\n';
     }
-    *summary = dup(out.str());
+    *summary = mm_ffi::error(out.str());
     if (trace_path) result->save(trace_path);
     return nullptr;
   } catch (const std::exception &e) {
-    return dup(e.what());
+    return mm_ffi::error(e.what());
   }
 }
 }
