@@ -53,6 +53,16 @@ void check_cuda(const at::Tensor &t, at::ScalarType kind, const char *op, const 
               t.scalar_type());
 }
 
+// The norms' shape rule: w is [d], x's last dimension is d, and the kernels take d. Returns d.
+int64_t norm_width(const at::Tensor &x, const at::Tensor &w, const char *op) {
+  TORCH_CHECK(w.dim() == 1 && x.dim() >= 1 && x.size(-1) == w.size(0), op,
+              ": x's last dimension must equal w's length; x ", x.sizes(), ", w ", w.sizes());
+  const int64_t d = w.size(0);
+  TORCH_CHECK(d > 0 && d % 8 == 0 && d <= mm::kRmsMaxDim, op,
+              ": the width must be a positive multiple of 8 up to ", mm::kRmsMaxDim, ", got ", d);
+  return d;
+}
+
 // y = bf16(w * (x * rsqrt(mean(x^2) + eps))) over the last dimension; x, w fp32.
 struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
@@ -61,12 +71,7 @@ struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
     check_cuda(x, at::kFloat, op, "x");
     check_cuda(w, at::kFloat, op, "w");
     TORCH_CHECK(x.device() == w.device(), op, ": x on ", x.device(), ", w on ", w.device());
-    TORCH_CHECK(w.dim() == 1 && x.dim() >= 1 && x.size(-1) == w.size(0), op,
-                ": x's last dimension must equal w's length; x ", x.sizes(), ", w ", w.sizes());
-    const int64_t d = w.size(0);
-    TORCH_CHECK(d > 0 && d % 8 == 0 && d <= mm::kRmsMaxDim, op,
-                ": the width must be a positive multiple of 8 up to ", mm::kRmsMaxDim, ", got ",
-                d);
+    const int64_t d = norm_width(x, w, op);
     c10::DeviceGuard guard(x.device());
     at::Tensor xc = dense(x), wc = dense(w);
     const int64_t n = xc.numel() / d;
@@ -116,12 +121,7 @@ struct AddRmsNormBf16 : public torch::autograd::Function<AddRmsNormBf16> {
                 " must have one shape");
     TORCH_CHECK(x.device() == w.device() && a.device() == x.device(), op,
                 ": x, a and w must be on one device");
-    TORCH_CHECK(w.dim() == 1 && x.dim() >= 1 && x.size(-1) == w.size(0), op,
-                ": x's last dimension must equal w's length; x ", x.sizes(), ", w ", w.sizes());
-    const int64_t d = w.size(0);
-    TORCH_CHECK(d > 0 && d % 8 == 0 && d <= mm::kRmsMaxDim, op,
-                ": the width must be a positive multiple of 8 up to ", mm::kRmsMaxDim, ", got ",
-                d);
+    const int64_t d = norm_width(x, w, op);
     c10::DeviceGuard guard(x.device());
     at::Tensor xc = dense(x), ac = dense(a), wc = dense(w);
     const int64_t n = xc.numel() / d;
