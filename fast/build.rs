@@ -151,8 +151,9 @@ fn cuda_paths() -> (
 
 /// fast/csrc/kernels.cu (fused RMSNorm->bf16, RoPE + head layout, SwiGLU) and
 /// fast/csrc/cross_entropy.cu (fused cross-entropy forward + backward), each compiled by nvcc for
-/// sm_90 to an object, and fast/csrc/fused_ops.cpp (their autograd functions and C entry points).
-/// Only with `--features cuda`.
+/// sm_90 to an object, and fast/csrc/fused_ops.cpp (their autograd functions and C entry points);
+/// fast/csrc/grad_events.cpp (data parallel: the gradient hooks that let a bucket's all-reduce
+/// start during backward). Only with `--features cuda`.
 ///
 /// nvcc comes from the virtualenv's CUDA pip packages (`make setup-cuda`, which pins nvcc's
 /// compiler front end nvidia-nvvm and nvidia-cuda-crt to the 13.0 release of nvcc and ptxas: left
@@ -170,6 +171,7 @@ fn build_fused_kernels() {
         "csrc/cross_entropy.cu",
         "csrc/kernels.h",
         "csrc/fused_ops.cpp",
+        "csrc/grad_events.cpp",
     ] {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -214,6 +216,7 @@ fn build_fused_kernels() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/fused_ops.cpp")
+        .file("csrc/grad_events.cpp")
         .objects(&objs)
         .includes(&includes)
         .flag("-std=c++17")

@@ -16,7 +16,7 @@
 #   2. weight checksums printed by every rank at the end of the 2-rank run are identical.
 #   3. checkpoint on 2 GPUs resumes on 1, and 1 on 2 (step rescale step*saved_ws//current_ws).
 #   4. scaling efficiency at per-GPU batch 32 and 128 on the 26M config:
-#      2-GPU tokens/s / (2 x 1-GPU tokens/s).
+#      2-GPU tokens/s / (2 x 1-GPU tokens/s); at batch 32 also without the all-reduce's overlap.
 set -uo pipefail
 
 die() { echo "ddp_check: $*" >&2; exit 1; }
@@ -43,7 +43,8 @@ DATA=()
 [ -d "$IN/tokenizer" ] && DATA+=(--tokenizer "$IN/tokenizer")
 # Every run: bf16, one micro-batch per optimizer step (all-reduce every step), token-weighted loss,
 # log every step, no intermediate saves, no sample at the end.
-# PRETRAIN_ARGS (e.g. "--cuda-graph") is added to every run.
+# PRETRAIN_ARGS (e.g. "--cuda-graph") is added to every run; RUN_TIMEOUT (seconds, default 900)
+# bounds each.
 COMMON=(--device cuda --dtype bfloat16 --accumulation-steps 1 --loss-normalization token --seed 42
         --save-interval 1000000 --sample-tokens 0 --no-progress "${DATA[@]}" ${PRETRAIN_ARGS:-})
 
@@ -64,7 +65,7 @@ run() {
     local cmd=("$BIN")
     [ "$np" -gt 1 ] && cmd=("${TORCHRUN[@]}" "$BIN")
     echo "-- $name: ${cmd[*]} pretrain $*" | tee "$dir/cmd.txt"
-    if ! (cd "$dir" && timeout 900 "${cmd[@]}" pretrain "${COMMON[@]}" --save-dir "$dir/out" \
+    if ! (cd "$dir" && timeout "${RUN_TIMEOUT:-900}" "${cmd[@]}" pretrain "${COMMON[@]}" --save-dir "$dir/out" \
             --checkpoint-dir "$dir/ckpt" "$@") >"$dir/log.txt" 2>&1; then
         echo "-- $name failed; last lines of $dir/log.txt:"
         tail -25 "$dir/log.txt"
@@ -79,6 +80,8 @@ if want 0; then
 mkdir -p "$WORK/dist_check"
 if (cd "$WORK/dist_check" && timeout 300 "${TORCHRUN[@]}" "$BIN" dist-check) >"$WORK/dist_check/log.txt" 2>&1; then
     record "0 collectives (torchrun, 2 ranks)" "ok: $(grep -o 'all_reduce 104 MB fp32 | [^|]*' "$WORK/dist_check/log.txt" | head -1)"
+    OV=$(grep -o 'all-reduce overlapped with backward[^|]*| [^|]*' "$WORK/dist_check/log.txt" | head -1)
+    [ -n "$OV" ] && record "0 overlapped all-reduce (dist-check)" "ok: $OV"
 else
     tail -20 "$WORK/dist_check/log.txt"
     record "0 collectives (torchrun, 2 ranks)" "FAIL (see $WORK/dist_check/log.txt)"
@@ -185,24 +188,31 @@ if want 3; then
 fi
 
 # ---- 4. scaling efficiency -------------------------------------------------------------------
-# Tokens/s (padded, all ranks) as the median over log intervals of 5 steps, leaving out the first
-# three (warm-up) and every interval that follows an epoch end (it holds the end-of-epoch
-# checkpoint and the loader's restart: the embedded corpus is only ~20-160 steps long).
+# Tokens/s (padded, all ranks) as the median over log intervals of 30 steps (a log line waits for
+# the device; MiniMind logs every 100), leaving out the first two (warm-up, graph capture) and
+# every interval that follows an epoch end (it holds the end-of-epoch checkpoint and the loader's
+# restart). At batch 32 a third run repeats the 2-GPU one with MM_DP_OVERLAP=0 (the all-reduce
+# after backward, not overlapped with it), for the overlap's share.
 throughput() {  # NAME
     python3 - "$(metrics "$1")" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-clean = [r["tokens_per_s"] for i, r in enumerate(rows) if i >= 3 and rows[i - 1]["epoch"] == r["epoch"]]
+clean = [r["tokens_per_s"] for i, r in enumerate(rows) if i >= 2 and rows[i - 1]["epoch"] == r["epoch"]]
 print(f"{statistics.median(clean):.0f} {len(clean)}")
 EOF
 }
+SCALE=(--max-steps 300 --log-interval 30 --epochs 100)
 if want 4; then
 for B in 32 128; do
-    if run "scale_${B}_1gpu" 1 --batch-size $B --max-steps 120 --log-interval 5 --epochs 100 \
-        && run "scale_${B}_2gpu" 2 --batch-size $B --max-steps 120 --log-interval 5 --epochs 100; then
+    if run "scale_${B}_1gpu" 1 --batch-size $B "${SCALE[@]}" \
+        && run "scale_${B}_2gpu" 2 --batch-size $B "${SCALE[@]}"; then
         read -r T1 N1 <<<"$(throughput "scale_${B}_1gpu")"
         read -r T2 N2 <<<"$(throughput "scale_${B}_2gpu")"
-        record "4 scaling, batch $B per GPU" "$(python3 -c "t1,t2=$T1,$T2;print(f'{t2/(2*t1):.0%}: 1 GPU {t1/1e3:.0f}k tok/s, 2 GPUs {t2/1e3:.0f}k tok/s (padded; medians of $N1 / $N2 intervals)')")"
+        record "4 scaling, batch $B per GPU" "$(python3 -c "t1,t2=$T1,$T2;print(f'{t2/(2*t1):.1%}: 1 GPU {t1/1e3:.0f}k tok/s, 2 GPUs {t2/1e3:.0f}k tok/s (padded; medians of $N1 / $N2 intervals)')")"
+        if [ "$B" = 32 ] && MM_DP_OVERLAP=0 run "scale_${B}_2gpu_no_overlap" 2 --batch-size $B "${SCALE[@]}"; then
+            read -r T3 N3 <<<"$(throughput "scale_${B}_2gpu_no_overlap")"
+            record "4 scaling, batch $B, MM_DP_OVERLAP=0" "$(python3 -c "t1,t3=$T1,$T3;print(f'{t3/(2*t1):.1%}: 2 GPUs {t3/1e3:.0f}k tok/s, all-reduce after backward')")"
+        fi
     else
         record "4 scaling, batch $B per GPU" "FAIL: a run failed"
     fi

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <mutex>
 #include <cstring>
 #include <exception>
 #include <sstream>
@@ -23,6 +24,9 @@ struct FastC10dGroup {
   int rank;
   int world;
   int local_rank;
+  // Collectives started by c10d_shim_all_reduce_sum_async, not yet waited for.
+  std::mutex pending_mu;
+  std::vector<c10::intrusive_ptr<c10d::Work>> pending;
 };
 
 namespace {
@@ -102,7 +106,13 @@ char* c10d_shim_init(const char* host, uint16_t port, int is_server, int rank, i
     opts->timeout = timeout;
     auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
     pg->setGroupUid("0");  // the default group's name in torch.distributed
-    *out = new FastC10dGroup{store, pg, rank, world, local_rank};
+    auto* group = new FastC10dGroup();
+    group->store = store;
+    group->pg = pg;
+    group->rank = rank;
+    group->world = world;
+    group->local_rank = local_rank;
+    *out = group;
   });
 }
 
@@ -117,6 +127,32 @@ char* c10d_shim_all_reduce_sum(FastC10dGroup* g, void* const* tensors, size_t n)
     for (auto& t : ts) {
       std::vector<at::Tensor> one{t};
       works.push_back(g->pg->allreduce(one, opts));
+    }
+    for (auto& w : works) w->wait();
+  });
+}
+
+char* c10d_shim_all_reduce_sum_async(FastC10dGroup* g, void* const* tensors, size_t n) {
+  if (g == nullptr) return dup_string("all_reduce_sum_async: group is null");
+  return guarded("all_reduce_sum_async", [&] {
+    auto ts = checked_tensors(g, tensors, n, "all_reduce_sum_async");
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    std::lock_guard<std::mutex> lock(g->pending_mu);
+    for (auto& t : ts) {
+      std::vector<at::Tensor> one{t};
+      g->pending.push_back(g->pg->allreduce(one, opts));
+    }
+  });
+}
+
+char* c10d_shim_wait_pending(FastC10dGroup* g) {
+  if (g == nullptr) return dup_string("wait_pending: group is null");
+  return guarded("wait_pending", [&] {
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    {
+      std::lock_guard<std::mutex> lock(g->pending_mu);
+      works.swap(g->pending);
     }
     for (auto& w : works) w->wait();
   });

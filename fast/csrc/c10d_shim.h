@@ -27,6 +27,12 @@ char* c10d_shim_init(const char* host, uint16_t port, int is_server, int rank, i
  * Enqueued on NCCL's stream; the current CUDA stream waits for it before later work. */
 char* c10d_shim_all_reduce_sum(FastC10dGroup* group, void* const* tensors, size_t n);
 
+/* As c10d_shim_all_reduce_sum, ordered after the current stream's work so far, but nothing waits
+ * for it until c10d_shim_wait_pending, which makes the then-current stream wait for every such
+ * collective. */
+char* c10d_shim_all_reduce_sum_async(FastC10dGroup* group, void* const* tensors, size_t n);
+char* c10d_shim_wait_pending(FastC10dGroup* group);
+
 /* In place: every rank's tensors receive root's values. */
 char* c10d_shim_broadcast(FastC10dGroup* group, void* const* tensors, size_t n, int root);
 

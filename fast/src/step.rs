@@ -105,6 +105,8 @@ pub struct Trainer {
     /// RMSNorm writes it). Defaults to `fused::enabled()` (`--features cuda`, `MM_FUSED_KERNELS`
     /// not `0`); `fast kernels` flips it to compare both paths in one process.
     pub fused_ce: bool,
+    /// Data parallel: the all-reduce overlapped with backward ([`Trainer::enable_overlap`]).
+    pub overlap: Option<crate::dist::overlap::Overlap>,
 }
 
 impl Trainer {
@@ -147,7 +149,43 @@ impl Trainer {
             loss_chunk_rows: loss_chunk_rows(),
             flat_grads,
             fused_ce: crate::model::fused::enabled(),
+            overlap: None,
         })
+    }
+
+    /// Data parallel: from now on each micro-step's forward marks where backward finishes each
+    /// bucket of gradients, and [`Trainer::average_gradients`] starts a bucket's all-reduce there
+    /// instead of after backward (dist/overlap.rs). Returns false, changing nothing, when the
+    /// parameters are not laid out as embedding, layers, final norm.
+    pub fn enable_overlap(&mut self, layers_per_bucket: usize) -> Result<bool> {
+        let sizes: Vec<(String, i64)> = self
+            .params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.numel() as i64))
+            .collect();
+        let Some(plan) =
+            crate::dist::overlap::Plan::new(&sizes, self.cfg.num_hidden_layers, layers_per_bucket)
+        else {
+            return Ok(false);
+        };
+        self.overlap = Some(crate::dist::overlap::Overlap::new(plan, self.device())?);
+        Ok(true)
+    }
+
+    /// Averages the gradients over ranks before an optimizer step (no-op on one rank): the
+    /// overlapped buckets if [`Trainer::enable_overlap`] ran, else one all-reduce of the flat
+    /// buffer.
+    pub fn average_gradients(
+        &self,
+        comm: &dyn crate::dist::Communicator,
+        mode: crate::dist::GradAverage,
+    ) -> Result<()> {
+        match &self.overlap {
+            Some(o) => o.average(comm, &self.flat_grads, mode),
+            None => {
+                crate::dist::average_gradients(comm, &mut [self.flat_grads.shallow_clone()], mode)
+            }
+        }
     }
 
     /// As [`Trainer::new`], then the weights `named` (MiniMind names, any float kind).
@@ -205,7 +243,12 @@ impl Trainer {
         labels: &Tensor,
         weight: &Tensor,
     ) -> Result<MicroStep> {
-        let (h, aux) = self.model.forward_hidden(input_ids);
+        let (h, aux) = match &self.overlap {
+            Some(o) => self
+                .model
+                .forward_hidden_marked(input_ids, &|i, f| o.mark(i, f))?,
+            None => self.model.forward_hidden(input_ids),
+        };
         let k = crate::model::upcast_kind(h.kind());
         let (b, t, d) = h.size3().context("hidden state must be [B, T, d]")?;
         // Position t predicts label t+1: shift the labels, not the hidden state (no copy of it).

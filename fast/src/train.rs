@@ -288,6 +288,24 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
     }
     // Every rank starts from rank 0's weights (fresh init, --from-weight or resume alike).
     crate::dist::broadcast_parameters(&*comm, &mut tr.param_tensors())?;
+    // Data parallel on GPUs: each bucket's all-reduce starts while backward computes the layers
+    // below it (dist/overlap.rs). MM_DP_OVERLAP=0 reduces everything after backward instead.
+    if world_size > 1
+        && device.is_cuda()
+        && cfg!(feature = "cuda")
+        && std::env::var("MM_DP_OVERLAP").map_or(true, |v| v != "0")
+        && tr.enable_overlap(crate::dist::overlap::layers_per_bucket()?)?
+    {
+        let plan = tr.overlap.as_ref().expect("enabled above").plan();
+        let marks: Vec<String> = plan.marks().iter().map(|l| l.to_string()).collect();
+        if main {
+            println!(
+                "gradient all-reduce overlapped with backward: {} buckets, started as backward finishes layers {}; the embedding's after backward",
+                plan.buckets().len(),
+                marks.join(", ")
+            );
+        }
+    }
     // Saved at the end of an epoch: continue with the next one.
     if pos.step >= iters && pos.epoch + 1 <= cfg.epochs {
         pos = Position {
@@ -446,8 +464,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                     iters as u64,
                 ) {
                     // One collective on the flat gradient buffer (no-op on one rank).
-                    let mut flat = [tr.flat_grads.shallow_clone()];
-                    crate::dist::average_gradients(&*comm, &mut flat, norm.into())?;
+                    tr.average_gradients(&*comm, norm.into())?;
                     last_grad_norm = Some(match &graphed {
                         Some(g) => g.optimizer_step(&mut tr, lr)?,
                         None => tr.optimizer_step(lr, cfg.grad_clip)?,

@@ -16,6 +16,7 @@ mod monitor;
 #[cfg(feature = "nccl")]
 mod nccl;
 pub mod order;
+pub mod overlap;
 pub mod selftest;
 #[cfg(test)]
 mod tests;
@@ -234,6 +235,17 @@ pub trait Communicator {
     }
     /// In place: every tensor becomes the sum of that tensor over ranks (bucketed).
     fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<()>;
+    /// As [`Communicator::all_reduce_sum`] of one dense contiguous tensor, ordered after the
+    /// work queued on the current CUDA stream so far, but later work does not wait for it until
+    /// [`Communicator::wait_pending`]. Without a device queue (the default) it completes here.
+    fn all_reduce_sum_async(&self, t: &mut Tensor) -> Result<()> {
+        self.all_reduce_sum(std::slice::from_mut(t))
+    }
+    /// The current stream's later work waits for every [`Communicator::all_reduce_sum_async`]
+    /// started so far (no host wait).
+    fn wait_pending(&self) -> Result<()> {
+        Ok(())
+    }
     /// In place: every rank's tensors receive rank `root`'s values (bucketed).
     fn broadcast(&self, tensors: &mut [Tensor], root: usize) -> Result<()>;
     /// In place: each value becomes its sum over ranks (f64, exact for counts below 2^53).

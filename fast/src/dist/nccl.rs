@@ -35,6 +35,12 @@ extern "C" {
         tensors: *const *mut c_void,
         n: usize,
     ) -> *mut c_char;
+    fn c10d_shim_all_reduce_sum_async(
+        group: *mut FastC10dGroup,
+        tensors: *const *mut c_void,
+        n: usize,
+    ) -> *mut c_char;
+    fn c10d_shim_wait_pending(group: *mut FastC10dGroup) -> *mut c_char;
     fn c10d_shim_broadcast(
         group: *mut FastC10dGroup,
         tensors: *const *mut c_void,
@@ -188,6 +194,28 @@ impl Communicator for Nccl {
                 // SAFETY: `flat` outlives the call; the shim holds its own reference.
                 check(unsafe { c10d_shim_all_reduce_sum(g, p.as_ptr(), 1) })
             })
+        })();
+        self.or_abort(r)
+    }
+    fn all_reduce_sum_async(&self, t: &mut Tensor) -> Result<()> {
+        let r = (|| {
+            let g = self.live()?;
+            self.check_devices(std::slice::from_ref(t), "all_reduce_sum_async")?;
+            ensure!(
+                t.is_contiguous(),
+                "all_reduce_sum_async: the tensor must be contiguous"
+            );
+            let p = [t.as_mut_ptr() as *mut c_void];
+            // SAFETY: `t` outlives the call; the shim's Work holds its own reference to it.
+            check(unsafe { c10d_shim_all_reduce_sum_async(g, p.as_ptr(), 1) })
+        })();
+        self.or_abort(r)
+    }
+    fn wait_pending(&self) -> Result<()> {
+        let r = (|| {
+            let g = self.live()?;
+            // SAFETY: live group.
+            check(unsafe { c10d_shim_wait_pending(g) })
         })();
         self.or_abort(r)
     }

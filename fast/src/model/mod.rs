@@ -254,17 +254,35 @@ impl MiniMindForCausalLM {
     /// or bf16 where the fused kernels write it in the lm_head's compute kind) and the summed aux
     /// loss. The training step applies the head chunk by chunk (step.rs).
     pub fn forward_hidden(&self, input_ids: &Tensor) -> (Tensor, Tensor) {
+        self.forward_hidden_marked(input_ids, &|_, _| Ok(()))
+            .expect("a mark that does nothing cannot fail")
+    }
+
+    /// [`Self::forward_hidden`], calling `mark(i, f)` for every layer `i` with a tensor `f` whose
+    /// gradient exists exactly when layers `i..` have backpropagated: the embedding's output for
+    /// layer 0, and for `i >= 1` the output of layer `i - 1`'s feed-forward, which only layer
+    /// `i`'s input norm reads (data parallel hooks them to start reducing those layers'
+    /// gradients, dist/overlap.rs).
+    pub fn forward_hidden_marked(
+        &self,
+        input_ids: &Tensor,
+        mark: &dyn Fn(usize, &Tensor) -> anyhow::Result<()>,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
         let (_, t) = input_ids.size2().expect("input_ids must be [B, T]");
         let device = self.embed_tokens.device();
         let (cos, sin) = self.rope_tables(t, device);
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        mark(0, &x)?;
         let mut aux = Tensor::zeros([], (upcast_kind(self.embed_tokens.kind()), device));
         // Each residual add happens in the norm that reads its sum (`add_forward_for_matmul`:
         // one kernel with the fused path), so a branch's output waits in `pending` until then.
         // Norms feeding projections may come out in bf16 straight from the fused kernel; the
         // MoE router reads its input's kind, so it keeps the fp32 norm and a separate add.
         let mut pending: Option<Tensor> = None;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(f) = &pending {
+                mark(i, f)?;
+            }
             let (x1, n1) =
                 layer
                     .input_layernorm
@@ -289,7 +307,7 @@ impl MiniMindForCausalLM {
         let (_, y) = self
             .norm
             .add_forward_for_matmul(&x, pending.take(), self.compute);
-        (y, aux)
+        Ok((y, aux))
     }
 }
 
