@@ -203,7 +203,7 @@ EOF
 }
 SCALE=(--max-steps 300 --log-interval 30 --epochs 100)
 if want 4; then
-for B in 32 128; do
+for B in ${SCALE_BATCHES:-32 128}; do
     if run "scale_${B}_1gpu" 1 --batch-size $B "${SCALE[@]}" \
         && run "scale_${B}_2gpu" 2 --batch-size $B "${SCALE[@]}"; then
         read -r T1 N1 <<<"$(throughput "scale_${B}_1gpu")"

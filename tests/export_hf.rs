@@ -16,11 +16,24 @@ fn golden(name: &str) -> PathBuf {
     root().join("golden/minimind").join(name)
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("export_hf_{tag}_{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh directory under the system temp dir, removed when dropped (a failed assertion
+/// unwinds and drops it too), so test runs leave nothing behind.
+struct TmpDir(tempfile::TempDir);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+fn tmpdir(tag: &str) -> TmpDir {
+    TmpDir(
+        tempfile::Builder::new()
+            .prefix(&format!("export_hf_{tag}_"))
+            .tempdir()
+            .unwrap(),
+    )
 }
 
 fn export(weights: &Path, out: &Path, dtype: &str) {

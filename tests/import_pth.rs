@@ -10,10 +10,24 @@ fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/minimind/minimind_pretrain_64.pth")
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("import_pth_{tag}_{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh directory under the system temp dir, removed when dropped (a failed assertion
+/// unwinds and drops it too), so test runs leave nothing behind.
+struct TmpDir(tempfile::TempDir);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+fn tmpdir(tag: &str) -> TmpDir {
+    TmpDir(
+        tempfile::Builder::new()
+            .prefix(&format!("import_pth_{tag}_"))
+            .tempdir()
+            .unwrap(),
+    )
 }
 
 #[test]
@@ -124,7 +138,7 @@ fn torch_save_cases_match_torch_bit_for_bit() {
     };
     let dir = tmpdir("cases");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_pth_cases.py");
-    let out = Command::new(py).arg(script).arg(&dir).output().unwrap();
+    let out = Command::new(py).arg(script).arg(&*dir).output().unwrap();
     assert!(
         out.status.success(),
         "{}",

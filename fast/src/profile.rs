@@ -133,9 +133,8 @@ mod tests {
     /// On the CPU the profiler starts, records ops, saves a trace and finds no device kernels.
     #[test]
     fn profiles_cpu_ops_and_saves_a_trace() {
-        let dir = std::env::temp_dir().join(format!("mm_prof_{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let trace = dir.join("trace.json");
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("trace.json");
         let rows = profile(false, &trace, || {
             let a = Tensor::ones([64, 64], (Kind::Float, Device::Cpu));
             let _ = a.matmul(&a).sum(Kind::Float);
@@ -145,7 +144,6 @@ mod tests {
         assert!(rows.is_empty(), "no CUDA kernels on the CPU: {rows:?}");
         let text = std::fs::read_to_string(&trace).unwrap();
         assert!(text.contains("aten::matmul"), "trace lacks the matmul op");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -49,8 +49,12 @@ fn generate_with_a_fixed_seed_prints_the_same_text_twice() {
 
 #[test]
 fn eval_and_export_run_from_the_command_line() {
-    let dir = std::env::temp_dir().join(format!("generate_cli_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when dropped, so test runs leave nothing in the temp dir.
+    let tmp = tempfile::Builder::new()
+        .prefix("generate_cli_")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let data = dir.join("held.jsonl");
     std::fs::write(&data, "{\"text\": \"abc\"}\n{\"text\": \"ab\"}\n").unwrap();
     let w = golden("minimind_pretrain_64.pth");

@@ -363,9 +363,8 @@ mod tests {
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let m = MiniMindForCausalLM::new(&vs.root(), &cfg).unwrap();
-        let dir = std::env::temp_dir().join(format!("fast_model_rt_{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("w.safetensors");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
         save_named(&vs, &path).unwrap();
         tch::manual_seed(4);
         let mut vs2 = VarStore::new(Device::Cpu);
