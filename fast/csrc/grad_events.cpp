@@ -1,8 +1,9 @@
 // Data parallel: start reducing a bucket of gradients while backward is still computing the rest.
 //
-// A gradient hook on the residual stream entering layer i fires once every layer >= i has
-// backpropagated (and their .grad are written: AccumulateGrad runs first in the engine's queue).
-// The hook records CUDA event i on the backward's stream. After backward returns on the host,
+// A gradient hook on a tensor that only layer i's first op reads (dist/overlap.rs: the previous
+// layer's feed-forward output, or the embedding's) fires once every layer >= i has
+// backpropagated, and their .grad are written: AccumulateGrad nodes run first in the engine's
+// ready queue. The hook records CUDA event i on the backward's stream. After backward returns on the host,
 // `mm_grad_events_enter(i)` makes a side stream wait for event i and current, so a collective
 // issued next (ProcessGroupNCCL orders its own stream after the current one) starts on the device
 // as soon as layer i is done, not when all of backward is; `mm_grad_events_leave` restores the

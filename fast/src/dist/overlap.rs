@@ -1,15 +1,16 @@
 //! Data parallel: the gradient all-reduce overlapped with backward.
 //!
-//! Every `.grad` is a view into one flat buffer in name order (the embedding, layers 0..L, the
-//! final norm), and backward runs from the last layer to the first, so the gradients of layers
-//! `i..` are a suffix of that buffer and are final once layer `i` has backpropagated. A [`Plan`]
-//! cuts the buffer at a few layer boundaries. During the forward, the tensor whose gradient
-//! layer `i` computes last (the output of layer `i - 1`'s feed-forward, which only layer `i`'s
-//! input norm reads; for layer 0 the embedding's output) gets a hook that records a CUDA event
-//! when that gradient exists (`csrc/grad_events.cpp`); after backward each cut bucket's
-//! all-reduce is queued behind its event, so on the device it runs beside the backward of the
-//! layers below. Only the last bucket, the embedding (its tied lm_head gradient is finished by
-//! the embedding's own backward, the last op), is reduced after backward.
+//! Every `.grad` is a view into one flat buffer (name order: the embedding, the layers, the
+//! final norm), and backward runs from the last layer to the first, so a layer's gradients are
+//! final once backward has passed it. A [`Plan`] splits the buffer into buckets of whole layers
+//! that sit next to each other in it; a bucket is final once its lowest layer has
+//! backpropagated. During the forward, the tensor whose gradient layer `i` computes last (the
+//! output of layer `i - 1`'s feed-forward, which only layer `i`'s input norm reads; for layer 0
+//! the embedding's output) gets a hook that records a CUDA event when that gradient exists
+//! (`csrc/grad_events.cpp`). After backward each bucket's all-reduce is queued behind its
+//! lowest layer's event, so on the device it runs beside the backward of the layers below. Only
+//! the embedding (its tied lm_head gradient is finished by the embedding's own backward, the
+//! last op) is reduced after backward.
 //!
 //! Under `pretrain --cuda-graph` the hooks run once, at capture: the micro-step's graph records
 //! the events at the same points on every replay, and the collectives stay outside the graph.
