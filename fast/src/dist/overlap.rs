@@ -124,7 +124,7 @@ impl Plan {
         }
         let mut buckets: Vec<Bucket> = built.into_iter().map(|(_, b)| b).collect();
         // Top layer first; None (the embedding) sorts below every Some, so last.
-        buckets.sort_by(|a, b| b.ready.cmp(&a.ready));
+        buckets.sort_by_key(|b| std::cmp::Reverse(b.ready));
         let mut marks: Vec<usize> = buckets.iter().filter_map(|b| b.ready).collect();
         marks.dedup();
         Some(Plan {
