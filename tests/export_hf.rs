@@ -16,24 +16,13 @@ fn golden(name: &str) -> PathBuf {
     root().join("golden/minimind").join(name)
 }
 
-/// A fresh directory under the system temp dir, removed when dropped (a failed assertion
-/// unwinds and drops it too), so test runs leave nothing behind.
-struct TmpDir(tempfile::TempDir);
-
-impl std::ops::Deref for TmpDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-fn tmpdir(tag: &str) -> TmpDir {
-    TmpDir(
-        tempfile::Builder::new()
-            .prefix(&format!("export_hf_{tag}_"))
-            .tempdir()
-            .unwrap(),
-    )
+/// A fresh directory under the system temp dir, removed when the returned handle drops (a failed
+/// assertion unwinds and drops it too), so test runs leave nothing behind.
+fn tmpdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("export_hf_{tag}_"))
+        .tempdir()
+        .unwrap()
 }
 
 fn export(weights: &Path, out: &Path, dtype: &str) {
@@ -59,8 +48,9 @@ fn export_then_import_is_lossless() {
     let pth = golden("minimind_pretrain_64.pth");
     let (arch0, w0, _) = fast::weights::load_for_inference(&pth, None, Kind::Double).unwrap();
     for dtype in ["source", "f32"] {
-        let out = tmpdir(&format!("lossless_{dtype}"));
-        export(&pth, &out, dtype);
+        let out_tmp = tmpdir(&format!("lossless_{dtype}"));
+        let out = out_tmp.path();
+        export(&pth, out, dtype);
         for f in [
             "config.json",
             "model.safetensors",
@@ -145,8 +135,9 @@ fn ours(weights: &Path, rows: &[Vec<i64>]) -> Tensor {
 fn transformers_llama_from_the_export_gives_minimind_logits() {
     let Some(py) = hf_python() else { return };
     let pth = golden("minimind_pretrain_64.pth");
-    let out = tmpdir("hf_llama");
-    export(&pth, &out, "source");
+    let out_tmp = tmpdir("hf_llama");
+    let out = out_tmp.path();
+    export(&pth, out, "source");
     let expected =
         Tensor::read_safetensors(golden("minimind_pretrain_64.expected.safetensors")).unwrap();
     let get = |n: &str| {
@@ -161,7 +152,7 @@ fn transformers_llama_from_the_export_gives_minimind_logits() {
     let rows: Vec<Vec<i64>> = (0..ids.size()[0])
         .map(|b| Vec::<i64>::try_from(&ids.get(b)).unwrap())
         .collect();
-    let hf = hf_logits(&py, &out, &rows);
+    let hf = hf_logits(&py, out, &rows);
     let d_golden = max_abs_diff(&hf, &get("logits"));
     let d_ours = max_abs_diff(&hf, &ours(&pth, &rows));
     println!(
@@ -227,10 +218,12 @@ fn small_arch(qk_norm: bool, moe: bool) -> Arch {
 #[test]
 fn transformers_qwen3_from_a_qk_norm_export_gives_our_logits() {
     let Some(py) = hf_python() else { return };
-    let dir = tmpdir("qwen3_src");
-    let src = random_weights_file(&small_arch(true, false), &dir);
-    let out = tmpdir("hf_qwen3");
-    export(&src, &out, "source");
+    let dir_tmp = tmpdir("qwen3_src");
+    let dir = dir_tmp.path();
+    let src = random_weights_file(&small_arch(true, false), dir);
+    let out_tmp = tmpdir("hf_qwen3");
+    let out = out_tmp.path();
+    export(&src, out, "source");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"][0], "Qwen3ForCausalLM");
@@ -238,7 +231,7 @@ fn transformers_qwen3_from_a_qk_norm_export_gives_our_logits() {
         vec![1i64, 40, 41, 300, 7, 9, 2, 11],
         vec![1, 3, 3, 3, 3, 500, 8, 0],
     ];
-    let hf = hf_logits(&py, &out, &rows);
+    let hf = hf_logits(&py, out, &rows);
     let d = max_abs_diff(&hf, &ours(&src, &rows));
     println!("HF Qwen3 fp32 vs ours fp32 (qk-norm): {d:.3e}");
     assert!(d < 1e-4, "{d}");
@@ -247,10 +240,12 @@ fn transformers_qwen3_from_a_qk_norm_export_gives_our_logits() {
 #[test]
 fn moe_export_keeps_minimind_layout_and_reimports() {
     let arch = small_arch(false, true);
-    let dir = tmpdir("moe_src");
-    let src = random_weights_file(&arch, &dir);
-    let out = tmpdir("hf_moe");
-    export(&src, &out, "source");
+    let dir_tmp = tmpdir("moe_src");
+    let dir = dir_tmp.path();
+    let src = random_weights_file(&arch, dir);
+    let out_tmp = tmpdir("hf_moe");
+    let out = out_tmp.path();
+    export(&src, out, "source");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["model_type"], "minimind");

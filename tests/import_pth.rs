@@ -10,24 +10,13 @@ fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/minimind/minimind_pretrain_64.pth")
 }
 
-/// A fresh directory under the system temp dir, removed when dropped (a failed assertion
-/// unwinds and drops it too), so test runs leave nothing behind.
-struct TmpDir(tempfile::TempDir);
-
-impl std::ops::Deref for TmpDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-fn tmpdir(tag: &str) -> TmpDir {
-    TmpDir(
-        tempfile::Builder::new()
-            .prefix(&format!("import_pth_{tag}_"))
-            .tempdir()
-            .unwrap(),
-    )
+/// A fresh directory under the system temp dir, removed when the returned handle drops (a failed
+/// assertion unwinds and drops it too), so test runs leave nothing behind.
+fn tmpdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("import_pth_{tag}_"))
+        .tempdir()
+        .unwrap()
 }
 
 #[test]
@@ -75,7 +64,8 @@ fn write_pth(path: &Path, pickle: &[u8]) {
 
 #[test]
 fn malicious_globals_are_refused_by_name_and_never_run() {
-    let dir = tmpdir("evil");
+    let dir_tmp = tmpdir("evil");
+    let dir = dir_tmp.path();
     let marker = dir.join("pwned");
     let cmd = format!("touch {}", marker.display());
     let mut os_system = b"\x80\x02cos\nsystem\nq\x00X".to_vec();
@@ -106,7 +96,8 @@ fn malicious_globals_are_refused_by_name_and_never_run() {
 
 #[test]
 fn not_a_zip_and_missing_storage_are_clear_errors() {
-    let dir = tmpdir("bad");
+    let dir_tmp = tmpdir("bad");
+    let dir = dir_tmp.path();
     let p = dir.join("legacy.pth");
     std::fs::write(&p, b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.").unwrap();
     let err = format!("{:#}", read_pth(&p).unwrap_err());
@@ -136,9 +127,10 @@ fn torch_save_cases_match_torch_bit_for_bit() {
         println!("SKIP: .venv/bin/python cannot import torch and safetensors");
         return;
     };
-    let dir = tmpdir("cases");
+    let dir_tmp = tmpdir("cases");
+    let dir = dir_tmp.path();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_pth_cases.py");
-    let out = Command::new(py).arg(script).arg(&*dir).output().unwrap();
+    let out = Command::new(py).arg(script).arg(dir).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
