@@ -116,33 +116,36 @@ char* c10d_shim_init(const char* host, uint16_t port, int is_server, int rank, i
   });
 }
 
+namespace {
+// Enqueues a sum over ranks of each tensor on NCCL's stream (ordered after the current stream's
+// work so far; ProcessGroupNCCL takes one tensor per call) and returns the collectives' Work.
+std::vector<c10::intrusive_ptr<c10d::Work>> start_sums(FastC10dGroup* g,
+                                                       const std::vector<at::Tensor>& ts) {
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp::SUM;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  for (const auto& t : ts) {
+    std::vector<at::Tensor> one{t};
+    works.push_back(g->pg->allreduce(one, opts));
+  }
+  return works;
+}
+}  // namespace
+
 char* c10d_shim_all_reduce_sum(FastC10dGroup* g, void* const* tensors, size_t n) {
   if (g == nullptr) return dup_string("all_reduce_sum: group is null");
   return guarded("all_reduce_sum", [&] {
-    auto ts = checked_tensors(g, tensors, n, "all_reduce_sum");
-    c10d::AllreduceOptions opts;
-    opts.reduceOp = c10d::ReduceOp::SUM;
-    // ProcessGroupNCCL takes one tensor per call; enqueue all, then make the stream wait.
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    for (auto& t : ts) {
-      std::vector<at::Tensor> one{t};
-      works.push_back(g->pg->allreduce(one, opts));
-    }
-    for (auto& w : works) w->wait();
+    // Enqueue all, then make the current stream wait.
+    for (auto& w : start_sums(g, checked_tensors(g, tensors, n, "all_reduce_sum"))) w->wait();
   });
 }
 
 char* c10d_shim_all_reduce_sum_async(FastC10dGroup* g, void* const* tensors, size_t n) {
   if (g == nullptr) return dup_string("all_reduce_sum_async: group is null");
   return guarded("all_reduce_sum_async", [&] {
-    auto ts = checked_tensors(g, tensors, n, "all_reduce_sum_async");
-    c10d::AllreduceOptions opts;
-    opts.reduceOp = c10d::ReduceOp::SUM;
+    auto works = start_sums(g, checked_tensors(g, tensors, n, "all_reduce_sum_async"));
     std::lock_guard<std::mutex> lock(g->pending_mu);
-    for (auto& t : ts) {
-      std::vector<at::Tensor> one{t};
-      g->pending.push_back(g->pg->allreduce(one, opts));
-    }
+    g->pending.insert(g->pending.end(), works.begin(), works.end());
   });
 }
 

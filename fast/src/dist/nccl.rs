@@ -201,10 +201,7 @@ impl Communicator for Nccl {
         let r = (|| {
             let g = self.live()?;
             self.check_devices(std::slice::from_ref(t), "all_reduce_sum_async")?;
-            ensure!(
-                t.is_contiguous(),
-                "all_reduce_sum_async: the tensor must be contiguous"
-            );
+            // The shim checks that it is dense and contiguous.
             let p = [t.as_mut_ptr() as *mut c_void];
             // SAFETY: `t` outlives the call; the shim's Work holds its own reference to it.
             check(unsafe { c10d_shim_all_reduce_sum_async(g, p.as_ptr(), 1) })
