@@ -336,10 +336,16 @@ pub fn average_gradients(
         return Ok(());
     }
     comm.all_reduce_sum(grads)?;
+    finish_average(grads, mode, w)
+}
+
+/// After the sum over `world` ranks: MiniMind's rank mean divides by the world size;
+/// token-weighted sums are already the average.
+pub(crate) fn finish_average(grads: &mut [Tensor], mode: GradAverage, world: usize) -> Result<()> {
     if mode == GradAverage::RankMean {
         let _guard = tch::no_grad_guard();
         for g in grads.iter_mut() {
-            let _ = g.f_mul_scalar_(1.0 / w as f64)?;
+            let _ = g.f_mul_scalar_(1.0 / world as f64)?;
         }
     }
     Ok(())

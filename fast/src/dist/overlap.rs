@@ -213,11 +213,7 @@ impl Overlap {
             .with_context(what)?;
         }
         comm.wait_pending()?;
-        if mode == GradAverage::RankMean {
-            let _guard = tch::no_grad_guard();
-            let _ = flat.shallow_clone().f_mul_scalar_(1.0 / w as f64)?;
-        }
-        Ok(())
+        super::finish_average(&mut [flat.shallow_clone()], mode, w)
     }
 }
 
