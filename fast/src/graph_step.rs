@@ -1,7 +1,8 @@
 //! `pretrain --cuda-graph`: the micro-step (forward + backward) and the optimizer step (clip,
 //! AdamW, zero) each captured once as a CUDA graph and replayed, so a step costs two launches of
-//! host time instead of ~1,500. Between them the data-parallel all-reduce runs eagerly (one NCCL
-//! call on the flat gradient buffer), so no collective is ever captured.
+//! host time instead of ~1,500. Between them the data-parallel all-reduce runs eagerly on the
+//! flat gradient buffer, so no collective is ever captured (with the overlap, the micro-step's
+//! graph only records the events its buckets wait for: dist/overlap.rs).
 //!
 //! A replay computes exactly what the eager calls compute: the same kernels on the same
 //! persistent tensors (parameters, `.grad` views, AdamW moments, the device learning rate). Only

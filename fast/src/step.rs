@@ -97,7 +97,7 @@ pub struct Trainer {
     /// met a non-finite gradient norm and was skipped (weights and moments untouched), else 0.
     pub nonfinite: Option<Tensor>,
     /// Every parameter's `.grad` is a view into this one contiguous buffer (name order), so a
-    /// data-parallel all-reduce and its rank-mean scaling are one call each, with no copies.
+    /// data-parallel all-reduce works on it, or on ranges of it, with no copies.
     pub flat_grads: Tensor,
     /// Whether `micro_step` may take the fused cross-entropy path (explicit lm_head matmuls around
     /// one CUDA kernel, `fused::cross_entropy_bf16`, instead of autograd over fp32 logits). It is

@@ -463,7 +463,8 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                     cfg.accumulation_steps as u64,
                     iters as u64,
                 ) {
-                    // One collective on the flat gradient buffer (no-op on one rank).
+                    // The flat gradient buffer summed over ranks: in buckets started during
+                    // backward with the overlap, else one collective (no-op on one rank).
                     tr.average_gradients(&*comm, norm.into())?;
                     last_grad_norm = Some(match &graphed {
                         Some(g) => g.optimizer_step(&mut tr, lr)?,
