@@ -10,8 +10,11 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/stack.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "ffi_error.h"
@@ -89,6 +92,37 @@ char *mm_set_grad(at::Tensor *p, at::Tensor *g) {
     p->mutable_grad() = *g;
   });
 }
+
+// A device tensor read on the host without waiting for the work queued after it: `src` is copied
+// into the pinned CPU tensor `dst` on the current stream without blocking, and an event recorded
+// behind the copy goes to *event_out (nullptr for a CPU `src`: the copy is done on return).
+// mm_host_read_wait blocks until that event, i.e. until the copy has landed, then frees it.
+char *mm_host_read_start(at::Tensor *src, at::Tensor *dst, void **event_out) {
+  *event_out = nullptr;
+  return guard([&] {
+    TORCH_CHECK(dst->device().is_cpu(), "host read: the destination must be a CPU tensor");
+    const auto device = src->device();
+    if (device.is_cpu()) {
+      dst->copy_(*src);
+      return;
+    }
+    TORCH_CHECK(dst->is_pinned(), "host read: the destination must be pinned");
+    dst->copy_(*src, /*non_blocking=*/true);
+    c10::impl::VirtualGuardImpl impl(device.type());
+    auto ev = std::make_unique<c10::Event>(device.type());
+    ev->record(impl.getStream(device));
+    *event_out = ev.release();
+  });
+}
+
+char *mm_host_read_wait(void *event) {
+  return guard([&] {
+    std::unique_ptr<c10::Event> ev(static_cast<c10::Event *>(event));
+    if (ev) ev->synchronize();
+  });
+}
+
+void mm_host_read_free(void *event) { delete static_cast<c10::Event *>(event); }
 
 // Tensor.pin_memory() with the current accelerator (tch's binding passes a device argument,
 // which libtorch 2.11 warns is deprecated).

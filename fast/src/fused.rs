@@ -37,6 +37,13 @@ extern "C" {
         inv_scale: *mut C_tensor,
     ) -> *mut c_char;
     fn mm_pin_memory(t: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+    fn mm_host_read_start(
+        src: *mut C_tensor,
+        dst: *mut C_tensor,
+        event_out: *mut *mut std::ffi::c_void,
+    ) -> *mut c_char;
+    fn mm_host_read_wait(event: *mut std::ffi::c_void) -> *mut c_char;
+    fn mm_host_read_free(event: *mut std::ffi::c_void);
     fn mm_set_grad(p: *mut C_tensor, g: *mut C_tensor) -> *mut c_char;
     fn mm_backward(ts: *const *mut C_tensor, gs: *const *mut C_tensor, n: i64) -> *mut c_char;
 }
@@ -70,6 +77,49 @@ pub fn pin_memory(t: &Tensor) -> Result<Tensor> {
         mm_pin_memory(t.as_ptr() as *mut C_tensor, &mut out)
     })?;
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// A small device tensor on its way to the host: [`HostRead::start`] queues a non-blocking copy
+/// into pinned memory behind the work queued so far, [`HostRead::wait`] waits for that copy only,
+/// not for work queued after it. So a training loop can read step n's flag while step n + 1 runs
+/// (`f64::try_from(t.sum())` would queue the sum behind step n + 1 and wait for all of it).
+pub struct HostRead {
+    host: Tensor,
+    event: *mut std::ffi::c_void,
+}
+
+impl HostRead {
+    pub fn start(src: &Tensor) -> Result<HostRead> {
+        let empty = Tensor::f_empty(src.size(), (src.kind(), tch::Device::Cpu))?;
+        let host = if src.device().is_cuda() {
+            pin_memory(&empty)?
+        } else {
+            empty
+        };
+        let mut event = std::ptr::null_mut();
+        check("host read", unsafe {
+            mm_host_read_start(
+                src.as_ptr() as *mut C_tensor,
+                host.as_ptr() as *mut C_tensor,
+                &mut event,
+            )
+        })?;
+        Ok(HostRead { host, event })
+    }
+
+    /// The values, once the copy has landed (a CPU tensor).
+    pub fn wait(mut self) -> Result<Tensor> {
+        let event = std::mem::replace(&mut self.event, std::ptr::null_mut());
+        check("host read", unsafe { mm_host_read_wait(event) })?;
+        Ok(self.host.shallow_clone())
+    }
+}
+
+impl Drop for HostRead {
+    fn drop(&mut self) {
+        // SAFETY: null, or the event mm_host_read_start made and nothing has freed.
+        unsafe { mm_host_read_free(self.event) }
+    }
 }
 
 fn ptrs(ts: &[Tensor]) -> Vec<*mut C_tensor> {
@@ -285,6 +335,16 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&p).unwrap(), vec![1.0, 2.0]);
         assert_eq!(Vec::<f32>::try_from(&q).unwrap(), vec![3.0]);
         assert_eq!(f64::try_from(&steps[1]).unwrap(), 0.0);
+    }
+
+    /// On the CPU the read is done at start; wait hands back the values (a copy, not a view).
+    #[test]
+    fn host_read_returns_the_values_at_start() {
+        let mut t = Tensor::from_slice(&[1.5f32, -2.0, 0.0]);
+        let read = HostRead::start(&t).unwrap();
+        let _ = t.fill_(9.0);
+        let got = Vec::<f32>::try_from(read.wait().unwrap()).unwrap();
+        assert_eq!(got, vec![1.5, -2.0, 0.0]);
     }
 
     #[test]

@@ -471,7 +471,11 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                         None => tr.optimizer_step(lr, cfg.grad_clip)?,
                     });
                     nonfinite.check_pending(&log, last_saved_global, &resume_path)?;
-                    nonfinite.pending = tr.nonfinite.as_ref().map(|f| (global, f.shallow_clone()));
+                    // Read a step later, without waiting for the step queued in between.
+                    nonfinite.pending = match &tr.nonfinite {
+                        Some(f) => Some((global, crate::fused::HostRead::start(f)?)),
+                        None => None,
+                    };
                     window_count = 0;
                     window_count_dev = None;
                     // After one eager optimizer step every library is initialised: capture.
@@ -771,7 +775,7 @@ impl Signals {
 struct NonFinite {
     skip: bool,
     skipped: usize,
-    pending: Option<(usize, Tensor)>,
+    pending: Option<(usize, crate::fused::HostRead)>,
 }
 
 impl NonFinite {
@@ -784,7 +788,7 @@ impl NonFinite {
         let Some((at, flag)) = self.pending.take() else {
             return Ok(());
         };
-        if f64::try_from(flag.sum(Kind::Double))? == 0.0 {
+        if f64::try_from(flag.wait()?.sum(Kind::Double))? == 0.0 {
             return Ok(());
         }
         if self.skip {

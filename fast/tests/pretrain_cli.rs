@@ -271,6 +271,50 @@ fn moe_runs_and_logs_its_aux_loss() {
     assert!(dir.path().join("out/pretrain_32_moe.safetensors").exists());
 }
 
+/// A learning rate of 1e30 makes the weights overflow within a step or two. The non-finite step is
+/// skipped on the device and read by the host a step later (without waiting for the step queued
+/// in between): the run stops with an error that names the step and the way out, or, with
+/// --skip-nonfinite, runs to the end and reports how many steps it skipped.
+#[test]
+fn a_non_finite_step_stops_the_run_or_is_skipped_and_counted() {
+    let blow_up = [
+        "--learning-rate",
+        "1e30",
+        "--max-steps",
+        "6",
+        "--log-interval",
+        "1",
+        "--sample-tokens",
+        "0",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_in(dir.path(), &blow_up);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a non-finite run must fail");
+    assert!(
+        stderr.contains("the loss or a gradient is not finite")
+            && stderr.contains("--skip-nonfinite"),
+        "{stderr}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_in(dir.path(), &[&blow_up[..], &["--skip-nonfinite"]].concat());
+    let stdout = ok(&out) + &String::from_utf8_lossy(&out.stderr);
+    let skipped: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("skipped "))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no 'skipped N optimizer step(s)' line:\n{stdout}"));
+    assert!((1..=6).contains(&skipped), "{stdout}");
+    assert_eq!(
+        stdout
+            .matches("non-finite loss or gradient, optimizer step skipped")
+            .count(),
+        skipped,
+        "one log line per skipped step:\n{stdout}"
+    );
+}
+
 #[test]
 fn from_resume_without_a_checkpoint_starts_from_scratch() {
     let dir = tempfile::tempdir().unwrap();
