@@ -172,6 +172,17 @@ pub struct PretrainArgs {
     /// No progress bar (log lines only).
     #[arg(long, alias = "no_progress")]
     pub no_progress: bool,
+    /// Profile micro-steps --profile-at .. --profile-at + --profile-steps - 1 with libtorch's
+    /// profiler (graph replays and collectives included): every rank writes
+    /// DIR/rank<R>/trace.json and kernels.tsv; rank 0 prints the device time per op.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// First micro-step profiled by --profile (past warm-up and graph capture).
+    #[arg(long, default_value_t = 50)]
+    pub profile_at: usize,
+    /// Micro-steps profiled by --profile.
+    #[arg(long, default_value_t = 5)]
+    pub profile_steps: usize,
 }
 
 /// Everything a run was started with, defaults resolved. Printed at start and saved (as JSON)
@@ -219,6 +230,9 @@ pub struct RunConfig {
     pub sample_prompt: String,
     pub sample_tokens: usize,
     pub no_progress: bool,
+    /// `--profile`: (directory, first micro-step, micro-steps).
+    #[serde(default)]
+    pub profile: Option<(PathBuf, usize, usize)>,
     /// Why defaults differ from MiniMind's (device-sized model, CPU subset, ...).
     pub notes: Vec<String>,
 }
@@ -386,6 +400,10 @@ impl PretrainArgs {
             sample_prompt: self.sample_prompt.clone(),
             sample_tokens: self.sample_tokens,
             no_progress: self.no_progress,
+            profile: self
+                .profile
+                .clone()
+                .map(|d| (d, self.profile_at, self.profile_steps)),
             notes,
         };
         cfg.validate()?;
@@ -414,6 +432,10 @@ impl RunConfig {
         }
         if let Some(m) = self.max_docs {
             at_least("max-docs", m, 1)?;
+        }
+        if let Some((_, at, n)) = &self.profile {
+            at_least("profile-at", *at, 1)?;
+            at_least("profile-steps", *n, 1)?;
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             bail!(

@@ -35,24 +35,45 @@ pub fn profile(
     trace: &Path,
     f: impl FnOnce() -> Result<()>,
 ) -> Result<Vec<KernelTime>> {
-    let err = unsafe { mm_prof_start(cuda as i32) };
-    if !err.is_null() {
-        return Err(anyhow!("starting the profiler: {}", take(err)));
-    }
+    let session = Session::start(cuda)?;
     let ran = f();
-    let path = CString::new(trace.to_string_lossy().as_bytes())
-        .context("the trace path contains a NUL byte")?;
-    let mut summary: *mut c_char = std::ptr::null_mut();
-    let err = unsafe { mm_prof_stop(path.as_ptr(), &mut summary) };
+    let rows = session.stop(trace);
     ran?;
-    if !err.is_null() {
-        return Err(anyhow!(
-            "stopping the profiler (trace {}): {}",
-            trace.display(),
-            take(err)
-        ));
+    rows
+}
+
+/// The profiler between [`Session::start`] and [`Session::stop`] (one at a time per process),
+/// for spans that are no single closure, such as micro-steps of the training loop.
+pub struct Session {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Session {
+    pub fn start(cuda: bool) -> Result<Session> {
+        let err = unsafe { mm_prof_start(cuda as i32) };
+        if !err.is_null() {
+            return Err(anyhow!("starting the profiler: {}", take(err)));
+        }
+        Ok(Session {
+            _not_send: std::marker::PhantomData,
+        })
     }
-    Ok(parse(&take(summary)))
+
+    /// Stops, saves the Chrome trace at `trace` and returns the per-kernel device times.
+    pub fn stop(self, trace: &Path) -> Result<Vec<KernelTime>> {
+        let path = CString::new(trace.to_string_lossy().as_bytes())
+            .context("the trace path contains a NUL byte")?;
+        let mut summary: *mut c_char = std::ptr::null_mut();
+        let err = unsafe { mm_prof_stop(path.as_ptr(), &mut summary) };
+        if !err.is_null() {
+            return Err(anyhow!(
+                "stopping the profiler (trace {}): {}",
+                trace.display(),
+                take(err)
+            ));
+        }
+        Ok(parse(&take(summary)))
+    }
 }
 
 fn parse(tsv: &str) -> Vec<KernelTime> {

@@ -372,6 +372,8 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
         }
     }
     let mut graphed: Option<GraphedStep> = None;
+    // --profile: the profiler while it runs.
+    let mut profiling: Option<crate::profile::Session> = None;
 
     // ---- 4. the loop ----
     'epochs: for epoch in pos.epoch..cfg.epochs {
@@ -431,6 +433,11 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 let t_step = Instant::now();
                 step += 1;
                 global += 1;
+                if let Some((_, at, _)) = &cfg.profile {
+                    if global == *at && profiling.is_none() {
+                        profiling = Some(crate::profile::Session::start(device.is_cuda())?);
+                    }
+                }
                 let lr = schedule::lr_at(
                     global as u64,
                     total as u64,
@@ -487,6 +494,12 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                             hb.cols,
                             global + 1
                         ));
+                    }
+                }
+                if let (Some((dir, at, n)), true) = (&cfg.profile, profiling.is_some()) {
+                    if global + 1 == at + n || global == total || global >= stop_at {
+                        let session = profiling.take().expect("checked above");
+                        finish_profile(session, dir, rank, main, global + 1 - at, device)?;
                     }
                 }
                 useful_seen += hb.counted_labels as u64;
@@ -731,6 +744,33 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+/// Ends `--profile` after `steps` micro-steps: waits for the device, then this rank writes
+/// `dir/rank<R>/trace.json` and `kernels.tsv`, and rank 0 prints the device time per op.
+fn finish_profile(
+    session: crate::profile::Session,
+    dir: &std::path::Path,
+    rank: usize,
+    main: bool,
+    steps: usize,
+    device: Device,
+) -> Result<()> {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    let out = dir.join(format!("rank{rank}"));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let rows = session.stop(&out.join("trace.json"))?;
+    crate::profile::write_tsv(&rows, &out.join("kernels.tsv"))?;
+    if main {
+        eprint!("{}", crate::profile::report(&rows, steps));
+        eprintln!(
+            "profile: {} (rank<R>/trace.json, kernels.tsv)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
 
 /// SIGINT / SIGTERM flags. A second signal of the same kind while the first is being handled
 /// exits at once (the checkpoint being written then is abandoned; the previous one stays).
