@@ -315,6 +315,37 @@ fn a_non_finite_step_stops_the_run_or_is_skipped_and_counted() {
     );
 }
 
+/// --profile traces the asked micro-steps of a real run: rank 0's Chrome trace holds the
+/// model's ops, and the per-op table is printed.
+#[test]
+fn profile_writes_a_trace_of_the_asked_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_in(
+        dir.path(),
+        &[
+            "--max-steps",
+            "4",
+            "--sample-tokens",
+            "0",
+            "--profile",
+            "prof",
+            "--profile-at",
+            "2",
+            "--profile-steps",
+            "2",
+        ],
+    );
+    let _ = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("over 2 profiled step(s)"), "{stderr}");
+    let trace = std::fs::read_to_string(dir.path().join("prof/rank0/trace.json")).unwrap();
+    assert!(
+        trace.contains("aten::mm") || trace.contains("aten::matmul"),
+        "no matmul in the trace"
+    );
+    assert!(dir.path().join("prof/rank0/kernels.tsv").is_file());
+}
+
 #[test]
 fn from_resume_without_a_checkpoint_starts_from_scratch() {
     let dir = tempfile::tempdir().unwrap();
