@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-parallel checks on a machine with 2 GPUs (nvidia-h200-x2). Needs no Rust: only the `fast`
+# Data-parallel checks on a machine with 2 or more GPUs (nvidia-h200-x2, -x4). Needs no Rust: only the `fast`
 # binary built with `cargo build --release -p fast --features nccl`, and python3 with PyTorch 2.11
 # (for torchrun and libtorch's shared libraries).
 #
@@ -9,14 +9,16 @@
 #   INPUT_DIR/tokenizer/      tokenizer.json + tokenizer_config.json (optional; default: embedded)
 #
 # Checks, each printed as it finishes, then a table:
+# N = NPROC (default 2) ranks for checks 0-3.
 #   0. dist-check: collectives give exact known values (torchrun --standalone), all-reduce timing,
-#      and a failure drill (one rank fails; the other must end, not hang).
-#   1. loss curves: 2 ranks x batch B vs 1 rank x batch 2B, 50 steps, token-weighted loss, bf16;
-#      the logged (global) losses agree within bf16 tolerance.
-#   2. weight checksums printed by every rank at the end of the 2-rank run are identical.
-#   3. checkpoint on 2 GPUs resumes on 1, and 1 on 2 (step rescale step*saved_ws//current_ws).
-#   4. scaling efficiency at per-GPU batch 32 and 128 on the 26M config:
-#      2-GPU tokens/s / (2 x 1-GPU tokens/s); at batch 32 also without the all-reduce's overlap.
+#      and a failure drill with 2 ranks (one rank fails; the other must end, not hang).
+#   1. loss curves: N ranks x batch 32/N vs 1 rank x batch 32, 50 steps, token-weighted loss,
+#      bf16; the logged (global) losses agree within bf16 tolerance.
+#   2. weight checksums printed by every rank at the end of the N-rank run are identical.
+#   3. checkpoint on N GPUs resumes on 1, and 1 on N (step rescale step*saved_ws//current_ws).
+#   4. scaling efficiency at per-GPU batch 32 and 128 (SCALE_BATCHES) on the 26M config, for each
+#      G in SCALE_GPUS (default: 2, and 4 where there are 4 GPUs): G-GPU tokens/s / (G x 1-GPU
+#      tokens/s); at batch 32 also each of SCALE_VARIANTS (default: without the overlap).
 set -uo pipefail
 
 die() { echo "ddp_check: $*" >&2; exit 1; }
@@ -35,7 +37,9 @@ export LD_LIBRARY_PATH="$TORCH_LIB:$TORCH_LIB/../../nvidia/cu13/lib:${LD_LIBRARY
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 NGPU=$(python3 -c 'import torch;print(torch.cuda.device_count())')
 [ "$NGPU" -ge 2 ] || die "needs 2 GPUs, python3's torch sees $NGPU"
-TORCHRUN=(python3 -m torch.distributed.run --standalone --nproc_per_node 2 --no-python)
+NPROC=${NPROC:-2}
+[ "$NPROC" -ge 2 ] && [ "$NPROC" -le "$NGPU" ] || die "NPROC=$NPROC: needs 2..$NGPU"
+torchrun_cmd() { echo python3 -m torch.distributed.run --standalone --nproc_per_node "$1" --no-python; }
 echo "ddp_check: binary $BIN, work dir $WORK, $NGPU GPUs, torch lib $TORCH_LIB"
 
 DATA=()
@@ -56,14 +60,14 @@ VALS=()
 FAILED=0
 record() { KEYS+=("$1"); VALS+=("$2"); echo "== $1: $2"; case "$2" in FAIL*) FAILED=1 ;; esac; }
 
-# run NAME NPROC ARGS...: runs `fast pretrain` in $WORK/NAME (1 process, or 2 through torchrun).
+# run NAME NP ARGS...: runs `fast pretrain` in $WORK/NAME (1 process, or NP through torchrun).
 run() {
     local name=$1 np=$2
     shift 2
     local dir="$WORK/$name"
     mkdir -p "$dir"
     local cmd=("$BIN")
-    [ "$np" -gt 1 ] && cmd=("${TORCHRUN[@]}" "$BIN")
+    [ "$np" -gt 1 ] && cmd=($(torchrun_cmd "$np") "$BIN")
     echo "-- $name: ${cmd[*]} pretrain $*" | tee "$dir/cmd.txt"
     if ! (cd "$dir" && timeout "${RUN_TIMEOUT:-900}" "${cmd[@]}" pretrain "${COMMON[@]}" --save-dir "$dir/out" \
             --checkpoint-dir "$dir/ckpt" "$@") >"$dir/log.txt" 2>&1; then
@@ -73,18 +77,25 @@ run() {
     fi
 }
 
+# run_env "ENV=V,ENV=V" NAME NP ARGS...: run with those environment variables.
+run_env() {
+    local envs=$1
+    shift
+    (for kv in ${envs//,/ }; do export "$kv"; done; run "$@")
+}
+
 metrics() { find "$WORK/$1" -name metrics.jsonl | head -1; }
 
 # ---- 0. collectives --------------------------------------------------------------------------
 if want 0; then
 mkdir -p "$WORK/dist_check"
-if (cd "$WORK/dist_check" && timeout 300 "${TORCHRUN[@]}" "$BIN" dist-check) >"$WORK/dist_check/log.txt" 2>&1; then
-    record "0 collectives (torchrun, 2 ranks)" "ok: $(grep -o 'all_reduce 104 MB fp32 | [^|]*' "$WORK/dist_check/log.txt" | head -1)"
+if (cd "$WORK/dist_check" && timeout 300 $(torchrun_cmd "$NPROC") "$BIN" dist-check) >"$WORK/dist_check/log.txt" 2>&1; then
+    record "0 collectives (torchrun, $NPROC ranks)" "ok: $(grep -o 'all_reduce 104 MB fp32 | [^|]*' "$WORK/dist_check/log.txt" | head -1)"
     OV=$(grep -o 'all-reduce overlapped with backward[^|]*| [^|]*' "$WORK/dist_check/log.txt" | head -1)
     [ -n "$OV" ] && record "0 overlapped all-reduce (dist-check)" "ok: $OV"
 else
     tail -20 "$WORK/dist_check/log.txt"
-    record "0 collectives (torchrun, 2 ranks)" "FAIL (see $WORK/dist_check/log.txt)"
+    record "0 collectives (torchrun, $NPROC ranks)" "FAIL (see $WORK/dist_check/log.txt)"
 fi
 # Failure drills without torchrun (which would stop the peer itself).
 # a) rank 1 fails with an error before a collective: rank 0 must print rank 1's message and exit 1
@@ -119,11 +130,11 @@ fi
 
 # ---- 1 + 2. loss curves and weight checksums -------------------------------------------------
 if want 1 || want 2; then
-B=16
-run curve_2gpu 2 --batch-size $B --max-steps 50 --log-interval 1 \
-    && run curve_1gpu 1 --batch-size $((2 * B)) --max-steps 50 --log-interval 1
-if [ -n "$(metrics curve_2gpu)" ] && [ -n "$(metrics curve_1gpu)" ]; then
-    record "1 loss curves (2x$B vs 1x$((2 * B)), 50 steps)" "$(python3 - "$(metrics curve_2gpu)" "$(metrics curve_1gpu)" <<'EOF'
+B=$((32 / NPROC))
+run curve_ngpu "$NPROC" --batch-size $B --max-steps 50 --log-interval 1 \
+    && run curve_1gpu 1 --batch-size $((NPROC * B)) --max-steps 50 --log-interval 1
+if [ -n "$(metrics curve_ngpu)" ] && [ -n "$(metrics curve_1gpu)" ]; then
+    record "1 loss curves (${NPROC}x$B vs 1x$((NPROC * B)), 50 steps)" "$(python3 - "$(metrics curve_ngpu)" "$(metrics curve_1gpu)" <<'EOF'
 import json, sys
 rows = [{r["step"]: r for r in map(json.loads, filter(str.strip, open(p)))} for p in sys.argv[1:3]]
 steps = sorted(set(rows[0]) & set(rows[1]))
@@ -140,10 +151,10 @@ EOF
 else
     record "1 loss curves" "FAIL: a run failed or wrote no metrics.jsonl"
 fi
-SUMS=$(grep -ho 'rank [0-9]* weight checksum [-0-9.e+]*' "$WORK/curve_2gpu/log.txt" | sort -u)
+SUMS=$(grep -ho 'rank [0-9]* weight checksum [-0-9.e+]*' "$WORK/curve_ngpu/log.txt" | sort -u)
 NSUM=$(echo "$SUMS" | grep -c checksum)
 NDIST=$(echo "$SUMS" | awk '{print $NF}' | sort -u | grep -c .)
-if [ "$NSUM" -eq 2 ] && [ "$NDIST" -eq 1 ]; then
+if [ "$NSUM" -eq "$NPROC" ] && [ "$NDIST" -eq 1 ]; then
     record "2 weight checksums across ranks" "ok: identical ($(echo "$SUMS" | awk 'NR==1{print $NF}'))"
 else
     record "2 weight checksums across ranks" "FAIL: $NSUM checksum lines, $NDIST distinct: $(echo $SUMS)"
@@ -183,16 +194,16 @@ EOF
 )"
 }
 if want 3; then
-    resume_case resume_2to1 2 1
-    resume_case resume_1to2 1 2
+    resume_case "resume_${NPROC}to1" "$NPROC" 1
+    resume_case "resume_1to${NPROC}" 1 "$NPROC"
 fi
 
 # ---- 4. scaling efficiency -------------------------------------------------------------------
 # Tokens/s (padded, all ranks) as the median over log intervals of 30 steps (a log line waits for
 # the device; MiniMind logs every 100), leaving out the first two (warm-up, graph capture) and
 # every interval that follows an epoch end (it holds the end-of-epoch checkpoint and the loader's
-# restart). At batch 32 a third run repeats the 2-GPU one with MM_DP_OVERLAP=0 (the all-reduce
-# after backward, not overlapped with it), for the overlap's share.
+# restart). At batch 32 each SCALE_VARIANTS entry NAME:ENV=VALUE[,ENV=VALUE] repeats the G-GPU
+# run with those variables (default no_overlap:MM_DP_OVERLAP=0, the all-reduce after backward).
 throughput() {  # NAME
     python3 - "$(metrics "$1")" <<'EOF'
 import json, statistics, sys
@@ -202,20 +213,35 @@ print(f"{statistics.median(clean):.0f} {len(clean)}")
 EOF
 }
 SCALE=(--max-steps 300 --log-interval 30 --epochs 100)
+SCALE_GPUS=${SCALE_GPUS:-$( [ "$NGPU" -ge 4 ] && echo "2 4" || echo 2)}
+SCALE_VARIANTS=${SCALE_VARIANTS-no_overlap:MM_DP_OVERLAP=0}
 if want 4; then
 for B in ${SCALE_BATCHES:-32 128}; do
-    if run "scale_${B}_1gpu" 1 --batch-size $B "${SCALE[@]}" \
-        && run "scale_${B}_2gpu" 2 --batch-size $B "${SCALE[@]}"; then
-        read -r T1 N1 <<<"$(throughput "scale_${B}_1gpu")"
-        read -r T2 N2 <<<"$(throughput "scale_${B}_2gpu")"
-        record "4 scaling, batch $B per GPU" "$(python3 -c "t1,t2=$T1,$T2;print(f'{t2/(2*t1):.1%}: 1 GPU {t1/1e3:.0f}k tok/s, 2 GPUs {t2/1e3:.0f}k tok/s (padded; medians of $N1 / $N2 intervals)')")"
-        if [ "$B" = 32 ] && MM_DP_OVERLAP=0 run "scale_${B}_2gpu_no_overlap" 2 --batch-size $B "${SCALE[@]}"; then
-            read -r T3 N3 <<<"$(throughput "scale_${B}_2gpu_no_overlap")"
-            record "4 scaling, batch $B, MM_DP_OVERLAP=0" "$(python3 -c "t1,t3=$T1,$T3;print(f'{t3/(2*t1):.1%}: 2 GPUs {t3/1e3:.0f}k tok/s, all-reduce after backward')")"
-        fi
-    else
-        record "4 scaling, batch $B per GPU" "FAIL: a run failed"
+    if ! run "scale_${B}_1gpu" 1 --batch-size $B "${SCALE[@]}"; then
+        record "4 scaling, batch $B per GPU" "FAIL: the 1-GPU run failed"
+        continue
     fi
+    read -r T1 N1 <<<"$(throughput "scale_${B}_1gpu")"
+    for G in $SCALE_GPUS; do
+        if run "scale_${B}_${G}gpu" "$G" --batch-size $B "${SCALE[@]}"; then
+            read -r T2 N2 <<<"$(throughput "scale_${B}_${G}gpu")"
+            record "4 scaling, $G GPUs, batch $B per GPU" "$(python3 -c "t1,t2,g=$T1,$T2,$G;print(f'{t2/(g*t1):.1%}: 1 GPU {t1/1e3:.0f}k tok/s, {g} GPUs {t2/1e3:.0f}k tok/s (padded; medians of $N1 / $N2 intervals)')")"
+        else
+            record "4 scaling, $G GPUs, batch $B per GPU" "FAIL: the $G-GPU run failed"
+            continue
+        fi
+        [ "$B" = 32 ] || continue
+        for V in $SCALE_VARIANTS; do
+            NAME=${V%%:*}
+            ENVS=${V#*:}
+            if run_env "$ENVS" "scale_${B}_${G}gpu_$NAME" "$G" --batch-size $B "${SCALE[@]}"; then
+                read -r T3 N3 <<<"$(throughput "scale_${B}_${G}gpu_$NAME")"
+                record "4 scaling, $G GPUs, batch $B, $ENVS" "$(python3 -c "t1,t3,g=$T1,$T3,$G;print(f'{t3/(g*t1):.1%}: {g} GPUs {t3/1e3:.0f}k tok/s')")"
+            else
+                record "4 scaling, $G GPUs, batch $B, $ENVS" "FAIL: the run failed"
+            fi
+        done
+    done
 done
 fi
 
