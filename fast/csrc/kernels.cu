@@ -230,18 +230,40 @@ __global__ void rms_norm_dw_kernel(const float *__restrict__ dw_part, float *__r
 // transpose back to [B, T, d] is free). One thread per 8 elements of the
 // first half of a head (and the matching 8 of the second half): item = ((b*T + t)*nh + h)*nq + q.
 
+// The 8 elements a thread of the head kernels owns: batch b, position t, head h, first element
+// i = 8q of its slice, from item = ((b*T + t)*nh + h)*nq + q. False past the last item.
+struct HeadItem {
+  int64_t b, t, h, i;
+};
+
+__device__ __forceinline__ bool head_item(int64_t b_n, int64_t t_n, int64_t nh, int64_t nq,
+                                          HeadItem &it) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= b_n * t_n * nh * nq) return false;
+  it.i = (item % nq) * 8;
+  int64_t rest = item / nq;
+  it.h = rest % nh;
+  rest /= nh;
+  it.t = rest % t_n;
+  it.b = rest / t_n;
+  return true;
+}
+
+// Where copy r of head h at (b, t) starts in the repeated [B, T, nh*n_rep, hd] layout.
+__device__ __forceinline__ int64_t repeated_head(int64_t b, int64_t t, int64_t h, int64_t r,
+                                                 int64_t t_n, int64_t nh, int64_t hd,
+                                                 int64_t n_rep) {
+  return ((b * t_n + t) * (nh * n_rep) + h * n_rep + r) * hd;
+}
+
 __global__ void rope_fwd_kernel(const bf16 *__restrict__ x, int64_t sb, int64_t st, int64_t sh,
                                 const float *__restrict__ cos, const float *__restrict__ sin,
                                 bf16 *__restrict__ y, int64_t b_n, int64_t t_n, int64_t nh,
                                 int64_t hd, int64_t n_rep) {
   const int64_t half = hd / 2, nq = half / 8;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= b_n * t_n * nh * nq) return;
-  const int64_t i = (item % nq) * 8;
-  int64_t rest = item / nq;
-  const int64_t h = rest % nh;
-  rest /= nh;
-  const int64_t t = rest % t_n, b = rest / t_n;
+  HeadItem it;
+  if (!head_item(b_n, t_n, nh, nq, it)) return;
+  const int64_t b = it.b, t = it.t, h = it.h, i = it.i;
   const bf16 *xp = x + b * sb + t * st + h * sh;
   float x1[8], x2[8], c1[8], c2[8], s1[8], s2[8], y1[8], y2[8];
   load8(xp + i, x1);
@@ -257,9 +279,8 @@ __global__ void rope_fwd_kernel(const bf16 *__restrict__ x, int64_t sb, int64_t 
     y1[k] = __fadd_rn(__fmul_rn(x1[k], c1[k]), __fmul_rn(-x2[k], s1[k]));
     y2[k] = __fadd_rn(__fmul_rn(x2[k], c2[k]), __fmul_rn(x1[k], s2[k]));
   }
-  const int64_t heads = nh * n_rep;
   for (int64_t r = 0; r < n_rep; ++r) {
-    bf16 *yp = y + ((b * t_n + t) * heads + h * n_rep + r) * hd;
+    bf16 *yp = y + repeated_head(b, t, h, r, t_n, nh, hd, n_rep);
     store8(yp + i, y1);
     store8(yp + half + i, y2);
   }
@@ -270,17 +291,12 @@ __global__ void heads_copy_kernel(const bf16 *__restrict__ x, int64_t sb, int64_
                                   bf16 *__restrict__ y, int64_t b_n, int64_t t_n, int64_t nh,
                                   int64_t hd, int64_t n_rep) {
   const int64_t nq = hd / 8;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= b_n * t_n * nh * nq) return;
-  const int64_t i = (item % nq) * 8;
-  int64_t rest = item / nq;
-  const int64_t h = rest % nh;
-  rest /= nh;
-  const int64_t t = rest % t_n, b = rest / t_n;
+  HeadItem it;
+  if (!head_item(b_n, t_n, nh, nq, it)) return;
+  const int64_t b = it.b, t = it.t, h = it.h, i = it.i;
   const uint4 v = *reinterpret_cast<const uint4 *>(x + b * sb + t * st + h * sh + i);
-  const int64_t heads = nh * n_rep;
   for (int64_t r = 0; r < n_rep; ++r) {
-    *reinterpret_cast<uint4 *>(y + ((b * t_n + t) * heads + h * n_rep + r) * hd + i) = v;
+    *reinterpret_cast<uint4 *>(y + repeated_head(b, t, h, r, t_n, nh, hd, n_rep) + i) = v;
   }
 }
 
@@ -290,17 +306,12 @@ __global__ void rope_bwd_kernel(const bf16 *__restrict__ gy, const float *__rest
                                 const float *__restrict__ sin, bf16 *__restrict__ dx, int64_t ld,
                                 int64_t b_n, int64_t t_n, int64_t nh, int64_t hd, int64_t n_rep) {
   const int64_t half = hd / 2, nq = half / 8;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= b_n * t_n * nh * nq) return;
-  const int64_t i = (item % nq) * 8;
-  int64_t rest = item / nq;
-  const int64_t h = rest % nh;
-  rest /= nh;
-  const int64_t t = rest % t_n, b = rest / t_n;
+  HeadItem it;
+  if (!head_item(b_n, t_n, nh, nq, it)) return;
+  const int64_t b = it.b, t = it.t, h = it.h, i = it.i;
   float g1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, g2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const int64_t heads = nh * n_rep;
   for (int64_t r = 0; r < n_rep; ++r) {
-    const bf16 *gp = gy + ((b * t_n + t) * heads + h * n_rep + r) * hd;
+    const bf16 *gp = gy + repeated_head(b, t, h, r, t_n, nh, hd, n_rep);
     float a[8], c[8];
     load8(gp + i, a);
     load8(gp + half + i, c);
@@ -325,18 +336,13 @@ __global__ void rope_bwd_kernel(const bf16 *__restrict__ gy, const float *__rest
 __global__ void heads_sum_kernel(const bf16 *__restrict__ gy, bf16 *__restrict__ dx, int64_t ld,
                                  int64_t b_n, int64_t t_n, int64_t nh, int64_t hd, int64_t n_rep) {
   const int64_t nq = hd / 8;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= b_n * t_n * nh * nq) return;
-  const int64_t i = (item % nq) * 8;
-  int64_t rest = item / nq;
-  const int64_t h = rest % nh;
-  rest /= nh;
-  const int64_t t = rest % t_n, b = rest / t_n;
+  HeadItem it;
+  if (!head_item(b_n, t_n, nh, nq, it)) return;
+  const int64_t b = it.b, t = it.t, h = it.h, i = it.i;
   float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const int64_t heads = nh * n_rep;
   for (int64_t r = 0; r < n_rep; ++r) {
     float a[8];
-    load8(gy + ((b * t_n + t) * heads + h * n_rep + r) * hd + i, a);
+    load8(gy + repeated_head(b, t, h, r, t_n, nh, hd, n_rep) + i, a);
 #pragma unroll
     for (int k = 0; k < 8; ++k) s[k] += a[k];
   }
