@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Where a profiled step's device time goes, from `fast pretrain --profile DIR` (or `fast bench
---profile`) Chrome traces: per CUDA stream, the busy time; the time the device was idle; the NCCL
-kernels' time, and how much of it ran alone (exposed) rather than beside other kernels.
+--profile`) Chrome traces: per CUDA stream, the busy time; the time the device was idle (all
+gaps, including the ~1 us between consecutive kernels of a graph) and the part of it in gaps over
+10 us (the device waiting for the host); the NCCL kernels' time, and how much of it ran alone
+(exposed) rather than beside other kernels.
 
 Usage: scripts/trace_summary.py STEPS TRACE.json [TRACE.json ...]   (one line per trace)
 """
@@ -21,6 +23,16 @@ def union(intervals):
             cur_e = max(cur_e, e)
     if cur_e is not None:
         total += cur_e - cur_s
+    return total
+
+
+def long_gaps(intervals, over):
+    """Total length of the gaps longer than `over` between the union of the intervals."""
+    total, end = 0.0, None
+    for s, e in sorted(intervals):
+        if end is not None and s - end > over:
+            total += s - end
+        end = e if end is None else max(end, e)
     return total
 
 
@@ -51,7 +63,7 @@ def summary(path, steps):
     kernels = [
         (ev["ts"], ev["ts"] + ev["dur"], ev.get("args", {}).get("stream", -1), ev.get("name", ""))
         for ev in events
-        if ev.get("cat") == "kernel" and ev.get("dur", 0) > 0
+        if ev.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and ev.get("dur", 0) > 0
     ]
     if not kernels:
         return f"{path}: no kernels"
@@ -73,8 +85,9 @@ def summary(path, steps):
         for st, v in sorted(streams.items(), key=lambda kv: -kv[1][0])
     )
     return (
-        f"{path}: window {per(window)} ms/step; device idle {per(window - busy)}; "
-        f"non-NCCL kernels busy {per(union(rest))}; NCCL kernels {per(union(nccl))} "
+        f"{path}: window {per(window)} ms/step; device idle {per(window - busy)} "
+        f"(gaps over 10 us {per(long_gaps([(s, e) for s, e, _, _ in kernels], 10.0))}); "
+        f"other device work (kernels, copies) busy {per(union(rest))}; NCCL kernels {per(union(nccl))} "
         f"of which alone {per(alone(nccl, rest))}; per stream (ms/step, kernels/step): {by_stream}"
     )
 
