@@ -372,8 +372,9 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
         }
     }
     let mut graphed: Option<GraphedStep> = None;
-    // --profile: the profiler while it runs.
+    // --profile: the profiler while it runs, and whether it ran.
     let mut profiling: Option<crate::profile::Session> = None;
+    let mut profiled = false;
 
     // ---- 4. the loop ----
     'epochs: for epoch in pos.epoch..cfg.epochs {
@@ -500,6 +501,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                     if global + 1 == at + n || global == total || global >= stop_at {
                         let session = profiling.take().expect("checked above");
                         finish_profile(session, dir, rank, main, global + 1 - at, device)?;
+                        profiled = true;
                     }
                 }
                 useful_seen += hb.counted_labels as u64;
@@ -623,6 +625,11 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
     }
     if let Some(p) = &pb {
         p.finish_and_clear();
+    }
+    if let (Some((_, at, _)), false) = (&cfg.profile, profiled) {
+        log(format!(
+            "--profile-at {at}: this run did not reach micro-step {at}, so nothing was profiled"
+        ));
     }
     nonfinite.check_pending(&log, last_saved_global, &resume_path)?;
     if nonfinite.skipped > 0 {

@@ -344,6 +344,28 @@ fn profile_writes_a_trace_of_the_asked_steps() {
         "no matmul in the trace"
     );
     assert!(dir.path().join("prof/rank0/kernels.tsv").is_file());
+
+    // A first profiled step the run never reaches is said, not silently ignored.
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_in(
+        dir.path(),
+        &[
+            "--max-steps",
+            "2",
+            "--sample-tokens",
+            "0",
+            "--profile",
+            "prof",
+            "--profile-at",
+            "5",
+        ],
+    );
+    let stdout = ok(&out);
+    assert!(
+        stdout.contains("--profile-at 5: this run did not reach micro-step 5"),
+        "{stdout}"
+    );
+    assert!(!dir.path().join("prof").exists());
 }
 
 #[test]
