@@ -3,6 +3,8 @@
 // exception and returns its message; nothing unwinds into Rust.
 #include "c10d_shim.h"
 
+#include "ffi_error.h"
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -31,28 +33,6 @@ struct FastC10dGroup {
 
 namespace {
 
-char* dup_string(const std::string& s) {
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  if (out == nullptr) return nullptr;  // out of memory: the caller sees "unknown error"
-  std::memcpy(out, s.c_str(), s.size() + 1);
-  return out;
-}
-
-// Runs f, turning any exception into a malloc'ed message prefixed with `what`.
-template <typename F>
-char* guarded(const char* what, F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return dup_string(std::string(what) + ": " + e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return dup_string(std::string(what) + ": " + e.what());
-  } catch (...) {
-    return dup_string(std::string(what) + ": unknown C++ exception");
-  }
-}
-
 std::vector<at::Tensor> checked_tensors(const FastC10dGroup* g, void* const* tensors, size_t n,
                                         const char* op) {
   std::vector<at::Tensor> out;
@@ -77,9 +57,9 @@ extern "C" {
 char* c10d_shim_init(const char* host, uint16_t port, int is_server, int rank, int world,
                      int local_rank, int64_t timeout_ms, const char* store_prefix,
                      FastC10dGroup** out) {
-  if (out == nullptr) return dup_string("c10d_shim_init: out is null");
+  if (out == nullptr) return mm_ffi::c_string("c10d_shim_init: out is null");
   *out = nullptr;
-  return guarded("c10d init", [&] {
+  return mm_ffi::guard("c10d init", [&] {
     TORCH_CHECK(host != nullptr && store_prefix != nullptr, "host and store_prefix are required");
     TORCH_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " outside world ", world);
     const auto n_dev = c10::cuda::device_count();
@@ -133,16 +113,16 @@ std::vector<c10::intrusive_ptr<c10d::Work>> start_sums(FastC10dGroup* g,
 }  // namespace
 
 char* c10d_shim_all_reduce_sum(FastC10dGroup* g, void* const* tensors, size_t n) {
-  if (g == nullptr) return dup_string("all_reduce_sum: group is null");
-  return guarded("all_reduce_sum", [&] {
+  if (g == nullptr) return mm_ffi::c_string("all_reduce_sum: group is null");
+  return mm_ffi::guard("all_reduce_sum", [&] {
     // Enqueue all, then make the current stream wait.
     for (auto& w : start_sums(g, checked_tensors(g, tensors, n, "all_reduce_sum"))) w->wait();
   });
 }
 
 char* c10d_shim_all_reduce_sum_async(FastC10dGroup* g, void* const* tensors, size_t n) {
-  if (g == nullptr) return dup_string("all_reduce_sum_async: group is null");
-  return guarded("all_reduce_sum_async", [&] {
+  if (g == nullptr) return mm_ffi::c_string("all_reduce_sum_async: group is null");
+  return mm_ffi::guard("all_reduce_sum_async", [&] {
     auto works = start_sums(g, checked_tensors(g, tensors, n, "all_reduce_sum_async"));
     std::lock_guard<std::mutex> lock(g->pending_mu);
     g->pending.insert(g->pending.end(), works.begin(), works.end());
@@ -150,8 +130,8 @@ char* c10d_shim_all_reduce_sum_async(FastC10dGroup* g, void* const* tensors, siz
 }
 
 char* c10d_shim_wait_pending(FastC10dGroup* g) {
-  if (g == nullptr) return dup_string("wait_pending: group is null");
-  return guarded("wait_pending", [&] {
+  if (g == nullptr) return mm_ffi::c_string("wait_pending: group is null");
+  return mm_ffi::guard("wait_pending", [&] {
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
     {
       std::lock_guard<std::mutex> lock(g->pending_mu);
@@ -162,8 +142,8 @@ char* c10d_shim_wait_pending(FastC10dGroup* g) {
 }
 
 char* c10d_shim_broadcast(FastC10dGroup* g, void* const* tensors, size_t n, int root) {
-  if (g == nullptr) return dup_string("broadcast: group is null");
-  return guarded("broadcast", [&] {
+  if (g == nullptr) return mm_ffi::c_string("broadcast: group is null");
+  return mm_ffi::guard("broadcast", [&] {
     TORCH_CHECK(root >= 0 && root < g->world, "root ", root, " outside world ", g->world);
     auto ts = checked_tensors(g, tensors, n, "broadcast");
     c10d::BroadcastOptions opts;
@@ -179,8 +159,8 @@ char* c10d_shim_broadcast(FastC10dGroup* g, void* const* tensors, size_t n, int 
 }
 
 char* c10d_shim_barrier(FastC10dGroup* g) {
-  if (g == nullptr) return dup_string("barrier: group is null");
-  return guarded("barrier", [&] {
+  if (g == nullptr) return mm_ffi::c_string("barrier: group is null");
+  return mm_ffi::guard("barrier", [&] {
     auto t = at::ones({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, g->local_rank));
     std::vector<at::Tensor> one{t};
     g->pg->allreduce(one)->wait();
@@ -207,8 +187,8 @@ void c10d_shim_store_free(FastC10dStore* s) {
 
 // store[key] = value.
 char* c10d_shim_store_set(FastC10dStore* s, const char* key, const char* value) {
-  if (s == nullptr) return dup_string("store_set: store is null");
-  return guarded("store set", [&] {
+  if (s == nullptr) return mm_ffi::c_string("store_set: store is null");
+  return mm_ffi::guard("store set", [&] {
     std::string v(value);
     s->store->set(key, std::vector<uint8_t>(v.begin(), v.end()));
   });
@@ -216,25 +196,25 @@ char* c10d_shim_store_set(FastC10dStore* s, const char* key, const char* value) 
 
 // *value = store[key] (malloc'ed) if the key is set, else nullptr; never blocks.
 char* c10d_shim_store_try_get(FastC10dStore* s, const char* key, char** value) {
-  if (s == nullptr) return dup_string("store_try_get: store is null");
+  if (s == nullptr) return mm_ffi::c_string("store_try_get: store is null");
   *value = nullptr;
-  return guarded("store check", [&] {
+  return mm_ffi::guard("store check", [&] {
     if (s->store->check({std::string(key)})) {
       auto bytes = s->store->get(key);
-      *value = dup_string(std::string(bytes.begin(), bytes.end()));
+      *value = mm_ffi::c_string(std::string(bytes.begin(), bytes.end()));
     }
   });
 }
 
 // *out = (store[key] += delta), as an integer counter.
 char* c10d_shim_store_add(FastC10dStore* s, const char* key, int64_t delta, int64_t* out) {
-  if (s == nullptr) return dup_string("store_add: store is null");
-  return guarded("store add", [&] { *out = s->store->add(key, delta); });
+  if (s == nullptr) return mm_ffi::c_string("store_add: store is null");
+  return mm_ffi::guard("store add", [&] { *out = s->store->add(key, delta); });
 }
 
 char* c10d_shim_shutdown(FastC10dGroup* g) {
   if (g == nullptr) return nullptr;
-  char* err = guarded("shutdown", [&] { g->pg->shutdown(); });
+  char* err = mm_ffi::guard("shutdown", [&] { g->pg->shutdown(); });
   if (err != nullptr) {
     try { g->pg->abort(); } catch (...) {}
   }

@@ -13,7 +13,8 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cstdlib>
-#include <cstring>
+
+#include "ffi_error.h"
 
 namespace {
 // b waits for all work queued on a so far (stream.wait_stream in Python).
@@ -21,12 +22,6 @@ void wait_stream(const c10::Stream &b, const c10::Stream &a) {
   c10::Event ev(c10::DeviceType::CUDA);
   ev.record(a);
   ev.block(b);
-}
-
-char *error(const char *what) {
-  char *s = static_cast<char *>(std::malloc(std::strlen(what) + 1));
-  std::strcpy(s, what);
-  return s;
 }
 }  // namespace
 
@@ -50,7 +45,7 @@ char *mm_graph_capture(int device, int warmup, mm_step_fn step, void *ctx, void 
       for (int i = 0; i < warmup; ++i) {
         if (step(ctx) != 0) {
           delete graph;
-          return error("the step failed during graph warm-up");
+          return mm_ffi::c_string("the step failed during graph warm-up");
         }
       }
       side.synchronize();
@@ -59,16 +54,16 @@ char *mm_graph_capture(int device, int warmup, mm_step_fn step, void *ctx, void 
       graph->capture_end();
       if (rc != 0) {
         delete graph;
-        return error("the step failed during graph capture");
+        return mm_ffi::c_string("the step failed during graph capture");
       }
     }
     wait_stream(main, side);
     *out = graph;
     return nullptr;
   } catch (const std::exception &e) {
-    return error(e.what());
+    return mm_ffi::c_string(e.what());
   } catch (...) {
-    return error("unknown C++ exception during graph capture");
+    return mm_ffi::c_string("unknown C++ exception during graph capture");
   }
 }
 
@@ -77,7 +72,7 @@ char *mm_graph_replay(void *g) {
     static_cast<at::cuda::CUDAGraph *>(g)->replay();
     return nullptr;
   } catch (const std::exception &e) {
-    return error(e.what());
+    return mm_ffi::c_string(e.what());
   }
 }
 

@@ -42,7 +42,7 @@ char *mm_prof_start(int cuda) {
     prof::enableProfiler(config(), activities(g_cuda));
     return nullptr;
   } catch (const std::exception &e) {
-    return mm_ffi::error(e.what());
+    return mm_ffi::c_string(e.what());
   }
 }
 
@@ -52,7 +52,7 @@ char *mm_prof_start(int cuda) {
 char *mm_prof_stop(const char *trace_path, char **summary) {
   try {
     auto result = prof::disableProfiler();
-    if (!result) return mm_ffi::error("the profiler was not running");
+    if (!result) return mm_ffi::c_string("the profiler was not running");
     std::unordered_map<uint64_t, std::string> op_of;
     for (const auto &e : result->events()) {
       if (e.deviceType() == c10::DeviceType::CPU) op_of[e.correlationId()] = e.name();
@@ -78,11 +78,11 @@ char *mm_prof_stop(const char *trace_path, char **summary) {
       out << r.second.first << '\t' << r.second.second << '\t' << r.first.first << '\t' << kernel
           << '\n';
     }
-    *summary = mm_ffi::error(out.str());
+    *summary = mm_ffi::c_string(out.str());
     if (trace_path) result->save(trace_path);
     return nullptr;
   } catch (const std::exception &e) {
-    return mm_ffi::error(e.what());
+    return mm_ffi::c_string(e.what());
   }
 }
 }
