@@ -11,49 +11,40 @@ import json
 import sys
 
 
-def union(intervals):
-    """Total length of the union of [start, end) intervals."""
-    total, cur_s, cur_e = 0.0, None, None
+def merged(intervals):
+    """The union of [start, end) intervals as disjoint [start, end] pairs, in order."""
+    out = []
     for s, e in sorted(intervals):
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
         else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return total
+            out.append([s, e])
+    return out
+
+
+def union(intervals):
+    """Total length of the union of the intervals."""
+    return sum(e - s for s, e in merged(intervals))
 
 
 def long_gaps(intervals, over):
     """Total length of the gaps longer than `over` between the union of the intervals."""
-    total, end = 0.0, None
-    for s, e in sorted(intervals):
-        if end is not None and s - end > over:
-            total += s - end
-        end = e if end is None else max(end, e)
-    return total
+    m = merged(intervals)
+    return sum(b[0] - a[1] for a, b in zip(m, m[1:]) if b[0] - a[1] > over)
 
 
 def alone(target, others):
     """Length of the parts of `target` intervals covered by no interval of `others`."""
-    merged = []
-    for s, e in sorted(others):
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
+    cover = merged(others)
     out, j = 0.0, 0
     for s, e in sorted(target):
-        cov = 0.0
-        while j < len(merged) and merged[j][1] <= s:
+        while j < len(cover) and cover[j][1] <= s:
             j += 1
-        k = j
-        while k < len(merged) and merged[k][0] < e:
-            cov += min(e, merged[k][1]) - max(s, merged[k][0])
+        covered, k = 0.0, j
+        while k < len(cover) and cover[k][0] < e:
+            covered += min(e, cover[k][1]) - max(s, cover[k][0])
             k += 1
-        out += (e - s) - cov
+        out += (e - s) - covered
     return out
 
 
