@@ -150,7 +150,8 @@ fn cuda_paths() -> (
 }
 
 /// fast/csrc/kernels.cu (fused RMSNorm->bf16, RoPE + head layout, SwiGLU) and
-/// fast/csrc/cross_entropy.cu (fused cross-entropy forward + backward), each compiled by nvcc for
+/// fast/csrc/cross_entropy.cu (fused cross-entropy forward + backward) and fast/csrc/attention.cu
+/// (causal attention over the merged q/k/v projection, RoPE fused), each compiled by nvcc for
 /// sm_90 to an object, and fast/csrc/fused_ops.cpp (their autograd functions and C entry points);
 /// fast/csrc/grad_events.cpp (data parallel: the gradient hooks that let a bucket's all-reduce
 /// start during backward). Only with `--features cuda`.
@@ -169,6 +170,7 @@ fn build_fused_kernels() {
     for f in [
         "csrc/kernels.cu",
         "csrc/cross_entropy.cu",
+        "csrc/attention.cu",
         "csrc/kernels.h",
         "csrc/fused_ops.cpp",
         "csrc/grad_events.cpp",
@@ -187,7 +189,7 @@ fn build_fused_kernels() {
             nvcc.display()
         );
     }
-    let objs: Vec<std::path::PathBuf> = ["kernels", "cross_entropy"]
+    let objs: Vec<std::path::PathBuf> = ["kernels", "cross_entropy", "attention"]
         .iter()
         .map(|name| {
             let src = format!("csrc/{name}.cu");

@@ -245,6 +245,71 @@ struct QkvHeads : public torch::autograd::Function<QkvHeads> {
   }
 };
 
+// The merged projection qkv [B, T, (H + 2 KV) 64] bf16 -> o [B, T, H * 64] bf16: causal
+// attention with RoPE on q and k and query head h reading kv head h / (H / KV), in attention.cu's
+// kernels (no repeat_kv copies, no fp32 dQ). Saves qkv (for v), the RoPE'd q and k, o and the
+// logsumexp; backward writes the merged projection's gradient. Replaces QkvHeads + SDPA where the head dim is 64.
+struct QkvAttention : public torch::autograd::Function<QkvAttention> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &qkv, const at::Tensor &cos,
+                            const at::Tensor &sin, int64_t heads, int64_t kv_heads) {
+    const char *op = "qkv_attention";
+    check_cuda(qkv, at::kBFloat16, op, "qkv");
+    check_cuda(cos, at::kFloat, op, "cos");
+    check_cuda(sin, at::kFloat, op, "sin");
+    TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be [B, T, (heads + 2 kv_heads) 64], got ",
+                qkv.sizes());
+    TORCH_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0, op, ": ", heads,
+                " heads are not a multiple of ", kv_heads, " kv heads");
+    const int64_t b = qkv.size(0), t = qkv.size(1), hd = 64;
+    const int64_t ld = (heads + 2 * kv_heads) * hd;
+    TORCH_CHECK(qkv.size(2) == ld, op, ": qkv's last dimension must be (", heads, " + 2 x ",
+                kv_heads, ") x 64 = ", ld, ", got ", qkv.size(2));
+    TORCH_CHECK(cos.dim() == 2 && cos.size(0) == t && cos.size(1) == hd &&
+                    sin.sizes() == cos.sizes(),
+                op, ": cos/sin must be [T, 64] = [", t, ", 64] (head dim 64 only), got ",
+                cos.sizes(), " and ", sin.sizes());
+    TORCH_CHECK(cos.device() == qkv.device() && sin.device() == qkv.device(), op,
+                ": qkv, cos and sin must be on one device");
+    TORCH_CHECK(t >= 1 && t <= (INT32_MAX / 64) && b <= 65535 && heads <= 65535, op,
+                ": shape out of range: B ", b, ", T ", t, ", heads ", heads);
+    c10::DeviceGuard guard(qkv.device());
+    at::Tensor x = dense(qkv), c = dense(cos), s = dense(sin);
+    at::Tensor qr = at::empty({b, heads, t, hd}, x.options());
+    at::Tensor kr = at::empty({b, kv_heads, t, hd}, x.options());
+    at::Tensor o = at::empty({b, t, heads * hd}, x.options());
+    at::Tensor lse = at::empty({b, heads, t}, x.options().dtype(at::kFloat));
+    launched(mm::attn_fwd(x.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(), qr.data_ptr(),
+                          kr.data_ptr(), o.data_ptr(), lse.data_ptr<float>(), b, t, heads,
+                          kv_heads, stream_of(x)),
+             op);
+    ctx->save_for_backward({x, qr, kr, c, s, o, lse});
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["kv_heads"] = kv_heads;
+    return o;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const char *op = "qkv_attention backward";
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &qr = saved[1], &kr = saved[2], &c = saved[3], &s = saved[4];
+    const at::Tensor &o = saved[5], &lse = saved[6];
+    const int64_t heads = ctx->saved_data["heads"].toInt();
+    const int64_t kv_heads = ctx->saved_data["kv_heads"].toInt();
+    const int64_t b = x.size(0), t = x.size(1);
+    c10::DeviceGuard guard(x.device());
+    check_cuda(grads[0], at::kBFloat16, op, "grad_o");
+    at::Tensor dout = dense(grads[0]);
+    at::Tensor delta = at::empty({b, heads, t}, lse.options());
+    at::Tensor dqkv = at::empty(x.sizes(), x.options());
+    launched(mm::attn_bwd(x.data_ptr(), qr.data_ptr(), kr.data_ptr(), c.data_ptr<float>(),
+                          s.data_ptr<float>(), o.data_ptr(),
+                          lse.data_ptr<float>(), dout.data_ptr(), delta.data_ptr<float>(),
+                          dqkv.data_ptr(), b, t, heads, kv_heads, stream_of(x)),
+             op);
+    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 // gu [..., 2F] = [g | u] bf16 -> h [..., F] = bf16(bf16(silu(g)) * u).
 struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &gu, int64_t f) {
@@ -339,6 +404,13 @@ char *mm_qkv_heads(at::Tensor *qkv, at::Tensor *cos, at::Tensor *sin, int64_t he
     *k = new at::Tensor(out[1]);
     *v = new at::Tensor(out[2]);
   });
+}
+
+// o = QkvAttention(qkv): see above.
+char *mm_qkv_attention(at::Tensor *qkv, at::Tensor *cos, at::Tensor *sin, int64_t heads,
+                       int64_t kv_heads, at::Tensor **out) {
+  return guard(
+      [&] { *out = new at::Tensor(QkvAttention::apply(*qkv, *cos, *sin, heads, kv_heads)); });
 }
 
 char *mm_swiglu(at::Tensor *gu, int64_t f, at::Tensor **out) {

@@ -52,4 +52,20 @@ const char *swiglu_bwd(const void *gu, const void *dh, void *dgu, int64_t n, int
 const char *ce_fwd_bwd(void *logits, const int64_t *labels, const float *seed, float *row_loss,
                        int64_t n, int64_t v, cudaStream_t stream);
 
+// Causal attention over the merged projection qkv [B, T, (H + 2 KV) 64] (bf16, contiguous; head
+// dim 64), query head h reading kv head h / (H / KV). First RoPE (fp32 tables cos/sin [T, 64])
+// of q and k into qr [B, H, T, 64] and kr [B, KV, T, 64] (bf16, kept for attn_bwd), then o
+// [B, T, H, 64] (bf16) and lse [B, H, T] (fp32, base-2 units of the scaled scores). attention.cu.
+const char *attn_fwd(const void *qkv, const float *cos, const float *sin, void *qr, void *kr,
+                     void *o, float *lse, int64_t b, int64_t t, int64_t heads, int64_t kv_heads,
+                     cudaStream_t stream);
+
+// Its backward: dqkv [B, T, (H + 2 KV) 64] (bf16, every element of rows < T written; dq and dk
+// through RoPE's transpose) from dout [B, T, H, 64] (bf16, contiguous); delta [B, H, T] fp32 is
+// scratch.
+const char *attn_bwd(const void *qkv, const void *qr, const void *kr, const float *cos,
+                     const float *sin, const void *o, const float *lse, const void *dout,
+                     float *delta, void *dqkv, int64_t b, int64_t t, int64_t heads,
+                     int64_t kv_heads, cudaStream_t stream);
+
 }  // namespace mm

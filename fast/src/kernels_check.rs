@@ -286,6 +286,79 @@ fn check_rope(args: &KernelsArgs, device: Device) -> Result<bool> {
     )
 }
 
+/// Our attention over the merged projection (`qkv_attention`) against libtorch's ops: the split
+/// views, RoPE, repeat_kv and causal SDPA under autograd. At the b128 shape (T 340: five full
+/// tiles and one of 20 rows), then two small shapes for the edges (T 129 with 3 query heads per
+/// kv head, T 64 exactly one tile). The b128 case also times the path it replaces in the model,
+/// `qkv_heads` then cuDNN's SDPA.
+fn check_attention(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let hd = 64i64;
+    let b128 = ((args.rows / SEQ).max(1), SEQ, 8i64, 2i64);
+    let mut ok = true;
+    for (case, (b, t, h, kv)) in [
+        ("attention", b128),
+        ("attn_t129", (3, 129, 6, 2)),
+        ("attn_t64", (2, 64, 4, 4)),
+    ] {
+        let (cos, sin) = crate::model::rope_table(1e6, hd, t);
+        let (cos, sin) = (cos.to_device(device), sin.to_device(device));
+        let qkv = Tensor::randn([b, t, (h + 2 * kv) * hd], (Kind::BFloat16, device))
+            .set_requires_grad(true);
+        let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, None, false)
+                .transpose(1, 2)
+                .reshape([b, t, h * hd])
+        };
+        ok &= check_op(
+            args,
+            device,
+            case,
+            &["o"],
+            &["qkv"],
+            std::slice::from_ref(&qkv),
+            &|l| Ok(vec![fused::qkv_attention(&l[0], &cos, &sin, h, kv)?]),
+            &|l| {
+                let bf = Kind::BFloat16;
+                let p = l[0].split_with_sizes([h * hd, kv * hd, kv * hd], -1);
+                let (q, k, v) = (
+                    p[0].view([b, t, h, hd]),
+                    p[1].view([b, t, kv, hd]),
+                    p[2].view([b, t, kv, hd]),
+                );
+                let q = crate::model::rope(&q, &cos, &sin, bf).transpose(1, 2);
+                let k = crate::model::rope(&k, &cos, &sin, bf).transpose(1, 2);
+                let v = v.transpose(1, 2);
+                let n_rep = h / kv;
+                let (k, v) = (
+                    crate::model::repeat_kv(k, n_rep),
+                    crate::model::repeat_kv(v, n_rep),
+                );
+                vec![sdpa(&q, &k, &v)]
+            },
+        )?;
+        if case == "attention" {
+            let g = Tensor::randn([b, t, h * hd], (Kind::BFloat16, device));
+            let leaves = std::slice::from_ref(&qkv);
+            let ours = time_ms(device, args.warmup, args.iters, || {
+                let o = fused::qkv_attention(&qkv, &cos, &sin, h, kv)?;
+                grads(&[o], std::slice::from_ref(&g), leaves);
+                Ok(())
+            })?;
+            let before = time_ms(device, args.warmup, args.iters, || {
+                let (q, k, v) = fused::qkv_heads(&qkv, &cos, &sin, h, kv)?;
+                let o = sdpa(&q.transpose(1, 2), &k.transpose(1, 2), &v.transpose(1, 2));
+                grads(&[o], std::slice::from_ref(&g), leaves);
+                Ok(())
+            })?;
+            println!(
+                "{case:<10} fwd+bwd  ours {ours:.3} ms  qkv_heads + cuDNN SDPA {before:.3} ms  speedup {:.2}x",
+                before / ours
+            );
+        }
+    }
+    Ok(ok)
+}
+
 fn check_swiglu(args: &KernelsArgs, device: Device) -> Result<bool> {
     let f = 1408;
     let gu = Tensor::randn([args.rows, 2 * f], (Kind::BFloat16, device)).set_requires_grad(true);
@@ -623,6 +696,7 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     ok &= check_rms_norm(args, device)?;
     ok &= check_add_rms_norm(args, device)?;
     ok &= check_rope(args, device)?;
+    ok &= check_attention(args, device)?;
     ok &= check_swiglu(args, device)?;
     ok &= check_cross_entropy(args, device)?;
     if !args.skip_model {

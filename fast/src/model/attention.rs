@@ -1,5 +1,6 @@
 //! Causal grouped-query self-attention with RoPE (rotate-half) and optional qk-norm, through
-//! libtorch's `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA).
+//! libtorch's `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA), or, on
+//! the fused bf16 CUDA path with head dim 64, our own kernels (fast/csrc/attention.cu).
 
 use tch::{Kind, Tensor};
 
@@ -85,15 +86,23 @@ impl Attention {
     }
 
     /// The bf16 CUDA path with the fused kernels (no qk-norm): q, k and v from one matmul
-    /// against `cat([q_proj, k_proj, v_proj])`, then one autograd node (`qkv_heads`) for RoPE
-    /// (q, k) and repeat_kv (k, v), whose backward writes the merged projection's gradient
-    /// directly.
+    /// against `cat([q_proj, k_proj, v_proj])`, then, for head dim 64, our attention over that
+    /// projection (`qkv_attention`: RoPE, GQA and the causal softmax in one node); otherwise one
+    /// autograd node (`qkv_heads`) for RoPE (q, k) and repeat_kv (k, v), whose backward writes
+    /// the merged projection's gradient directly, and cuDNN's SDPA.
     fn forward_fused(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, compute: Kind) -> Tensor {
         let (b, t, _) = x.size3().expect("attention input must be [B, T, d]");
         let (h, kv) = (self.heads, self.kv_heads);
         let x = super::to_kind(x, compute);
         let w_qkv = Tensor::cat(&[&self.q_proj, &self.k_proj, &self.v_proj], 0);
         let qkv = linear(&x, &w_qkv, compute);
+        if self.head_dim == 64 && b <= 65_535 && super::fused::attention_enabled() {
+            let o = super::fused::expect(
+                "qkv_attention",
+                super::fused::qkv_attention(&qkv, cos, sin, h, kv),
+            );
+            return linear(&o, &self.o_proj, compute);
+        }
         // [B, T, heads, hd] each from the kernel, read as [B, heads, T, hd] views: SDPA (cuDNN)
         // then lays out its output and gradients the same way, so the output's transpose back
         // to [B, T, d] below is a view, not a copy.

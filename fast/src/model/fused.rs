@@ -10,6 +10,9 @@
 //! - [`qkv_heads`]: over the merged q/k/v projection, one pass per block for RoPE, repeat_kv and
 //!   the `[B, T, nh, hd] -> [B, T, nh*n_rep, hd]` layout (v: layout and repeat only); backward
 //!   writes the merged projection's gradient.
+//! - [`qkv_attention`]: causal attention of our own over the merged q/k/v projection (RoPE on
+//!   load, kv heads read once per group, the merged projection's gradient written directly);
+//!   replaces `qkv_heads` + cuDNN's SDPA where the head dim is 64 (`MM_FUSED_ATTENTION=0`: not).
 //! - [`swiglu`]: `silu(g) * u` over a merged `[g | u]` projection, rounding as autocast's
 //!   unfused ops do.
 //! - [`cross_entropy_bf16`]: the chunked lm_head's cross-entropy forward and backward in one
@@ -50,6 +53,14 @@ pub fn set_enabled(on: bool) {
     STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
+/// Whether the attention of the fused path is [`qkv_attention`] (attention.cu) rather than
+/// [`qkv_heads`] then cuDNN's SDPA: on unless `MM_FUSED_ATTENTION=0` (read once), so `fast bench`
+/// can time both in one build.
+pub fn attention_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MM_FUSED_ATTENTION").map_or(true, |v| v != "0"))
+}
+
 #[cfg(feature = "cuda")]
 mod ffi {
     use std::ffi::c_char;
@@ -80,6 +91,14 @@ mod ffi {
             q: *mut *mut C_tensor,
             k: *mut *mut C_tensor,
             v: *mut *mut C_tensor,
+        ) -> *mut c_char;
+        pub fn mm_qkv_attention(
+            qkv: *mut C_tensor,
+            cos: *mut C_tensor,
+            sin: *mut C_tensor,
+            heads: i64,
+            kv_heads: i64,
+            out: *mut *mut C_tensor,
         ) -> *mut c_char;
         pub fn mm_swiglu(gu: *mut C_tensor, f: i64, out: *mut *mut C_tensor) -> *mut c_char;
         pub fn mm_ce_fwd_bwd(
@@ -159,6 +178,27 @@ pub fn qkv_heads(
     })
 }
 
+/// Causal attention straight from the merged projection qkv bf16 `[B, T, (heads + 2 kv_heads) 64]`
+/// -> o bf16 `[B, T, heads * 64]` (fast/csrc/attention.cu): q and k RoPE'd as [`qkv_heads`]
+/// does it (fp32 tables cos/sin `[T, 64]`, one rounding), query head h reading kv head
+/// `h / (heads / kv_heads)`, softmax scale 1/8, flash attention's algorithm with fp32
+/// accumulators and bf16 P and dS. What [`qkv_heads`] then causal SDPA compute, up to bf16
+/// rounding, with no q/k/v copies and one node. Head dim 64 only. Differentiable in qkv.
+#[cfg(feature = "cuda")]
+pub fn qkv_attention(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: i64,
+    kv_heads: i64,
+) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    crate::fused::check("qkv_attention", unsafe {
+        ffi::mm_qkv_attention(ptr(qkv), ptr(cos), ptr(sin), heads, kv_heads, &mut out)
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
 /// gu bf16 `[..., 2F]` = `[g | u]` -> bf16 `[..., F]` = `bf16(bf16(silu(g)) * u)`. F a multiple
 /// of 8. Differentiable in gu.
 #[cfg(feature = "cuda")]
@@ -208,6 +248,17 @@ pub fn qkv_heads(
 }
 
 #[cfg(not(feature = "cuda"))]
+pub fn qkv_attention(
+    _qkv: &Tensor,
+    _cos: &Tensor,
+    _sin: &Tensor,
+    _heads: i64,
+    _kv_heads: i64,
+) -> Result<Tensor> {
+    Err(unavailable("qkv_attention"))
+}
+
+#[cfg(not(feature = "cuda"))]
 fn unavailable(op: &str) -> anyhow::Error {
     anyhow::anyhow!("{op}: the fused kernels need a build with --features cuda")
 }
@@ -246,5 +297,12 @@ mod tests {
         let x = Tensor::zeros([2, 8], (tch::Kind::Float, tch::Device::Cpu));
         let err = rms_norm_bf16(&x, &x.get(0), 1e-5).unwrap_err().to_string();
         assert!(err.contains("--features cuda"), "{err}");
+        let qkv = Tensor::zeros([1, 4, 12 * 64], (tch::Kind::BFloat16, tch::Device::Cpu));
+        let cs = Tensor::zeros([4, 64], (tch::Kind::Float, tch::Device::Cpu));
+        let err = qkv_attention(&qkv, &cs, &cs, 8, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("qkv_attention") && err.contains("--features cuda"),
+            "{err}"
+        );
     }
 }
