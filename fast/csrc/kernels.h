@@ -1,5 +1,6 @@
-// Host launchers of the fused CUDA kernels in kernels.cu and cross_entropy.cu (compiled by nvcc). Raw pointers only, so
-// fused_ops.cpp (compiled by the host compiler against libtorch) needs no CUDA device headers.
+// Host launchers of the fused CUDA kernels in kernels.cu, cross_entropy.cu and attention.cu
+// (compiled by nvcc). Raw pointers only, so fused_ops.cpp (compiled by the host compiler against
+// libtorch) needs no CUDA device headers.
 // bf16 buffers are passed as void*. Every launcher enqueues on `stream` and returns nullptr, or
 // the CUDA error string of the launch.
 #pragma once

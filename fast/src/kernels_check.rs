@@ -7,7 +7,10 @@
 //! the same math done by libtorch ops under autograd (the model's own unfused functions), then
 //! forward + backward of each is timed (device-synchronised, `--iters` after `--warmup`). The
 //! fused cross-entropy (forward and backward in one kernel, in place over bf16 logits `[4096,
-//! 6400]`, one lm_head chunk) is compared with libtorch's fp32 cross-entropy under autograd.
+//! 6400]`, one lm_head chunk) is compared with libtorch's fp32 cross-entropy under autograd. Our
+//! attention (`qkv_attention`, fast/csrc/attention.cu) is compared with libtorch's RoPE,
+//! repeat_kv and causal SDPA at T 340 and at two small shapes for its edges, and timed against
+//! the path it replaced (`qkv_heads` then cuDNN's SDPA).
 //! Then the whole model (forward, lm_head, cross-entropy, backward) runs with the fused path off
 //! and on in one process: loss, final hidden state and every parameter gradient are compared and
 //! both steps timed. Last, the training step itself (`Trainer::micro_step`, bf16, chunked
