@@ -148,21 +148,35 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, 2)
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const float r = rstd[row];
     const float4 *xr = reinterpret_cast<const float4 *>(x + row * d);
+    const float4 *rr = reinterpret_cast<const float4 *>(gres + row * d);
     const bf16 *gr = gy + row * d;
+    // The row's loads are issued before the reduction and kept in registers for the second
+    // pass; up to d 512 (C 4) the residual gradient's too, so a row takes one round trip to
+    // memory, not two (past that they would not fit in the registers of 2 blocks an SM).
+    constexpr bool kEarlyRes = C <= 4;
+    float4 xv[C], rv[C];
+    float g[C][4];
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+      const int c = lane + 32 * j;
+      if (c < nc) {
+        xv[j] = xr[c];
+        load4(gr + 4 * c, g[j]);
+        if (kEarlyRes && gres != nullptr) rv[j] = rr[c];
+      }
+    }
     float dot = 0.f;
 #pragma unroll
     for (int j = 0; j < C; ++j) {
       const int c = lane + 32 * j;
       if (c < nc) {
-        const float4 xv = xr[c], wv = wr[c];
-        float g[4];
-        load4(gr + 4 * c, g);
-        const float xh[4] = {xv.x * r, xv.y * r, xv.z * r, xv.w * r};
+        const float4 wv = wr[c];
+        const float xh[4] = {xv[j].x * r, xv[j].y * r, xv[j].z * r, xv[j].w * r};
         const float wv4[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          acc[j][i] += g[i] * xh[i];
-          dot += (wv4[i] * g[i]) * xh[i];
+          acc[j][i] += g[j][i] * xh[i];
+          dot += (wv4[i] * g[j][i]) * xh[i];
         }
       }
     }
@@ -172,16 +186,16 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, 2)
     for (int j = 0; j < C; ++j) {
       const int c = lane + 32 * j;
       if (c < nc) {
-        const float4 xv = xr[c], wv = wr[c];
-        float g[4];
-        load4(gr + 4 * c, g);
-        float4 o = make_float4(r * (wv.x * g[0] - (xv.x * r) * m), r * (wv.y * g[1] - (xv.y * r) * m),
-                               r * (wv.z * g[2] - (xv.z * r) * m), r * (wv.w * g[3] - (xv.w * r) * m));
+        const float4 x4 = xv[j], wv = wr[c];
+        float4 o = make_float4(r * (wv.x * g[j][0] - (x4.x * r) * m),
+                               r * (wv.y * g[j][1] - (x4.y * r) * m),
+                               r * (wv.z * g[j][2] - (x4.z * r) * m),
+                               r * (wv.w * g[j][3] - (x4.w * r) * m));
         // The fused residual add: x's other use (the residual stream) brings gres, and the
         // bf16 addend's gradient is the total cast to bf16 (the type-promotion backward).
         if (gres != nullptr) {
-          const float4 gr4 = reinterpret_cast<const float4 *>(gres + row * d)[c];
-          o.x += gr4.x, o.y += gr4.y, o.z += gr4.z, o.w += gr4.w;
+          const float4 r4 = kEarlyRes ? rv[j] : rr[c];
+          o.x += r4.x, o.y += r4.y, o.z += r4.z, o.w += r4.w;
         }
         dxr[c] = o;
         if (da != nullptr) store4(da + row * d + 4 * c, o.x, o.y, o.z, o.w);
