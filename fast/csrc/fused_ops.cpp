@@ -15,6 +15,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -310,6 +311,81 @@ struct QkvAttention : public torch::autograd::Function<QkvAttention> {
   }
 };
 
+// acc (fp32) += g (bf16) in place: kernels.cu's vectorized add where both are contiguous CUDA
+// tensors of one size, 16-byte aligned, a multiple of 8 long; libtorch's add_ otherwise (same
+// values: g converted to fp32, one fp32 add).
+void add_bf16_into(const at::Tensor &acc, const at::Tensor &g) {
+  const bool fast = acc.is_cuda() && g.is_cuda() && acc.device() == g.device() &&
+                    acc.scalar_type() == at::kFloat && g.scalar_type() == at::kBFloat16 &&
+                    acc.sizes() == g.sizes() && acc.is_contiguous() && g.is_contiguous() &&
+                    aligned16(acc) && aligned16(g) && acc.numel() % 8 == 0;
+  if (!fast) {
+    acc.add_(g);
+    return;
+  }
+  c10::DeviceGuard guard(acc.device());
+  launched(mm::add_bf16(acc.data_ptr<float>(), g.data_ptr(), acc.numel(), stream_of(acc)),
+           "add_bf16");
+}
+
+// fp32 master weights w_i [rows_i, d] -> one bf16 [sum rows_i, d], the merged operand of a
+// projection's matmul (cat + cast, one copy kernel per weight). Backward, in a full backward pass
+// (torch.autograd.backward: every leaf's AccumulateGrad runs) for a weight whose .grad is defined
+// (the trainer's flat buffer): its rows of the bf16 gradient are added to .grad in place, fp32 +=
+// bf16 in one vectorized kernel (add_bf16_into), and no gradient is returned, so AccumulateGrad
+// has nothing to do. These are the values of the cast's backward then AccumulateGrad, which take
+// a temporary fp32 copy and a second pass. Otherwise (autograd.grad, or no .grad yet) it returns the fp32 gradients as the
+// cast's backward does. The node sits where the cast's would, so it runs at the same point of
+// backward (data parallel's bucket events rely on a layer's gradients being final once backward
+// has passed the layer).
+struct WeightsBf16 : public torch::autograd::Function<WeightsBf16> {
+  static at::Tensor forward(AutogradContext *ctx, at::TensorList ws) {
+    const char *op = "weights_bf16";
+    TORCH_CHECK(!ws.empty(), op, ": no weights");
+    const int64_t d = ws[0].size(-1);
+    int64_t rows = 0;
+    for (const at::Tensor &w : ws) {
+      check_cuda(w, at::kFloat, op, "a weight");
+      TORCH_CHECK(w.dim() == 2 && w.size(1) == d && w.device() == ws[0].device(), op,
+                  ": weights must be [rows, ", d, "] on one device, got ", w.sizes(), " on ",
+                  w.device());
+      rows += w.size(0);
+    }
+    c10::DeviceGuard guard(ws[0].device());
+    at::Tensor out = at::empty({rows, d}, ws[0].options().dtype(at::kBFloat16));
+    int64_t at_row = 0;
+    for (const at::Tensor &w : ws) {
+      out.narrow(0, at_row, w.size(0)).copy_(w);
+      at_row += w.size(0);
+    }
+    ctx->saved_data["ws"] = ws.vec();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const auto ws = ctx->saved_data["ws"].toTensorVector();
+    const auto *exec_info = torch::autograd::get_current_graph_task_exec_info();
+    const bool accumulate_here = exec_info != nullptr && exec_info->empty();
+    variable_list out;
+    int64_t at_row = 0;
+    for (const at::Tensor &w : ws) {
+      at::Tensor g = grads[0].defined() ? grads[0].narrow(0, at_row, w.size(0)) : at::Tensor();
+      at_row += w.size(0);
+      const at::Tensor &acc = w.grad();
+      if (!g.defined()) {
+        out.emplace_back();
+      } else if (accumulate_here && acc.defined() && acc.sizes() == w.sizes() &&
+                 acc.scalar_type() == at::kFloat) {
+        add_bf16_into(acc, g);
+        out.emplace_back();
+      } else {
+        out.push_back(g.to(w.scalar_type()));
+      }
+    }
+    return out;
+  }
+};
+
 // gu [..., 2F] = [g | u] bf16 -> h [..., F] = bf16(bf16(silu(g)) * u).
 struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &gu, int64_t f) {
@@ -403,6 +479,25 @@ char *mm_qkv_heads(at::Tensor *qkv, at::Tensor *cos, at::Tensor *sin, int64_t he
     *q = new at::Tensor(out[0]);
     *k = new at::Tensor(out[1]);
     *v = new at::Tensor(out[2]);
+  });
+}
+
+// The bf16 merged weight of n fp32 weights: see WeightsBf16.
+char *mm_weights_bf16(at::Tensor **ws, int64_t n, at::Tensor **out) {
+  return guard([&] {
+    std::vector<at::Tensor> list;
+    for (int64_t i = 0; i < n; ++i) list.push_back(*ws[i]);
+    *out = new at::Tensor(WeightsBf16::apply(at::TensorList(list)));
+  });
+}
+
+// acc += g (fp32 += bf16) in place: see add_bf16_into.
+char *mm_add_bf16_(at::Tensor *acc, at::Tensor *g) {
+  return guard([&] {
+    at::NoGradGuard no_grad;
+    TORCH_CHECK(acc->sizes() == g->sizes(), "add_bf16_: acc ", acc->sizes(), " and g ",
+                g->sizes(), " must have one shape");
+    add_bf16_into(*acc, *g);
   });
 }
 

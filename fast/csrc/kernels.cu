@@ -425,6 +425,21 @@ int sm_count() {
 
 constexpr int kThreads = 256;
 
+// ---------------------------------------------------------------------------------------------
+// acc (fp32) += g (bf16), 8 elements a thread: a bf16 gradient accumulated into an fp32 `.grad`
+// in one pass (libtorch's mixed-dtype add_ takes its unvectorized path with a cast per element).
+
+__global__ void add_bf16_kernel(float *__restrict__ acc, const bf16 *__restrict__ g, int64_t n8) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n8) return;
+  float a[8], b[8];
+  load8f(acc + 8 * i, a);
+  load8(g + 8 * i, b);
+  float4 *out = reinterpret_cast<float4 *>(acc + 8 * i);
+  out[0] = make_float4(a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]);
+  out[1] = make_float4(a[4] + b[4], a[5] + b[5], a[6] + b[6], a[7] + b[7]);
+}
+
 }  // namespace
 
 namespace mm {
@@ -518,6 +533,14 @@ const char *swiglu_bwd(const void *gu, const void *dh, void *dgu, int64_t n, int
   swiglu_bwd_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream>>>(
       static_cast<const bf16 *>(gu), static_cast<const bf16 *>(dh), static_cast<bf16 *>(dgu), n,
       f);
+  return launched();
+}
+
+const char *add_bf16(float *acc, const void *g, int64_t n, cudaStream_t stream) {
+  if (n == 0) return nullptr;
+  const int64_t n8 = n / 8;
+  add_bf16_kernel<<<blocks_for(n8, kThreads), kThreads, 0, stream>>>(
+      acc, static_cast<const bf16 *>(g), n8);
   return launched();
 }
 

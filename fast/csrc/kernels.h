@@ -53,6 +53,9 @@ const char *swiglu_bwd(const void *gu, const void *dh, void *dgu, int64_t n, int
 const char *ce_fwd_bwd(void *logits, const int64_t *labels, const float *seed, float *row_loss,
                        int64_t n, int64_t v, cudaStream_t stream);
 
+// acc[n] (fp32) += g[n] (bf16); n a multiple of 8, both 16-byte aligned.
+const char *add_bf16(float *acc, const void *g, int64_t n, cudaStream_t stream);
+
 // Causal attention over the merged projection qkv [B, T, (H + 2 KV) 64] (bf16, contiguous; head
 // dim 64), query head h reading kv head h / (H / KV). First RoPE (fp32 tables cos/sin [T, 64])
 // of q and k into qr [B, H, T, 64] and kr [B, KV, T, 64] (bf16, kept for attn_bwd), then o

@@ -362,6 +362,34 @@ fn check_attention(args: &KernelsArgs, device: Device) -> Result<bool> {
     Ok(ok)
 }
 
+/// `add_bf16_` (an fp32 `.grad` += a bf16 gradient, the lm_head's and, through `weights_bf16`,
+/// every projection's) against libtorch's mixed-dtype `add_`: the same arithmetic (g widened to
+/// fp32, one fp32 add), so the results must be equal bit for bit (tolerance 0). At the lm_head's
+/// `[6400, 512]`.
+fn check_add_bf16(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let _g = tch::no_grad_guard();
+    let acc = Tensor::randn([6400, 512], (Kind::Float, device));
+    let g = Tensor::randn([6400, 512], (Kind::BFloat16, device));
+    let ours = acc.copy();
+    fused::add_bf16_(&ours, &g)?;
+    let mut theirs = acc.copy();
+    let _ = theirs.f_add_(&g)?;
+    let ok = report("add_bf16", "acc", &diff(&ours, &theirs), 0.0);
+    let tf = time_ms(device, args.warmup, args.iters, || {
+        fused::add_bf16_(&ours, &g)
+    })?;
+    let tr = time_ms(device, args.warmup, args.iters, || {
+        let _ = theirs.f_add_(&g)?;
+        Ok(())
+    })?;
+    println!(
+        "{:<10} add_     ours {tf:.3} ms  libtorch {tr:.3} ms  speedup {:.2}x",
+        "add_bf16",
+        tr / tf
+    );
+    Ok(ok)
+}
+
 fn check_swiglu(args: &KernelsArgs, device: Device) -> Result<bool> {
     let f = 1408;
     let gu = Tensor::randn([args.rows, 2 * f], (Kind::BFloat16, device)).set_requires_grad(true);
@@ -700,6 +728,7 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     ok &= check_add_rms_norm(args, device)?;
     ok &= check_rope(args, device)?;
     ok &= check_attention(args, device)?;
+    ok &= check_add_bf16(args, device)?;
     ok &= check_swiglu(args, device)?;
     ok &= check_cross_entropy(args, device)?;
     if !args.skip_model {

@@ -293,7 +293,7 @@ impl Trainer {
             let _guard = tch::no_grad_guard();
             let w = self.model.embed_tokens.to_kind(tch::Kind::BFloat16);
             let wt = w.tr();
-            let mut gw = self.model.embed_tokens.grad();
+            let gw = self.model.embed_tokens.grad();
             while start < rows {
                 let n = chunk.min(rows - start);
                 let hc = h_det.narrow(0, start, n);
@@ -305,9 +305,9 @@ impl Trainer {
                 )
                 .context("fused cross-entropy")?;
                 let _ = g.narrow(0, start, n).f_copy_(&logits.matmul(&w))?;
-                // bf16 [V, d] added into fp32 in one kernel (libtorch casts on the fly: the
-                // values autograd's cast-backward and accumulation give).
-                let _ = gw.f_add_(&logits.tr().matmul(&hc))?;
+                // bf16 [V, d] added into fp32 in one vectorized kernel: the values autograd's
+                // cast-backward and accumulation give.
+                crate::model::fused::add_bf16_(&gw, &logits.tr().matmul(&hc))?;
                 ce_sum = ce_sum + part;
                 start += n;
             }

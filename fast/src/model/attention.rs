@@ -94,14 +94,14 @@ impl Attention {
         let (b, t, _) = x.size3().expect("attention input must be [B, T, d]");
         let (h, kv) = (self.heads, self.kv_heads);
         let x = super::to_kind(x, compute);
-        let w_qkv = Tensor::cat(&[&self.q_proj, &self.k_proj, &self.v_proj], 0);
-        let qkv = linear(&x, &w_qkv, compute);
+        let w_qkv = super::fused::bf16_weight(&[&self.q_proj, &self.k_proj, &self.v_proj]);
+        let qkv = x.linear::<Tensor>(&w_qkv, None);
         if self.head_dim == 64 && b <= 65_535 && super::fused::attention_enabled() {
             let o = super::fused::expect(
                 "qkv_attention",
                 super::fused::qkv_attention(&qkv, cos, sin, h, kv),
             );
-            return linear(&o, &self.o_proj, compute);
+            return o.linear::<Tensor>(&super::fused::bf16_weight(&[&self.o_proj]), None);
         }
         // [B, T, heads, hd] each from the kernel, read as [B, heads, T, hd] views: SDPA (cuDNN)
         // then lays out its output and gradients the same way, so the output's transpose back

@@ -10,6 +10,8 @@
 //! - [`qkv_heads`]: over the merged q/k/v projection, one pass per block for RoPE, repeat_kv and
 //!   the `[B, T, nh, hd] -> [B, T, nh*n_rep, hd]` layout (v: layout and repeat only); backward
 //!   writes the merged projection's gradient.
+//! - [`weights_bf16`]: the merged bf16 operand of a projection from its fp32 weights; backward
+//!   adds the gradient into each weight's `.grad` in place ([`add_bf16_`]).
 //! - [`qkv_attention`]: causal attention of our own over the merged q/k/v projection (RoPE on
 //!   load, kv heads read once per group, the merged projection's gradient written directly);
 //!   replaces `qkv_heads` + cuDNN's SDPA where the head dim is 64 (`MM_FUSED_ATTENTION=0`: not).
@@ -92,6 +94,12 @@ mod ffi {
             k: *mut *mut C_tensor,
             v: *mut *mut C_tensor,
         ) -> *mut c_char;
+        pub fn mm_weights_bf16(
+            ws: *const *mut C_tensor,
+            n: i64,
+            out: *mut *mut C_tensor,
+        ) -> *mut c_char;
+        pub fn mm_add_bf16_(acc: *mut C_tensor, g: *mut C_tensor) -> *mut c_char;
         pub fn mm_qkv_attention(
             qkv: *mut C_tensor,
             cos: *mut C_tensor,
@@ -178,6 +186,28 @@ pub fn qkv_heads(
     })
 }
 
+/// fp32 weights `[rows_i, d]` -> one bf16 `[sum rows_i, d]` (their cat, cast): a projection's
+/// matmul operand. Differentiable; in the training backward its node adds the bf16 gradient into
+/// each weight's fp32 `.grad` in place ([`add_bf16_`]'s kernel, instead of the cast's backward,
+/// a temporary and AccumulateGrad's add), and returns fp32 gradients otherwise.
+#[cfg(feature = "cuda")]
+pub fn weights_bf16(ws: &[&Tensor]) -> Result<Tensor> {
+    let ptrs: Vec<*mut torch_sys::C_tensor> = ws.iter().map(|w| ptr(w)).collect();
+    let mut out = std::ptr::null_mut();
+    crate::fused::check("weights_bf16", unsafe {
+        ffi::mm_weights_bf16(ptrs.as_ptr(), ptrs.len() as i64, &mut out)
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `acc += g` in place, acc fp32 and g bf16 of one shape (a bf16 gradient into an fp32 `.grad`):
+/// one vectorized kernel on CUDA where both are contiguous, libtorch's `add_` otherwise; the same
+/// values either way (g widened to fp32, one fp32 add). Outside autograd.
+#[cfg(feature = "cuda")]
+pub fn add_bf16_(acc: &Tensor, g: &Tensor) -> Result<()> {
+    crate::fused::check("add_bf16_", unsafe { ffi::mm_add_bf16_(ptr(acc), ptr(g)) })
+}
+
 /// Causal attention straight from the merged projection qkv bf16 `[B, T, (heads + 2 kv_heads) 64]`
 /// -> o bf16 `[B, T, heads * 64]` (fast/csrc/attention.cu): q and k RoPE'd as [`qkv_heads`]
 /// does it (fp32 tables cos/sin `[T, 64]`, one rounding), query head h reading kv head
@@ -248,6 +278,16 @@ pub fn qkv_heads(
 }
 
 #[cfg(not(feature = "cuda"))]
+pub fn weights_bf16(_ws: &[&Tensor]) -> Result<Tensor> {
+    Err(unavailable("weights_bf16"))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn add_bf16_(_acc: &Tensor, _g: &Tensor) -> Result<()> {
+    Err(unavailable("add_bf16_"))
+}
+
+#[cfg(not(feature = "cuda"))]
 pub fn qkv_attention(
     _qkv: &Tensor,
     _cos: &Tensor,
@@ -276,6 +316,23 @@ pub fn swiglu(_gu: &Tensor, _f: i64) -> Result<Tensor> {
 #[cfg(not(feature = "cuda"))]
 pub fn cross_entropy_bf16(_logits: &Tensor, _labels: &Tensor, _seed: &Tensor) -> Result<Tensor> {
     Err(unavailable("cross_entropy_bf16"))
+}
+
+/// The bf16 operand of a projection over the weights `ws` (merged by rows) on the fused path:
+/// [`weights_bf16`] for fp32 master weights (unless `MM_FUSED_WEIGHTS=0`, read once), else their
+/// cat cast to bf16 under autograd.
+pub(crate) fn bf16_weight(ws: &[&Tensor]) -> Tensor {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("MM_FUSED_WEIGHTS").map_or(true, |v| v != "0"));
+    if on && ws.iter().all(|w| w.kind() == tch::Kind::Float) {
+        return expect("weights_bf16", weights_bf16(ws));
+    }
+    let w = if ws.len() == 1 {
+        ws[0].shallow_clone()
+    } else {
+        Tensor::cat(ws, 0)
+    };
+    w.to_kind(tch::Kind::BFloat16)
 }
 
 /// Unwrap a fused op's result inside a forward that cannot return errors: its inputs were

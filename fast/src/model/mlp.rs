@@ -23,8 +23,8 @@ impl Mlp {
     }
 
     /// [`Self::forward`] for the dense model: on CUDA in bf16 with the fused kernels, gate and
-    /// up as one matmul against `cat([gate_proj, up_proj])` (cast to bf16 under autograd, so
-    /// both parameters get their gradients) and the fused SwiGLU kernel on its `[g | u]` output:
+    /// up as one matmul against `cat([gate_proj, up_proj])` in bf16 (`fused::bf16_weight`, whose
+    /// backward accumulates both parameters' gradients) and the fused SwiGLU kernel on its `[g | u]` output:
     /// one pass over the `[N, 2F]` tensor each way instead of silu, mul and their backward
     /// kernels. Same values as `forward` up to the matmul's summation order.
     pub fn forward_fused(&self, x: &Tensor, compute: Kind) -> Tensor {
@@ -37,10 +37,10 @@ impl Mlp {
             return self.forward(x, compute);
         }
         let x = super::to_kind(x, compute);
-        let w_gu = Tensor::cat(&[&self.gate_proj, &self.up_proj], 0);
-        let gu = linear(&x, &w_gu, compute);
+        let w_gu = super::fused::bf16_weight(&[&self.gate_proj, &self.up_proj]);
+        let gu = x.linear::<Tensor>(&w_gu, None);
         let h = super::fused::expect("swiglu", super::fused::swiglu(&gu, f));
-        linear(&h, &self.down_proj, compute)
+        h.linear::<Tensor>(&super::fused::bf16_weight(&[&self.down_proj]), None)
     }
 
     pub fn parameters(&self) -> [&Tensor; 3] {
