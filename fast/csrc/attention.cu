@@ -254,7 +254,8 @@ __device__ void store_rows(float acc[8][4], bf16 *__restrict__ dst, int64_t ld, 
     const int t = row0 + g + 8 * half;
     if (t >= t_n) continue;
     bf16 *p = dst + static_cast<int64_t>(t) * ld;
-    const float *cs = cos + static_cast<int64_t>(t) * kHd, *sn = sin + static_cast<int64_t>(t) * kHd;
+    const float *cs = rope ? cos + static_cast<int64_t>(t) * kHd : nullptr;
+    const float *sn = rope ? sin + static_cast<int64_t>(t) * kHd : nullptr;
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
@@ -307,6 +308,13 @@ struct Heads {
   __device__ int64_t lse_row0(int h) const { return (b * sh.heads + h) * sh.t_n; }
 };
 
+// Key tile and value tile of kv head j, rows t0 .. t0+63, into k and v by cp.async (not committed).
+__device__ __forceinline__ void load_kv_async(Tile &k, Tile &v, const Heads &at, const bf16 *kr,
+                                              const bf16 *qkv, int j, int t0) {
+  load_tile_async(k, at.k(kr, j), kHd, t0, at.sh.t_n);
+  load_tile_async(v, qkv + at.row0() + at.v_col(j), at.sh.ld, t0, at.sh.t_n);
+}
+
 constexpr int kFwdSmem = 5 * sizeof(Tile);  // q, k x 2, v x 2
 constexpr int kBwdSmem = 6 * sizeof(Tile) + 4 * kTile * sizeof(float);
 
@@ -322,10 +330,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
   const int t0 = qt * kTile, w = threadIdx.x / 32, l = threadIdx.x % 32, g = l / 4;
   const int c = 2 * (l % 4);
   const bool live = t0 + 16 * w < sh.t_n;  // a warp whose rows are all past T only copies
-  const bf16 *ksrc = at.k(kr, kvh), *vsrc = qkv + at.row0() + at.v_col(kvh);
   load_tile_async(qs, at.q(qr, h), kHd, t0, sh.t_n);
-  load_tile_async(ks[0], ksrc, kHd, 0, sh.t_n);
-  load_tile_async(vs[0], vsrc, sh.ld, 0, sh.t_n);
+  load_kv_async(ks[0], vs[0], at, kr, qkv, kvh, 0);
   cp_async_commit();
   uint32_t qa[4][4];
   float o[8][4], m[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.f, 0.f};
@@ -338,8 +344,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
       for (int kk = 0; kk < 4; ++kk) load_a(qs, 16 * w, kk, qa[kk]);
     }
     if (j < qt) {
-      load_tile_async(ks[(j + 1) & 1], ksrc, kHd, (j + 1) * kTile, sh.t_n);
-      load_tile_async(vs[(j + 1) & 1], vsrc, sh.ld, (j + 1) * kTile, sh.t_n);
+      load_kv_async(ks[(j + 1) & 1], vs[(j + 1) & 1], at, kr, qkv, kvh, (j + 1) * kTile);
       cp_async_commit();
     }
     if (!live) continue;
@@ -427,11 +432,9 @@ __global__ void __launch_bounds__(kThreads, 4) attn_bwd_dq_kernel(
   const int c = 2 * (l % 4);
   const int64_t od = static_cast<int64_t>(sh.heads) * kHd;  // a row of o and dO
   const bool live = t0 + 16 * w < sh.t_n;
-  const bf16 *ksrc = at.k(kr, kvh), *vsrc = qkv + at.row0() + at.v_col(kvh);
   load_tile_async(qs, at.q(qr, h), kHd, t0, sh.t_n);
   load_tile_async(dos, dout + at.o_head(h), od, t0, sh.t_n);
-  load_tile_async(ks[0], ksrc, kHd, 0, sh.t_n);
-  load_tile_async(vs[0], vsrc, sh.ld, 0, sh.t_n);
+  load_kv_async(ks[0], vs[0], at, kr, qkv, kvh, 0);
   cp_async_commit();
   float dl[2], lrow[2], dq[8][4];
   zero(dq);
@@ -458,8 +461,7 @@ __global__ void __launch_bounds__(kThreads, 4) attn_bwd_dq_kernel(
       }
     }
     if (j < qt) {
-      load_tile_async(ks[(j + 1) & 1], ksrc, kHd, (j + 1) * kTile, sh.t_n);
-      load_tile_async(vs[(j + 1) & 1], vsrc, sh.ld, (j + 1) * kTile, sh.t_n);
+      load_kv_async(ks[(j + 1) & 1], vs[(j + 1) & 1], at, kr, qkv, kvh, (j + 1) * kTile);
       cp_async_commit();
     }
     if (!live) continue;
@@ -536,8 +538,7 @@ __global__ void __launch_bounds__(kThreads, 3) attn_bwd_dkv_kernel(
       ds[buf][threadIdx.x] = t < sh.t_n ? delta[at.lse_row0(h) + t] : 0.f;
     }
   };
-  load_tile_async(ks, at.k(kr, kvh), kHd, k0, sh.t_n);
-  load_tile_async(vs, qkv + at.row0() + at.v_col(kvh), sh.ld, k0, sh.t_n);
+  load_kv_async(ks, vs, at, kr, qkv, kvh, k0);
   issue(0, 0);
   float dk[8][4], dv[8][4];
   zero(dk);

@@ -170,6 +170,29 @@ struct AddRmsNormBf16 : public torch::autograd::Function<AddRmsNormBf16> {
   }
 };
 
+// The checks shared by the ops over a merged projection qkv [B, T, (heads + 2 kv_heads) hd] (bf16)
+// with RoPE tables cos/sin [T, hd] (fp32), all on one CUDA device. Returns hd.
+int64_t merged_qkv_head_dim(const at::Tensor &qkv, const at::Tensor &cos, const at::Tensor &sin,
+                            int64_t heads, int64_t kv_heads, const char *op) {
+  check_cuda(qkv, at::kBFloat16, op, "qkv");
+  check_cuda(cos, at::kFloat, op, "cos");
+  check_cuda(sin, at::kFloat, op, "sin");
+  TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be [B, T, (heads + 2 kv_heads) head_dim], got ",
+              qkv.sizes());
+  TORCH_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0, op, ": ", heads,
+              " heads are not a multiple of ", kv_heads, " kv heads");
+  const int64_t t = qkv.size(1);
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == t && sin.sizes() == cos.sizes(), op,
+              ": cos/sin must be [T, head_dim] with T = ", t, ", got ", cos.sizes(), " and ",
+              sin.sizes());
+  const int64_t hd = cos.size(1), ld = (heads + 2 * kv_heads) * hd;
+  TORCH_CHECK(qkv.size(2) == ld, op, ": qkv's last dimension must be (", heads, " + 2 x ",
+              kv_heads, ") x ", hd, " = ", ld, ", got ", qkv.size(2));
+  TORCH_CHECK(cos.device() == qkv.device() && sin.device() == qkv.device(), op,
+              ": qkv, cos and sin must be on one device");
+  return hd;
+}
+
 // The merged projection qkv [B, T, (H + 2 KV) hd] bf16 -> q, k, v [B, T, H, hd] bf16 contiguous:
 // RoPE + repeat_kv + head layout of its three column blocks (q: RoPE; k: RoPE + repeat_kv; v:
 // repeat_kv) as one autograd node, whose backward writes the three gradients straight into one
@@ -178,23 +201,10 @@ struct QkvHeads : public torch::autograd::Function<QkvHeads> {
   static variable_list forward(AutogradContext *ctx, const at::Tensor &qkv, const at::Tensor &cos,
                                const at::Tensor &sin, int64_t heads, int64_t kv_heads) {
     const char *op = "qkv_heads";
-    check_cuda(qkv, at::kBFloat16, op, "qkv");
-    check_cuda(cos, at::kFloat, op, "cos");
-    check_cuda(sin, at::kFloat, op, "sin");
-    TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be [B, T, (heads + 2 kv_heads) head_dim], got ",
-                qkv.sizes());
-    TORCH_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0, op, ": ", heads,
-                " heads are not a multiple of ", kv_heads, " kv heads");
-    const int64_t b = qkv.size(0), t = qkv.size(1), hd = cos.size(-1);
-    const int64_t ld = (heads + 2 * kv_heads) * hd, n_rep = heads / kv_heads;
-    TORCH_CHECK(qkv.size(2) == ld, op, ": qkv's last dimension must be (", heads, " + 2 x ",
-                kv_heads, ") x ", hd, " = ", ld, ", got ", qkv.size(2));
+    const int64_t hd = merged_qkv_head_dim(qkv, cos, sin, heads, kv_heads, op);
     TORCH_CHECK(hd % 16 == 0, op, ": head_dim must be a multiple of 16, got ", hd);
-    TORCH_CHECK(cos.dim() == 2 && cos.size(0) == t && sin.sizes() == cos.sizes(), op,
-                ": cos/sin must be [T, head_dim] = [", t, ", ", hd, "], got ", cos.sizes(),
-                " and ", sin.sizes());
-    TORCH_CHECK(cos.device() == qkv.device() && sin.device() == qkv.device(), op,
-                ": qkv, cos and sin must be on one device");
+    const int64_t b = qkv.size(0), t = qkv.size(1);
+    const int64_t ld = (heads + 2 * kv_heads) * hd, n_rep = heads / kv_heads;
     c10::DeviceGuard guard(qkv.device());
     at::Tensor x = dense(qkv), c = dense(cos), s = dense(sin);
     const auto *base = static_cast<const char *>(x.data_ptr());
@@ -254,23 +264,9 @@ struct QkvAttention : public torch::autograd::Function<QkvAttention> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &qkv, const at::Tensor &cos,
                             const at::Tensor &sin, int64_t heads, int64_t kv_heads) {
     const char *op = "qkv_attention";
-    check_cuda(qkv, at::kBFloat16, op, "qkv");
-    check_cuda(cos, at::kFloat, op, "cos");
-    check_cuda(sin, at::kFloat, op, "sin");
-    TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be [B, T, (heads + 2 kv_heads) 64], got ",
-                qkv.sizes());
-    TORCH_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0, op, ": ", heads,
-                " heads are not a multiple of ", kv_heads, " kv heads");
-    const int64_t b = qkv.size(0), t = qkv.size(1), hd = 64;
-    const int64_t ld = (heads + 2 * kv_heads) * hd;
-    TORCH_CHECK(qkv.size(2) == ld, op, ": qkv's last dimension must be (", heads, " + 2 x ",
-                kv_heads, ") x 64 = ", ld, ", got ", qkv.size(2));
-    TORCH_CHECK(cos.dim() == 2 && cos.size(0) == t && cos.size(1) == hd &&
-                    sin.sizes() == cos.sizes(),
-                op, ": cos/sin must be [T, 64] = [", t, ", 64] (head dim 64 only), got ",
-                cos.sizes(), " and ", sin.sizes());
-    TORCH_CHECK(cos.device() == qkv.device() && sin.device() == qkv.device(), op,
-                ": qkv, cos and sin must be on one device");
+    const int64_t hd = merged_qkv_head_dim(qkv, cos, sin, heads, kv_heads, op);
+    TORCH_CHECK(hd == 64, op, ": head dim 64 only, got ", hd);
+    const int64_t b = qkv.size(0), t = qkv.size(1);
     TORCH_CHECK(t >= 1 && t <= (INT32_MAX / 64) && b <= 65535 && heads <= 65535, op,
                 ": shape out of range: B ", b, ", T ", t, ", heads ", heads);
     c10::DeviceGuard guard(qkv.device());
