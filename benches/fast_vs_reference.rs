@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use harness::verify_fast::{self, to_tensor, to_tensor_i64};
+use harness::convert::{to_tensor, to_tensor_i64};
+use harness::verify::fast as verify_fast;
 use ndarray::Array2;
 use tch::{Device, Kind, Tensor};
 
@@ -53,7 +54,7 @@ fn sizes() -> Vec<Size> {
 }
 
 fn batch(s: &Size) -> (Array2<i64>, Array2<i64>) {
-    let mut rng = fast::sampler::SplitMix64::new(7);
+    let mut rng = fast::data::order::SplitMix64::new(7);
     let ids = Array2::from_shape_fn((s.b, s.t), |_| {
         1 + (rng.next_u64() % (s.cfg.vocab_size as u64 - 1)) as i64
     });
@@ -65,12 +66,12 @@ fn bench(c: &mut Criterion) {
         let params = reference::params::init_params(&s.cfg, 1);
         let (ids, labels) = batch(&s);
         let (fi, fl) = (to_tensor_i64(&ids), to_tensor_i64(&labels));
-        let adamw = fast::adamw::AdamWConfig::default();
+        let adamw = fast::optim::adamw::AdamWConfig::default();
         let mut tr = verify_fast::trainer(
             &s.cfg,
             &params,
             adamw,
-            fast::precision::Precision::Fp32,
+            fast::model::precision::Precision::Fp32,
             Device::Cpu,
         )
         .expect("trainer");
@@ -83,8 +84,8 @@ fn bench(c: &mut Criterion) {
         c.bench_function(&format!("forward/{n}/fast"), |b| {
             b.iter(|| {
                 tch::no_grad(|| {
-                    let out = tr.model.forward(&fi);
-                    black_box(fast::loss::shifted_cross_entropy(&out.logits, &fl))
+                    let out = tr.model().forward(&fi, None);
+                    black_box(fast::model::loss::shifted_cross_entropy(&out.logits, &fl))
                 })
             })
         });
@@ -111,7 +112,7 @@ fn bench(c: &mut Criterion) {
         c.bench_function(&format!("cross_entropy/{n}/fast"), |b| {
             b.iter(|| {
                 let l = logits_t.detach().set_requires_grad(true);
-                let (loss, _) = fast::loss::shifted_cross_entropy(&l, &fl);
+                let (loss, _) = fast::model::loss::shifted_cross_entropy(&l, &fl);
                 loss.backward();
                 black_box(l.grad())
             })
@@ -132,7 +133,7 @@ fn bench(c: &mut Criterion) {
             )
         });
         c.bench_function(&format!("clip/{n}/fast"), |b| {
-            b.iter(|| fast::clip::clip_grad_norm(&fgrads, 1e9).unwrap())
+            b.iter(|| fast::optim::clip::clip_grad_norm(&fgrads, 1e9).unwrap())
         });
 
         // AdamW step over every parameter.
@@ -146,10 +147,10 @@ fn bench(c: &mut Criterion) {
             .map(|g| to_tensor(g).to_kind(Kind::Float))
             .collect();
         for (imp, label) in [
-            (fast::adamw::AdamWImpl::Fused, "fast"),
-            (fast::adamw::AdamWImpl::PerTensor, "fast_per_tensor"),
+            (fast::optim::adamw::AdamWImpl::Fused, "fast"),
+            (fast::optim::adamw::AdamWImpl::PerTensor, "fast_per_tensor"),
         ] {
-            let mut fopt = fast::adamw::AdamW::new(&fparams, adamw, imp);
+            let mut fopt = fast::optim::adamw::AdamW::new(&fparams, adamw, imp);
             c.bench_function(&format!("adamw/{n}/{label}"), |b| {
                 b.iter(|| fopt.step(&fparams, &fgrads, 1e-4, None).unwrap())
             });
@@ -180,7 +181,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| reference::sampler::epoch_permutation(black_box(100_000), 1, 2))
         });
         c.bench_function(&format!("epoch_permutation/{n}/fast"), |b| {
-            b.iter(|| fast::sampler::epoch_permutation(black_box(100_000), 1, 2))
+            b.iter(|| fast::data::order::epoch_permutation(black_box(100_000), 1, 2))
         });
     }
 }

@@ -77,13 +77,6 @@ run() {
     fi
 }
 
-# run_env "ENV=V,ENV=V" NAME NP ARGS...: run with those environment variables.
-run_env() {
-    local envs=$1
-    shift
-    (for kv in ${envs//,/ }; do export "$kv"; done; run "$@")
-}
-
 metrics() { find "$WORK/$1" -name metrics.jsonl | head -1; }
 
 # ---- 0. collectives --------------------------------------------------------------------------
@@ -202,8 +195,9 @@ fi
 # Tokens/s (padded, all ranks) as the median over log intervals of 30 steps (a log line waits for
 # the device; MiniMind logs every 100), leaving out the first two (warm-up, graph capture) and
 # every interval that follows an epoch end (it holds the end-of-epoch checkpoint and the loader's
-# restart). At batch 32 each SCALE_VARIANTS entry NAME:ENV=VALUE[,ENV=VALUE] repeats the G-GPU
-# run with those variables (default no_overlap:MM_DP_OVERLAP=0, the all-reduce after backward).
+# restart). At batch 32 each SCALE_VARIANTS entry NAME:--flag=value[,--flag=value] repeats the
+# G-GPU run with those pretrain options (default no_overlap:--dp-overlap=off, the all-reduce after
+# backward).
 throughput() {  # NAME
     python3 - "$(metrics "$1")" <<'EOF'
 import json, statistics, sys
@@ -214,7 +208,7 @@ EOF
 }
 SCALE=(--max-steps 300 --log-interval 30 --epochs 100)
 SCALE_GPUS=${SCALE_GPUS:-$( [ "$NGPU" -ge 4 ] && echo "2 4" || echo 2)}
-SCALE_VARIANTS=${SCALE_VARIANTS-no_overlap:MM_DP_OVERLAP=0}
+SCALE_VARIANTS=${SCALE_VARIANTS-no_overlap:--dp-overlap=off}
 if want 4; then
 for B in ${SCALE_BATCHES:-32 128}; do
     if ! run "scale_${B}_1gpu" 1 --batch-size $B "${SCALE[@]}"; then
@@ -233,12 +227,12 @@ for B in ${SCALE_BATCHES:-32 128}; do
         [ "$B" = 32 ] || continue
         for V in $SCALE_VARIANTS; do
             NAME=${V%%:*}
-            ENVS=${V#*:}
-            if run_env "$ENVS" "scale_${B}_${G}gpu_$NAME" "$G" --batch-size $B "${SCALE[@]}"; then
+            OPTS=${V#*:}
+            if run "scale_${B}_${G}gpu_$NAME" "$G" --batch-size $B "${SCALE[@]}" ${OPTS//,/ }; then
                 read -r T3 N3 <<<"$(throughput "scale_${B}_${G}gpu_$NAME")"
-                record "4 scaling, $G GPUs, batch $B, $ENVS" "$(python3 -c "t1,t3,g=$T1,$T3,$G;print(f'{t3/(g*t1):.1%}: {g} GPUs {t3/1e3:.0f}k tok/s')")"
+                record "4 scaling, $G GPUs, batch $B, $OPTS" "$(python3 -c "t1,t3,g=$T1,$T3,$G;print(f'{t3/(g*t1):.1%}: {g} GPUs {t3/1e3:.0f}k tok/s')")"
             else
-                record "4 scaling, $G GPUs, batch $B, $ENVS" "FAIL: the run failed"
+                record "4 scaling, $G GPUs, batch $B, $OPTS" "FAIL: the run failed"
             fi
         done
     done

@@ -47,10 +47,10 @@ go() {  # NAME NPROC "ENV=.. ENV=.." ARGS...
 }
 want 1gpu && go 1gpu 1 ""
 want ngpu && go ${NP}gpu "$NP" ""
-want no_overlap && go ${NP}gpu_no_overlap "$NP" "MM_DP_OVERLAP=0"
+want no_overlap && go ${NP}gpu_no_overlap "$NP" "" --dp-overlap off
 want rank_mean && go ${NP}gpu_rank_mean "$NP" "" --loss-normalization mean
-want bucket1 && go ${NP}gpu_bucket1 "$NP" "MM_DP_BUCKET_LAYERS=1"
-want bucket3 && go ${NP}gpu_bucket3 "$NP" "MM_DP_BUCKET_LAYERS=3"
+want bucket1 && go ${NP}gpu_bucket1 "$NP" "" --dp-bucket-layers 1
+want bucket3 && go ${NP}gpu_bucket3 "$NP" "" --dp-bucket-layers 3
 want ch8 && go ${NP}gpu_nccl_ch8 "$NP" "NCCL_MAX_NCHANNELS=8"
 want ch16 && go ${NP}gpu_nccl_ch16 "$NP" "NCCL_MAX_NCHANNELS=16"
 want simple && go ${NP}gpu_nccl_simple "$NP" "NCCL_PROTO=Simple"

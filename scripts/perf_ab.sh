@@ -50,6 +50,6 @@ bench old_padded_b32_graph      fast_old "" --batch-size 32 --cuda-graph
 bench new_padded_b32_graph      fast     "" --batch-size 32 --cuda-graph
 bench old_padded_b128_graph     fast_old "" --batch-size 128 --steps 30 --cuda-graph
 bench new_padded_b128_graph     fast     "" --batch-size 128 --steps 30 --cuda-graph
-bench new_b128_graph_unchunked  fast     MM_LOSS_CHUNK_ROWS=0 --batch-size 128 --steps 30 --cuda-graph
+bench new_b128_graph_unchunked  fast     "" --loss-chunk-rows 0 --batch-size 128 --steps 30 --cuda-graph
 bench new_packed_b128_graph     fast     "" --batch-size 128 --steps 30 --cuda-graph --data-mode packed
 bench new_packed_b192_graph     fast     "" --batch-size 192 --steps 20 --cuda-graph --data-mode packed

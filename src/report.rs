@@ -1,6 +1,6 @@
 //! Verification rows and the table `verify` prints.
 
-use ndarray::ArrayViewD;
+use ndarray::{ArrayD, ArrayViewD};
 
 /// One check: max abs error, max error relative to the expected tensor's largest magnitude,
 /// and whether that relative error is within `tol`.
@@ -72,6 +72,81 @@ impl Row {
             ok: equal,
         }
     }
+}
+
+/// ||a - e|| / ||e|| (0/0 = 0), and max |a - e|.
+pub fn normwise(a: &ArrayD<f64>, e: &ArrayD<f64>) -> (f64, f64) {
+    if a.shape() != e.shape() {
+        return (f64::INFINITY, f64::INFINITY);
+    }
+    let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(e.iter()) {
+        let d = x - y;
+        if !d.is_finite() {
+            return (f64::NAN, f64::NAN);
+        }
+        num += d * d;
+        den += y * y;
+        max_abs = max_abs.max(d.abs());
+    }
+    let rel = if num == 0.0 { 0.0 } else { (num / den).sqrt() };
+    (rel, max_abs)
+}
+
+/// A row with the precision's error measure.
+pub fn compare(
+    fixture: &str,
+    group: &str,
+    a: &ArrayD<f64>,
+    e: &ArrayD<f64>,
+    tol: f64,
+    nw: bool,
+) -> Row {
+    if nw {
+        let (rel, max_abs) = normwise(a, e);
+        Row {
+            fixture: fixture.into(),
+            group: format!("{group} (norm)"),
+            max_abs,
+            max_rel: rel,
+            tol,
+            ok: rel <= tol,
+        }
+    } else {
+        Row::compare(fixture, group, a.view(), e.view(), tol)
+    }
+}
+
+/// Rows comparing two named tensor sets under one error measure (`nw`: norm-wise), the worst
+/// row per group kept; a tensor missing on either side fails.
+pub fn named_rows(
+    fixture: &str,
+    prefix: &str,
+    actual: &reference::Params,
+    expected: &reference::Params,
+    tol: f64,
+    nw: bool,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (name, e) in expected {
+        let group = format!("{prefix}{}", group_name(name));
+        match actual.get(name) {
+            Some(a) => rows.push(compare(fixture, &group, a, e, tol, nw)),
+            None => rows.push(Row::exact(
+                fixture,
+                &format!("{prefix}{name} (missing)"),
+                false,
+            )),
+        }
+    }
+    for name in actual.keys().filter(|n| !expected.contains_key(*n)) {
+        rows.push(Row::exact(
+            fixture,
+            &format!("{prefix}{name} (unexpected)"),
+            false,
+        ));
+    }
+    worst_per_group(rows)
 }
 
 /// Groups a tensor name: layer and expert indices become `*`.

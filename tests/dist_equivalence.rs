@@ -1,7 +1,7 @@
 //! Data parallelism is exact: W ranks of batch b with token-weighted gradient averaging compute the
 //! gradient of one rank with batch W*b.
 //!
-//! - The oracle (reference model, f64): per-rank gradients of the rows `fast::dist::order` assigns
+//! - The oracle (reference model, f64): per-rank gradients of the rows `fast::data::order` assigns
 //!   to each rank, weighted by count_r / global count and summed, equal the single-process
 //!   gradient of the whole global batch (to 1e-12 relative: only the summation order differs).
 //!   With unequal real-token counts MiniMind's rank mean differs; with equal counts it agrees.
@@ -14,8 +14,8 @@
 
 use std::time::Duration;
 
-use fast::dist::order::{global_positions, num_global_batches, rank_positions};
-use fast::dist::{
+use fast::data::order::{global_positions, num_global_batches, rank_positions};
+use fast::parallel::{
     average_gradients, broadcast_parameters, global_token_count, run_ranks, Communicator,
     GradAverage,
 };
@@ -281,24 +281,24 @@ fn fast_in_process_ranks_match_the_oracle_single_batch() {
     }
 }
 
-/// The real fast model (fast::step::Trainer, 2 dense layers, fp32) on every rank: micro-step with
+/// The real fast model (fast::train::trainer::Trainer, 2 dense layers, fp32) on every rank: micro-step with
 /// weight count_r / global count, then token-weighted gradient averaging. (Dense only: MoE's aux
 /// loss is a per-batch mean and does not split across ranks.)
 #[test]
 fn fast_trainer_ranks_match_the_oracle_single_batch() {
-    use fast::precision::Precision;
-    use fast::step::{Trainer, TrainerConfig};
+    use fast::model::precision::Precision;
+    use fast::train::trainer::{Trainer, TrainerConfig};
     use std::collections::HashMap;
 
     let rcfg = tiny(2);
-    let fcfg = fast::config::ModelConfig {
+    let fcfg = fast::model::config::ModelConfig {
         hidden_size: rcfg.hidden_size,
         num_hidden_layers: rcfg.num_hidden_layers,
         num_attention_heads: rcfg.num_attention_heads,
         num_key_value_heads: rcfg.num_key_value_heads,
         vocab_size: rcfg.vocab_size,
         intermediate_size: rcfg.intermediate_size,
-        ..fast::config::ModelConfig::default()
+        ..fast::model::config::ModelConfig::default()
     };
     let p = init_params(&rcfg, 5);
     let (n, b, w, g) = (11, 2, 3, 1); // the trailing partial global batch, split 1/2/2

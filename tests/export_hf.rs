@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fast::export::{run, ExportArgs};
-use fast::kv_cache::{Arch, InferenceModel, KvCache, MoeArch};
+use fast::commands::export::{run, ExportArgs};
+use fast::model::{MiniMindForCausalLM, ModelConfig};
 use tch::{Device, Kind, Tensor};
 
 fn root() -> &'static Path {
@@ -46,7 +46,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn export_then_import_is_lossless() {
     let pth = golden("minimind_pretrain_64.pth");
-    let (arch0, w0, _) = fast::weights::load_for_inference(&pth, None, Kind::Double).unwrap();
+    let (arch0, w0, _) = fast::io::weights::load_for_inference(&pth, None, Kind::Double).unwrap();
     for dtype in ["source", "f32"] {
         let out_tmp = tmpdir(&format!("lossless_{dtype}"));
         let out = out_tmp.path();
@@ -61,7 +61,7 @@ fn export_then_import_is_lossless() {
             assert!(out.join(f).is_file(), "{f} missing");
         }
         let st = out.join("model.safetensors");
-        let raw = fast::weights::load_weights(&st).unwrap();
+        let raw = fast::io::weights::load_weights(&st).unwrap();
         let want_kind = if dtype == "source" {
             Kind::Half
         } else {
@@ -73,7 +73,8 @@ fn export_then_import_is_lossless() {
             "tied head must not be stored"
         );
         // config.json in the folder describes the model fully.
-        let (arch1, w1, from) = fast::weights::load_for_inference(&st, None, Kind::Double).unwrap();
+        let (arch1, w1, from) =
+            fast::io::weights::load_for_inference(&st, None, Kind::Double).unwrap();
         assert!(from.contains("config.json"), "{from}");
         assert_eq!(arch1, arch0);
         assert_eq!(w0.len(), w1.len());
@@ -124,11 +125,11 @@ fn hf_logits(py: &Path, dir: &Path, rows: &[Vec<i64>]) -> Tensor {
 }
 
 fn ours(weights: &Path, rows: &[Vec<i64>]) -> Tensor {
-    let (arch, w, _) = fast::weights::load_for_inference(weights, None, Kind::Float).unwrap();
-    let m = InferenceModel::new(arch, w, Kind::Float, Device::Cpu).unwrap();
+    let (cfg, w, _) = fast::io::weights::load_for_inference(weights, None, Kind::Float).unwrap();
+    let m = MiniMindForCausalLM::from_weights(&cfg, w, Kind::Float, Device::Cpu, "test").unwrap();
     let ids = Tensor::from_slice(&rows.concat()).view([rows.len() as i64, -1]);
     let _g = tch::no_grad_guard();
-    m.forward(&ids, &mut KvCache::new()).unwrap()
+    m.forward(&ids, None).logits
 }
 
 #[test]
@@ -163,10 +164,11 @@ fn transformers_llama_from_the_export_gives_minimind_logits() {
     assert!(d_golden < 1e-4 && d_ours < 1e-4);
 }
 
-/// Random weights for `arch`, written as a safetensors file with its config JSON beside it.
-fn random_weights_file(arch: &Arch, dir: &Path) -> PathBuf {
+/// Random weights for `cfg`, written as a safetensors file with its config JSON beside it.
+fn random_weights_file(cfg: &ModelConfig, dir: &Path) -> PathBuf {
     tch::manual_seed(3);
-    let w: Vec<(String, Tensor)> = InferenceModel::expected_names(arch)
+    let w: Vec<(String, Tensor)> = cfg
+        .param_shapes()
         .into_iter()
         .map(|(n, s)| {
             let t = if s.len() == 1 {
@@ -181,37 +183,36 @@ fn random_weights_file(arch: &Arch, dir: &Path) -> PathBuf {
     let path = dir.join("model_32.safetensors");
     std::fs::write(
         &path,
-        fast::export::safetensors_bytes(&w, Kind::Float).unwrap(),
+        fast::io::hf::safetensors_bytes(&w, Kind::Float).unwrap(),
     )
     .unwrap();
-    let cfg = fast::export::hf_config(arch, Default::default(), Kind::Float).unwrap();
+    let hf = fast::io::hf::hf_config(cfg, Default::default(), Kind::Float).unwrap();
     std::fs::write(
         path.with_extension("json"),
-        serde_json::to_string(&serde_json::json!({ "config": cfg })).unwrap(),
+        serde_json::to_string(&serde_json::json!({ "config": hf })).unwrap(),
     )
     .unwrap();
     path
 }
 
-fn small_arch(qk_norm: bool, moe: bool) -> Arch {
-    Arch {
+fn small_config(qk_norm: bool, moe: bool) -> ModelConfig {
+    ModelConfig {
         hidden_size: 32,
         num_hidden_layers: 2,
         num_attention_heads: 4,
         num_key_value_heads: 2,
-        head_dim: 8,
-        intermediate_size: 96,
+        intermediate_size: Some(96),
         vocab_size: 512,
         rms_norm_eps: 1e-6,
         rope_theta: 1e4,
         max_position_embeddings: 64,
         qk_norm,
-        moe: moe.then_some(MoeArch {
-            n_routed_experts: 4,
-            n_shared_experts: 1,
-            num_experts_per_tok: 2,
-            norm_topk_prob: true,
-        }),
+        use_moe: moe,
+        n_routed_experts: 4,
+        n_shared_experts: 1,
+        num_experts_per_tok: 2,
+        norm_topk_prob: true,
+        ..ModelConfig::default()
     }
 }
 
@@ -220,7 +221,7 @@ fn transformers_qwen3_from_a_qk_norm_export_gives_our_logits() {
     let Some(py) = hf_python() else { return };
     let dir_tmp = tmpdir("qwen3_src");
     let dir = dir_tmp.path();
-    let src = random_weights_file(&small_arch(true, false), dir);
+    let src = random_weights_file(&small_config(true, false), dir);
     let out_tmp = tmpdir("hf_qwen3");
     let out = out_tmp.path();
     export(&src, out, "source");
@@ -239,10 +240,10 @@ fn transformers_qwen3_from_a_qk_norm_export_gives_our_logits() {
 
 #[test]
 fn moe_export_keeps_minimind_layout_and_reimports() {
-    let arch = small_arch(false, true);
+    let cfg0 = small_config(false, true);
     let dir_tmp = tmpdir("moe_src");
     let dir = dir_tmp.path();
-    let src = random_weights_file(&arch, dir);
+    let src = random_weights_file(&cfg0, dir);
     let out_tmp = tmpdir("hf_moe");
     let out = out_tmp.path();
     export(&src, out, "source");
@@ -251,10 +252,10 @@ fn moe_export_keeps_minimind_layout_and_reimports() {
     assert_eq!(cfg["model_type"], "minimind");
     assert_eq!(cfg["n_routed_experts"], 4);
     let (arch1, w1, _) =
-        fast::weights::load_for_inference(&out.join("model.safetensors"), None, Kind::Float)
+        fast::io::weights::load_for_inference(&out.join("model.safetensors"), None, Kind::Float)
             .unwrap();
-    assert_eq!(arch1, arch);
-    let (_, w0, _) = fast::weights::load_for_inference(&src, None, Kind::Float).unwrap();
+    assert_eq!(arch1, cfg0);
+    let (_, w0, _) = fast::io::weights::load_for_inference(&src, None, Kind::Float).unwrap();
     assert!(w0
         .iter()
         .zip(&w1)

@@ -3,14 +3,19 @@
 use std::path::Path;
 
 use harness::report::format_table;
-use harness::verify_fast;
+use harness::verify::{self, FastChecks, Target};
+
+fn fast_rows(precision: &str) -> Vec<harness::report::Row> {
+    let target = Target::Fast(FastChecks::new("cpu", precision).unwrap());
+    verify::run(golden(), &target).expect("fast verification runs")
+}
 
 fn golden() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/golden/minimind"))
 }
 
 fn assert_all_ok(precision: &str) {
-    let rows = verify_fast::run(golden(), "cpu", precision).expect("fast verification runs");
+    let rows = fast_rows(precision);
     let table = format_table(&rows);
     println!("{table}");
     assert!(
@@ -40,7 +45,7 @@ fn golden_fixtures_pass_on_the_cpu_in_fp64_at_round_off() {
 /// loop. A formula difference shows at 1e-8 or more (fp32 upcasts, a wrong eps), far above this.
 #[test]
 fn fp64_forward_and_gradients_equal_minimind_to_a_few_ulps() {
-    let rows = verify_fast::run(golden(), "cpu", "fp64").unwrap();
+    let rows = fast_rows("fp64");
     let checked: Vec<_> = rows
         .iter()
         .filter(|r| {
@@ -66,7 +71,7 @@ fn fp64_forward_and_gradients_equal_minimind_to_a_few_ulps() {
 }
 
 /// bf16 mixed precision (fp32 master weights, bf16 matmuls) runs on the CPU too and stays within
-/// the bf16 tolerances (norm-wise, see verify_fast).
+/// the bf16 tolerances (norm-wise, see verify/fast.rs).
 #[test]
 fn golden_fixtures_pass_on_the_cpu_in_bf16() {
     assert_all_ok("bf16");

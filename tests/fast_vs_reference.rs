@@ -11,8 +11,9 @@
 
 use std::collections::BTreeMap;
 
+use harness::convert::{from_named, scalar, to_array, to_tensor_i64};
 use harness::report::Row;
-use harness::verify_fast::{self, from_named, to_tensor_i64};
+use harness::verify::fast as verify_fast;
 use ndarray::Array2;
 use proptest::prelude::*;
 use tch::{Device, Tensor};
@@ -104,7 +105,7 @@ fn case() -> impl Strategy<Value = Case> {
 
 /// Token ids from a seeded generator; pads (id 0, label -100) at the end of rows.
 fn batch(c: &Case, salt: u64) -> (Array2<i64>, Array2<i64>) {
-    let mut rng = fast::sampler::SplitMix64::new(c.seed ^ salt.wrapping_mul(0x9E37_79B9));
+    let mut rng = fast::data::order::SplitMix64::new(c.seed ^ salt.wrapping_mul(0x9E37_79B9));
     let v = c.cfg.vocab_size as u64;
     let mut ids = Array2::<i64>::zeros((c.b, c.t));
     let mut labels = Array2::<i64>::zeros((c.b, c.t));
@@ -174,10 +175,13 @@ fn named_rows(what: &str, a: &reference::Params, e: &reference::Params, tol: f64
     rows
 }
 
-fn adamw() -> (reference::adamw::AdamWConfig, fast::adamw::AdamWConfig) {
+fn adamw() -> (
+    reference::adamw::AdamWConfig,
+    fast::optim::adamw::AdamWConfig,
+) {
     (
         reference::adamw::AdamWConfig::default(),
-        fast::adamw::AdamWConfig::default(),
+        fast::optim::adamw::AdamWConfig::default(),
     )
 }
 
@@ -185,7 +189,10 @@ fn adamw() -> (reference::adamw::AdamWConfig, fast::adamw::AdamWConfig) {
 /// to lr / eps to its gradient, so with torch's 1e-8 any weight whose gradient is within fp32
 /// round-off of zero (a few per 10^4 weights) moves by up to 2 lr differently. eps 1e-5 keeps
 /// that amplification at 100 while every other part of the update is the same arithmetic.
-fn adamw_traj() -> (reference::adamw::AdamWConfig, fast::adamw::AdamWConfig) {
+fn adamw_traj() -> (
+    reference::adamw::AdamWConfig,
+    fast::optim::adamw::AdamWConfig,
+) {
     let (mut r, mut f) = adamw();
     r.eps = 1e-5;
     f.eps = 1e-5;
@@ -202,21 +209,21 @@ fn one_step(c: &Case) -> Result<(), TestCaseError> {
         &c.cfg,
         &params,
         adamw().1,
-        fast::precision::Precision::Fp32,
+        fast::model::precision::Precision::Fp32,
         Device::Cpu,
     )
     .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
     let (fi, fl) = (to_tensor_i64(&ids), to_tensor_i64(&labels));
-    let logits = tch::no_grad(|| tr.model.forward(&fi).logits);
+    let logits = tch::no_grad(|| tr.model().forward(&fi, None).logits);
     let o = tr
         .micro_step(&fi, &fl, 1.0)
         .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
-    let s = verify_fast::scalar;
+    let s = scalar;
     let mut rows = vec![
         Row::compare(
             "fwd",
             "logits",
-            verify_fast::to_array(&logits).view(),
+            to_array(&logits).view(),
             out.logits.view().into_dyn(),
             LOGITS_TOL,
         ),
@@ -314,19 +321,19 @@ fn trajectory(
         &c.cfg,
         &params,
         adamw_traj().1,
-        fast::precision::Precision::Fp32,
+        fast::model::precision::Precision::Fp32,
         Device::Cpu,
     )
     .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
     let (rn, fnorm) = if token_weighted {
         (
             reference::accumulation::Normalisation::TokenWeighted,
-            fast::accumulation::Normalisation::TokenWeighted,
+            fast::optim::accumulation::Normalisation::TokenWeighted,
         )
     } else {
         (
             reference::accumulation::Normalisation::MiniMindMean,
-            fast::accumulation::Normalisation::MiniMindMean,
+            fast::optim::accumulation::Normalisation::MiniMindMean,
         )
     };
     let expected = reference_trajectory(&c.cfg, &mut params, &batches, accum, 1e-3, 1.0, rn);
@@ -406,20 +413,20 @@ proptest! {
         bs in 1usize..17, skip in 0usize..20, world in 1usize..9, drop_last in any::<bool>(),
         step in 0u64..100_000, saved in 1u64..9, current in 1u64..9,
     ) {
-        let perm = fast::sampler::epoch_permutation(n, seed, epoch);
+        let perm = fast::data::order::epoch_permutation(n, seed, epoch);
         prop_assert_eq!(&perm, &reference::sampler::epoch_permutation(n, seed, epoch));
-        let s = fast::sampler::SkipBatchSampler::new(&perm, bs, skip);
+        let s = fast::data::order::SkipBatchSampler::new(&perm, bs, skip);
         let got: Vec<Vec<usize>> = s.iter().map(|b| b.to_vec()).collect();
         prop_assert_eq!(got, reference::sampler::skip_batches(&perm, bs, skip));
         prop_assert_eq!(s.len(), reference::sampler::skip_batch_len(n, bs, skip));
         for rank in 0..world {
             prop_assert_eq!(
-                fast::sampler::distributed_indices(&perm, world, rank, drop_last),
+                fast::data::order::distributed_indices(&perm, world, rank, drop_last),
                 reference::sampler::distributed_indices(&perm, world, rank, drop_last)
             );
         }
         prop_assert_eq!(
-            fast::sampler::rescale_step(step, saved, current),
+            fast::data::order::rescale_step(step as usize, saved as usize, current as usize) as u64,
             reference::sampler::rescale_step(step, saved, current)
         );
     }
@@ -432,24 +439,24 @@ proptest! {
     ) {
         let step = ((total as f64 * frac) as u64).max(1);
         prop_assert_eq!(
-            fast::schedule::cosine_lr(step, total, base).to_bits(),
+            fast::optim::schedule::cosine_lr(step, total, base).to_bits(),
             reference::schedule::cosine_lr(step, total, base).to_bits()
         );
         prop_assert_eq!(
-            fast::schedule::lr_at(step, total, base, warmup).to_bits(),
+            fast::optim::schedule::lr_at(step, total, base, warmup).to_bits(),
             reference::schedule::lr_at(step, total, base, warmup).to_bits()
         );
         prop_assert_eq!(
-            fast::accumulation::is_optimizer_step(step, accum, total),
+            fast::optim::accumulation::is_optimizer_step(step, accum, total),
             reference::accumulation::is_optimizer_step(step, accum, total)
         );
-        prop_assert_eq!(fast::accumulation::window(step, accum, total), reference::accumulation::window(step, accum, total));
+        prop_assert_eq!(fast::optim::accumulation::window(step, accum, total), reference::accumulation::window(step, accum, total));
         for (f, r) in [
-            (fast::accumulation::Normalisation::MiniMindMean, reference::accumulation::Normalisation::MiniMindMean),
-            (fast::accumulation::Normalisation::TokenWeighted, reference::accumulation::Normalisation::TokenWeighted),
+            (fast::optim::accumulation::Normalisation::MiniMindMean, reference::accumulation::Normalisation::MiniMindMean),
+            (fast::optim::accumulation::Normalisation::TokenWeighted, reference::accumulation::Normalisation::TokenWeighted),
         ] {
             prop_assert_eq!(
-                fast::accumulation::loss_weight(f, accum, count, count + extra).to_bits(),
+                fast::optim::accumulation::loss_weight(f, accum, count, count + extra).to_bits(),
                 reference::accumulation::loss_weight(r, accum, count, count + extra).to_bits()
             );
         }
@@ -460,14 +467,14 @@ proptest! {
     fn batching_agrees_exactly(
         docs in prop::collection::vec(prop::collection::vec(0u32..50, 0..20), 1..6), max_len in 2usize..24,
     ) {
-        let sp = fast::batch::SpecialTokens::default();
+        let sp = fast::data::rows::SpecialTokens::default();
         let rsp = reference::dataset::SpecialTokens::default();
         for d in &docs {
-            let f = fast::batch::padded_row(d, max_len, sp);
+            let f = fast::data::rows::padded_row(d, max_len, sp);
             let r = reference::dataset::encode_padded(d, max_len, rsp);
             prop_assert_eq!((f.input_ids, f.labels), (r.input_ids, r.labels));
         }
-        let f = fast::batch::packed_rows(&docs, max_len, sp);
+        let f = fast::data::rows::packed_rows(&docs, max_len, sp);
         let r = reference::dataset::pack(&docs, max_len, rsp);
         prop_assert_eq!(f.len(), r.len());
         for (a, b) in f.into_iter().zip(r) {
@@ -487,7 +494,7 @@ proptest! {
         interval in 1u32..5,
     ) {
         let mut r = reference::scaler::GradScaler::new(1024.0, 2.0, 0.5, interval);
-        let mut f = fast::scaler::GradScaler::new(1024.0, 2.0, 0.5, interval as i64, Device::Cpu);
+        let mut f = fast::optim::scaler::GradScaler::new(1024.0, 2.0, 0.5, interval as i64, Device::Cpu);
         for ev in events {
             let bad = match ev { 1 => f64::INFINITY, 2 => f64::NAN, _ => 3.0 };
             let mut rg = BTreeMap::from([("p".to_string(), ndarray::arr1(&[1.0, bad]).into_dyn())]);

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use fast::data::tokenize::{SpecialTokens, TextTokenizer};
-use fast::generate::generate_ids;
-use fast::kv_cache::{InferenceModel, KvCache};
-use fast::sampling::{SamplingConfig, TextStream};
+use fast::commands::generate::generate_ids;
+use fast::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
+use fast::model::sampling::{SamplingConfig, TextStream};
+use fast::model::{KvCache, MiniMindForCausalLM, ModelConfig};
 use tch::{Device, Kind, Tensor};
 
 fn golden(name: &str) -> PathBuf {
@@ -15,10 +15,16 @@ fn golden(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn golden_model(kind: Kind) -> InferenceModel {
+fn golden_model(kind: Kind) -> MiniMindForCausalLM {
     let path = golden("minimind_pretrain_64.pth");
-    let (arch, w, _) = fast::weights::load_for_inference(&path, None, kind).unwrap();
-    InferenceModel::new(arch, w, kind, Device::Cpu).unwrap()
+    fast::io::weights::load_model(&path, None, kind, Device::Cpu)
+        .unwrap()
+        .0
+}
+
+/// Logits of `ids` continuing the `cache`d positions.
+fn fwd(m: &MiniMindForCausalLM, ids: &Tensor, cache: &mut KvCache) -> Tensor {
+    m.forward(ids, Some(cache)).logits
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -29,29 +35,28 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// A MoE + qk-norm model with random weights, to cover those paths of the cached forward.
-fn random_moe_qknorm_model() -> InferenceModel {
-    use fast::kv_cache::{Arch, MoeArch};
-    let arch = Arch {
+fn random_moe_qknorm_model() -> MiniMindForCausalLM {
+    let cfg = ModelConfig {
         hidden_size: 32,
         num_hidden_layers: 2,
         num_attention_heads: 4,
         num_key_value_heads: 2,
-        head_dim: 8,
-        intermediate_size: 64,
+        intermediate_size: Some(64),
         vocab_size: 97,
         rms_norm_eps: 1e-5,
         rope_theta: 1e4,
         max_position_embeddings: 128,
         qk_norm: true,
-        moe: Some(MoeArch {
-            n_routed_experts: 4,
-            n_shared_experts: 1,
-            num_experts_per_tok: 2,
-            norm_topk_prob: true,
-        }),
+        use_moe: true,
+        n_routed_experts: 4,
+        n_shared_experts: 1,
+        num_experts_per_tok: 2,
+        norm_topk_prob: true,
+        ..ModelConfig::default()
     };
     tch::manual_seed(11);
-    let w = InferenceModel::expected_names(&arch)
+    let w = cfg
+        .param_shapes()
         .into_iter()
         .map(|(n, s)| {
             let t = if s.len() == 1 {
@@ -63,7 +68,7 @@ fn random_moe_qknorm_model() -> InferenceModel {
             (n, t)
         })
         .collect();
-    InferenceModel::new(arch, w, Kind::Float, Device::Cpu).unwrap()
+    MiniMindForCausalLM::from_weights(&cfg, w, Kind::Float, Device::Cpu, "random").unwrap()
 }
 
 #[test]
@@ -73,14 +78,14 @@ fn kv_cached_logits_equal_full_recompute() {
         ("golden dense", golden_model(Kind::Float)),
         ("random moe+qk-norm", random_moe_qknorm_model()),
     ] {
-        let v = m.arch.vocab_size as i64;
+        let v = m.cfg.vocab_size as i64;
         let ids = Tensor::from_slice(&[1i64, 17, 300 % v, 42, 5, 77, 2, 9, 63, 31]).view([1, -1]);
-        let full = m.forward(&ids, &mut KvCache::new()).unwrap();
+        let full = fwd(&m, &ids, &mut KvCache::new());
         // Prompt of 4, then one token at a time; then the rest of a batch of 2 in one chunk.
         let mut cache = KvCache::new();
-        let mut parts = vec![m.forward(&ids.narrow(1, 0, 4), &mut cache).unwrap()];
+        let mut parts = vec![fwd(&m, &ids.narrow(1, 0, 4), &mut cache)];
         for t in 4..10 {
-            parts.push(m.forward(&ids.narrow(1, t, 1), &mut cache).unwrap());
+            parts.push(fwd(&m, &ids.narrow(1, t, 1), &mut cache));
             assert_eq!(cache.len(), t as usize + 1);
         }
         let cached = Tensor::cat(&parts, 1);
@@ -93,10 +98,10 @@ fn kv_cached_logits_equal_full_recompute() {
         assert!(d < 1e-4, "{label}: {d}");
 
         let ids2 = Tensor::cat(&[&ids, &ids.flip([1])], 0);
-        let full2 = m.forward(&ids2, &mut KvCache::new()).unwrap();
+        let full2 = fwd(&m, &ids2, &mut KvCache::new());
         let mut cache = KvCache::new();
-        let a = m.forward(&ids2.narrow(1, 0, 7), &mut cache).unwrap();
-        let b = m.forward(&ids2.narrow(1, 7, 3), &mut cache).unwrap();
+        let a = fwd(&m, &ids2.narrow(1, 0, 7), &mut cache);
+        let b = fwd(&m, &ids2.narrow(1, 7, 3), &mut cache);
         let d2 = max_abs_diff(&Tensor::cat(&[a, b], 1), &full2);
         assert!(d2 < 1e-4, "{label} batch 2: {d2}");
     }
@@ -116,8 +121,8 @@ fn greedy_generation_follows_full_recompute_argmax() {
     let mut seq = prompt.to_vec();
     for &tok in &out {
         let logits = m
-            .forward(&Tensor::from_slice(&seq).view([1, -1]), &mut KvCache::new())
-            .unwrap();
+            .forward(&Tensor::from_slice(&seq).view([1, -1]), None)
+            .logits;
         let next = logits
             .select(1, seq.len() as i64 - 1)
             .argmax(-1, false)
@@ -152,7 +157,8 @@ fn sampling_with_a_fixed_seed_repeats() {
 
 #[test]
 fn streamed_text_equals_decoding_everything_at_once() {
-    let tok = TextTokenizer::load(&golden("tokenizer.json"), &SpecialTokens::default()).unwrap();
+    let tok =
+        TextTokenizer::load(&golden("tokenizer.json"), &SpecialTokenStrings::default()).unwrap();
     let text = "床前明月光，疑是地上霜。🙂 Ünïcödé\ttabs\nand 𝔘𝔫𝔦 mixed 😀😀 end";
     let ids = tok.encode(text).unwrap();
     let mut stream = TextStream::new(|ids: &[u32]| tok.decode(ids));

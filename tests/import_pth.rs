@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fast::pth::{read_pth, PthDtype};
+use fast::io::pth::{read_pth, PthDtype};
 
 fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/minimind/minimind_pretrain_64.pth")
@@ -165,20 +165,20 @@ fn torch_save_cases_match_torch_bit_for_bit() {
     );
 }
 
-fn golden_arch() -> fast::kv_cache::Arch {
-    fast::kv_cache::Arch {
+fn golden_config() -> fast::model::ModelConfig {
+    fast::model::ModelConfig {
         hidden_size: 64,
         num_hidden_layers: 2,
         num_attention_heads: 4,
         num_key_value_heads: 2,
-        head_dim: 16,
-        intermediate_size: 192,
+        intermediate_size: Some(192),
         vocab_size: 512,
         rms_norm_eps: 1e-5,
         rope_theta: 1e6,
         max_position_embeddings: 32768,
         qk_norm: false,
-        moe: None,
+        use_moe: false,
+        ..Default::default()
     }
 }
 
@@ -192,7 +192,7 @@ fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
 
 #[test]
 fn imported_golden_weights_reproduce_minimind_logits() {
-    use fast::kv_cache::{InferenceModel, KvCache};
+    use fast::model::MiniMindForCausalLM;
     let want = tch::Tensor::read_safetensors(
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("golden/minimind/minimind_pretrain_64.expected.safetensors"),
@@ -200,13 +200,14 @@ fn imported_golden_weights_reproduce_minimind_logits() {
     .unwrap();
     let get = |n: &str| want.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
     let (ids, logits) = (get("input_ids"), get("logits"));
-    let arch = golden_arch();
-    let expected = InferenceModel::expected_names(&arch);
+    let cfg = golden_config();
+    let expected = cfg.param_shapes();
     for (kind, tol) in [(tch::Kind::Double, 1e-9), (tch::Kind::Float, 1e-4)] {
-        let loaded = fast::weights::load_weights(&golden()).unwrap();
-        let w = fast::weights::match_weights(loaded, &expected, kind, &golden()).unwrap();
-        let m = InferenceModel::new(arch.clone(), w, kind, tch::Device::Cpu).unwrap();
-        let got = m.forward(&ids, &mut KvCache::new()).unwrap();
+        let loaded = fast::io::weights::load_weights(&golden()).unwrap();
+        let w = fast::io::weights::match_weights(loaded, &expected, kind, &golden()).unwrap();
+        let m =
+            MiniMindForCausalLM::from_weights(&cfg, w, kind, tch::Device::Cpu, "golden").unwrap();
+        let got = tch::no_grad(|| m.forward(&ids, None).logits);
         let d = max_abs_diff(&got, &logits);
         println!("{kind:?}: max |logit - expected| = {d:.3e} (tolerance {tol:.0e})");
         assert!(d < tol, "{kind:?}: {d}");
@@ -217,7 +218,8 @@ fn imported_golden_weights_reproduce_minimind_logits() {
 fn verify_pth_checks_the_golden_weight_fixture() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/minimind");
     for precision in ["fp64", "fp32"] {
-        let rows = harness::verify_pth::run(&dir, "fast", "cpu", precision).unwrap();
+        let p: fast::model::precision::Precision = precision.parse().unwrap();
+        let rows = harness::verify::pth::check_fast(&dir, tch::Device::Cpu, p).unwrap();
         assert_eq!(rows.len(), 1);
         println!(
             "{precision}: {} max_abs {:.3e} tol {:.0e}",

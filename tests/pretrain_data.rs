@@ -6,10 +6,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fast::data::batch::HostBatch;
+use fast::data::corpus::{JsonlCorpus, LinePolicy};
 use fast::data::dataset::{counted_labels, padded_row, DataMode, TokenDataset};
-use fast::data::jsonl::{JsonlCorpus, LinePolicy};
-use fast::data::loader::{HostBatch, Prefetcher};
-use fast::data::tokenize::{SpecialTokens, TextTokenizer};
+use fast::data::loader::Prefetcher;
+use fast::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
 use reference::dataset as refds;
 
 fn root() -> PathBuf {
@@ -40,7 +41,7 @@ fn poems(n: usize) -> Vec<String> {
 
 fn open(path: &Path, tokenizer: &Path) -> (Arc<JsonlCorpus>, Arc<TextTokenizer>) {
     let corpus = Arc::new(JsonlCorpus::open(path, LinePolicy::Fail).unwrap());
-    let tok = Arc::new(TextTokenizer::load(tokenizer, &SpecialTokens::default()).unwrap());
+    let tok = Arc::new(TextTokenizer::load(tokenizer, &SpecialTokenStrings::default()).unwrap());
     (corpus, tok)
 }
 
@@ -185,10 +186,11 @@ fn padded_row_labels_count_what_the_shifted_loss_counts() {
 #[test]
 fn trained_tokenizer_matches_minimind_layout_and_round_trips() {
     let texts = poems(400);
-    let tok = fast::tokenizer_train::train_bpe(texts.iter().map(String::as_str), 600).unwrap();
+    let tok =
+        fast::commands::train_tokenizer::train_bpe(texts.iter().map(String::as_str), 600).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    fast::tokenizer_train::write_tokenizer_dir(&tok, dir.path()).unwrap();
-    let loaded = TextTokenizer::load(dir.path(), &SpecialTokens::default()).unwrap();
+    fast::commands::train_tokenizer::write_tokenizer_dir(&tok, dir.path()).unwrap();
+    let loaded = TextTokenizer::load(dir.path(), &SpecialTokenStrings::default()).unwrap();
     assert_eq!((loaded.pad, loaded.bos, loaded.eos), (0, 1, 2));
     assert_eq!(loaded.vocab_size(), 600);
     for t in &texts[..20] {
@@ -229,7 +231,8 @@ fn trained_tokenizer_matches_minimind_layout_and_round_trips() {
 #[test]
 fn the_embedded_tokenizer_is_the_one_train_tokenizer_makes_from_the_embedded_poems() {
     let texts = poems(usize::MAX);
-    let tok = fast::tokenizer_train::train_bpe(texts.iter().map(String::as_str), 6400).unwrap();
+    let tok =
+        fast::commands::train_tokenizer::train_bpe(texts.iter().map(String::as_str), 6400).unwrap();
     let ours: serde_json::Value = serde_json::from_str(&tok.to_string(false).unwrap()).unwrap();
     let committed: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("data/tokenizer/tokenizer.json")).unwrap(),
@@ -241,12 +244,12 @@ fn the_embedded_tokenizer_is_the_one_train_tokenizer_makes_from_the_embedded_poe
 #[test]
 fn tokenizer_errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
-    let err = TextTokenizer::load(dir.path(), &SpecialTokens::default())
+    let err = TextTokenizer::load(dir.path(), &SpecialTokenStrings::default())
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("not found"), "{err}");
-    let given = SpecialTokens {
+    let given = SpecialTokenStrings {
         bos: Some("<nope>".into()),
         ..Default::default()
     };

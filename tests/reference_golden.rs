@@ -1,5 +1,5 @@
 //! The reference reproduces every golden fixture made by MiniMind's own PyTorch code.
-//! Tolerances (and why) live next to the checks in `harness::verify_reference`:
+//! Tolerances (and why) live next to the checks in `harness::verify::reference`:
 //! FORWARD_TOL 1e-6 / GRAD_TOL 2e-6 relative to the tensor's max magnitude, because MiniMind
 //! runs RMSNorm and builds RoPE tables in float32 even in its float64 fixtures; the optimizer
 //! on PyTorch's own gradients and the LR schedule are held to float64 round-off (1e-12, 1e-13).
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use harness::fixtures::{self, Components, ModelFixture, TrainFixture};
 use harness::report::{format_table, Row};
-use harness::verify_reference::{self, LR_TOL, SCALER_PARAM_TOL};
+use harness::verify::reference::{self as verify_reference, LR_TOL, SCALER_PARAM_TOL};
 use reference::{sampler, schedule};
 
 fn dir() -> PathBuf {

@@ -415,8 +415,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(
 }
 
 // dQ, and delta = rowsum(dO * O) for kernel 2. dqkv's q columns. Q and dO stay in shared memory
-// and are read per k-step (not held in 32 more registers), so 4 blocks fit an SM: on an H100
-// this was 4% faster than 3 blocks with them in registers (fast bench --profile, packed b128).
+// and are read per k-step (not held in 32 more registers), so 4 blocks fit an SM, which was
+// faster than 3 blocks with them in registers.
 __global__ void __launch_bounds__(kThreads, 4) attn_bwd_dq_kernel(
     const bf16 *__restrict__ qkv, const bf16 *__restrict__ qr, const bf16 *__restrict__ kr,
     const float *__restrict__ cos, const float *__restrict__ sin, const bf16 *__restrict__ out,
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(kThreads, 4) attn_bwd_dq_kernel(
 // group's query heads and, for each, the query tiles from the diagonal on (flattened, so the
 // next tile's copy overlaps this one's math). K and V stay in shared memory (3 blocks an SM, as
 // for the dQ kernel). Measured and not kept: two key tiles a block, and 2 or 4 query heads a
-// block in the other kernels (each copied tile serving more rows): all slower on an H100.
+// block in the other kernels (each copied tile serving more rows): all slower.
 __global__ void __launch_bounds__(kThreads, 3) attn_bwd_dkv_kernel(
     const bf16 *__restrict__ qkv, const bf16 *__restrict__ qr, const bf16 *__restrict__ kr,
     const float *__restrict__ cos, const float *__restrict__ sin, const float *__restrict__ lse,

@@ -28,7 +28,6 @@ void wait_stream(const c10::Stream &b, const c10::Stream &a) {
 extern "C" {
 typedef int (*mm_step_fn)(void *ctx);
 
-void mm_graph_free_error(char *e) { std::free(e); }
 
 // Warm up `warmup` times on a side stream, then capture one call of `step` into a new graph.
 // A callback returning non-zero aborts the capture with an error.
@@ -50,8 +49,8 @@ char *mm_graph_capture(int device, int warmup, mm_step_fn step, void *ctx, void 
       }
       side.synchronize();
       // The graph allocates from a private pool; blocks the warm-up left cached in the ordinary
-      // pool would stay reserved beside it (packed batch 512: 24 GiB in use, 54 GiB cached, out
-      // of memory during capture on an 80 GB card), so they go back to the driver first.
+      // pool would stay reserved beside it (at large batches capture then ran out of memory), so
+      // they go back to the driver first.
       c10::cuda::CUDACachingAllocator::emptyCache();
       graph->capture_begin();
       int rc = step(ctx);

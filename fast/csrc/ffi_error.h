@@ -1,6 +1,6 @@
 // The C ABI's error convention, shared by every C++ file the Rust side calls: an entry point
 // never throws into Rust; it returns nullptr on success or a malloc'd message, which the caller
-// frees with std::free (mm_free_error, mm_prof_free, mm_graph_free_error, c10d_shim_free_string).
+// frees with std::free (mm_free_error from ops.cpp for every file's errors; mm_prof_free, c10d_shim_free_string for their strings).
 #pragma once
 #include <c10/util/Exception.h>
 

@@ -1,40 +1,22 @@
 //! MiniMind pretraining on libtorch through `tch`: the program people train with.
 //! It never calls the `reference` crate; tests compare the two.
+//!
+//! | folder | what it holds |
+//! |---|---|
+//! | `train/` | `fast pretrain`: options, the loop, the step, CUDA graphs, logging, signals, resume |
+//! | `model/` | the decoder (one model for training and generation), its config, loss, sampling |
+//! | `optim/` | AdamW, clipping, the fp16 scaler, the LR schedule, gradient accumulation |
+//! | `data/` | JSONL corpus, tokenizer, rows, dataset, data order, loader, device batches |
+//! | `io/` | weights, checkpoints, `.pth` import, Hugging Face export, safetensors writing |
+//! | `parallel/` | data parallelism: torchrun's environment, communicators, the overlapped all-reduce |
+//! | `kernels/` | safe wrappers over `csrc/` (our C++/CUDA) and the one place that picks kernels |
+//! | `commands/` | bench, eval, generate, export, doctor, kernels, train-tokenizer, dist-check |
 
-pub mod accumulation;
-pub mod adamw;
-pub mod batch;
-pub mod bench;
-pub mod checkpoint;
-pub mod cli;
-pub mod clip;
-pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda_graph;
-#[cfg(not(feature = "cuda"))]
-#[path = "cuda_graph_stub.rs"]
-pub mod cuda_graph;
+pub mod commands;
 pub mod data;
-pub mod dist;
-pub mod doctor;
-pub mod eval;
-pub mod export;
-pub mod fused;
-pub mod generate;
-pub mod graph_step;
-pub mod kernels_check;
-pub mod kv_cache;
-pub mod loss;
-pub mod metrics;
+pub mod io;
+pub mod kernels;
 pub mod model;
-pub mod precision;
-pub mod profile;
-pub mod pth;
-pub mod sampler;
-pub mod sampling;
-pub mod scaler;
-pub mod schedule;
-pub mod step;
-pub mod tokenizer_train;
+pub mod optim;
+pub mod parallel;
 pub mod train;
-pub mod weights;

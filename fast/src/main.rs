@@ -11,39 +11,39 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print libtorch and CUDA facts and measure a bf16 matmul and causal attention per device.
-    Doctor(fast::doctor::DoctorArgs),
+    Doctor(fast::commands::doctor::DoctorArgs),
     /// Pretrain a MiniMind model (MiniMind's train_pretrain.py options; no options = embedded poems).
     // A repeated option takes its last value, as with MiniMind's argparse.
     #[command(args_override_self = true)]
-    Pretrain(fast::cli::PretrainArgs),
+    Pretrain(fast::train::options::PretrainArgs),
     /// Time the training step (forward, backward, clip, AdamW) and print one JSON line.
-    Bench(fast::bench::BenchArgs),
+    Bench(fast::commands::bench::BenchArgs),
     /// Check the fused CUDA kernels against libtorch's unfused ops and time both (GPU only).
-    Kernels(fast::kernels_check::KernelsArgs),
+    Kernels(fast::commands::kernels::KernelsArgs),
     /// Train MiniMind's byte-level BPE tokenizer on a JSONL corpus.
-    TrainTokenizer(fast::tokenizer_train::TrainTokenizerArgs),
+    TrainTokenizer(fast::commands::train_tokenizer::TrainTokenizerArgs),
     /// Check the data-parallel communicator (run under torchrun) and time a gradient all-reduce.
-    DistCheck(fast::dist::selftest::DistCheckArgs),
+    DistCheck(fast::commands::dist_check::DistCheckArgs),
     /// Continue a prompt with a model (.pth or .safetensors), streaming text (KV-cached sampling).
-    Generate(fast::generate::GenerateArgs),
+    Generate(fast::commands::generate::GenerateArgs),
     /// Write a Hugging Face folder (config.json, model.safetensors, tokenizer) from weights.
-    Export(fast::export::ExportArgs),
+    Export(fast::commands::export::ExportArgs),
     /// Held-out loss and perplexity of a model over a JSONL (token-weighted over counted labels).
-    Eval(fast::eval::EvalArgs),
+    Eval(fast::commands::eval::EvalArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Doctor(args) => fast::doctor::run(&args),
+        Command::Doctor(args) => fast::commands::doctor::run(&args),
         Command::Pretrain(args) => fast::train::run(&args).map(|_| ()),
-        Command::Bench(args) => fast::bench::run(&args),
-        Command::Kernels(args) => fast::kernels_check::run(&args),
-        Command::TrainTokenizer(args) => fast::tokenizer_train::run(&args),
-        Command::DistCheck(args) => fast::dist::selftest::run(&args),
-        Command::Generate(args) => fast::generate::run(&args),
-        Command::Export(args) => fast::export::run(&args),
-        Command::Eval(args) => fast::eval::run(&args),
+        Command::Bench(args) => fast::commands::bench::run(&args),
+        Command::Kernels(args) => fast::commands::kernels::run(&args),
+        Command::TrainTokenizer(args) => fast::commands::train_tokenizer::run(&args),
+        Command::DistCheck(args) => fast::commands::dist_check::run(&args),
+        Command::Generate(args) => fast::commands::generate::run(&args),
+        Command::Export(args) => fast::commands::export::run(&args),
+        Command::Eval(args) => fast::commands::eval::run(&args),
     };
     if let Err(err) = result {
         if let Some(stop) = err.downcast_ref::<fast::train::Interrupted>() {
@@ -51,7 +51,7 @@ fn main() {
             std::process::exit(128 + stop.signal);
         }
         eprintln!("error: {err:#}");
-        fast::dist::report_failure(&format!("{err:#}"));
+        fast::parallel::report_failure(&format!("{err:#}"));
         std::process::exit(1);
     }
 }

@@ -338,7 +338,7 @@ fn a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoint() {
         before,
         "the previous checkpoint is intact"
     );
-    fast::checkpoint::load_resume(&ck).unwrap().unwrap();
+    fast::io::checkpoint::load_resume(&ck).unwrap().unwrap();
     println!("failed write: {}", message(&out));
 }
 
@@ -367,8 +367,9 @@ fn a_non_finite_loss_stops_the_run_or_is_skipped_and_counted() {
     );
     assert!(err.contains("micro-step "), "{err}");
     println!("non-finite: {}", message(&out));
-    let ck = fast::checkpoint::load_resume(&d.join("checkpoints/pretrain_32_resume.safetensors"))
-        .unwrap();
+    let ck =
+        fast::io::checkpoint::load_resume(&d.join("checkpoints/pretrain_32_resume.safetensors"))
+            .unwrap();
     if let Some(ck) = ck {
         for (name, t) in &ck.tensors {
             let finite = t.isfinite().all();

@@ -158,7 +158,7 @@ fn sigkill_at_random_moments_then_resume_ends_bit_identical() {
         // Whatever the moment, every checkpoint on disk is whole and loads.
         let resume = dir.path().join(RESUME);
         if resume.exists() {
-            fast::checkpoint::load_resume(&resume)
+            fast::io::checkpoint::load_resume(&resume)
                 .unwrap_or_else(|e| panic!("after kill {kills}: {e:#}"))
                 .expect("the checkpoint file exists");
         }
@@ -224,7 +224,7 @@ fn sigint_and_sigterm_save_a_checkpoint_and_exit_130_and_143() {
     assert!(err.contains("interrupted by SIGINT"), "{err}");
     assert!(err.contains("resume checkpoint saved to"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    let saved = fast::checkpoint::load_resume(&dir.path().join(RESUME))
+    let saved = fast::io::checkpoint::load_resume(&dir.path().join(RESUME))
         .unwrap()
         .expect("a checkpoint was saved");
     assert!(saved.state.global_step < 120, "{}", saved.state.global_step);

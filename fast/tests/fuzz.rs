@@ -12,8 +12,8 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use fast::checkpoint::{load_resume, save_resume, ResumeState};
-use fast::data::jsonl::{JsonlCorpus, LinePolicy};
+use fast::data::corpus::{JsonlCorpus, LinePolicy};
+use fast::io::checkpoint::{load_resume, save_resume, ResumeState};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

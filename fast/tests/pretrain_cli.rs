@@ -142,7 +142,7 @@ fn a_tiny_run_lowers_the_loss_and_writes_every_output() {
         "curve svg"
     );
 
-    let resume = fast::checkpoint::load_resume(
+    let resume = fast::io::checkpoint::load_resume(
         &dir.path()
             .join("checkpoints/pretrain_32_resume.safetensors"),
     )
@@ -227,6 +227,13 @@ fn resumed_equals_uninterrupted(extra: &[&str], stop: &str) {
             "out/pretrain_32.safetensors",
             "checkpoints/pretrain_32_resume.safetensors",
         ],
+    );
+    // The weights files are byte-identical too: equal tensors give equal files (the header's
+    // metadata is written in one order in every process).
+    let bytes = |d: &std::path::Path| std::fs::read(d.join("out/pretrain_32.safetensors")).unwrap();
+    assert!(
+        bytes(a.path()) == bytes(b.path()),
+        "the weights files differ in their bytes"
     );
     // The resumed run's metrics continue the stopped run's history (plus the row logged at the stop).
     let (ma, mb) = (metrics(a.path()), metrics(b.path()));
@@ -608,7 +615,7 @@ fn train_tokenizer_writes_a_loadable_minimind_tokenizer() {
         .unwrap();
     ok(&out);
     let tok =
-        fast::data::tokenize::TextTokenizer::load(&dir.path().join("tok"), &Default::default())
+        fast::data::tokenizer::TextTokenizer::load(&dir.path().join("tok"), &Default::default())
             .unwrap();
     assert_eq!(
         (tok.pad, tok.bos, tok.eos, tok.vocab_size()),

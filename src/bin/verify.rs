@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use harness::report::format_table;
+use harness::verify::{FastChecks, Target};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PathKind {
@@ -31,10 +32,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rows = match args.path {
-        PathKind::Reference => harness::verify_reference::run(&args.fixtures),
-        PathKind::Fast => harness::verify_fast::run(&args.fixtures, &args.device, &args.precision),
+    let target = match args.path {
+        PathKind::Reference => Ok(Target::Reference),
+        PathKind::Fast => FastChecks::new(&args.device, &args.precision).map(Target::Fast),
     };
+    let rows = target.and_then(|t| harness::verify::run(&args.fixtures, &t));
     match rows {
         Ok(rows) => {
             print!("{}", format_table(&rows));

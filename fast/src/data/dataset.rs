@@ -16,11 +16,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::jsonl::JsonlCorpus;
-use super::tokenize::TextTokenizer;
+use super::corpus::JsonlCorpus;
+use super::tokenizer::TextTokenizer;
 
-pub use crate::batch::Row;
-pub use crate::loss::IGNORE_INDEX;
+pub use super::rows::{counted_labels, Row};
+pub use crate::model::loss::IGNORE_INDEX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -31,18 +31,9 @@ pub enum DataMode {
     Packed,
 }
 
-/// Labels of `row` that the shifted loss counts (`labels[1..] != -100`).
-pub fn counted_labels(row: &Row) -> usize {
-    row.labels
-        .iter()
-        .skip(1)
-        .filter(|&&l| l != IGNORE_INDEX)
-        .count()
-}
-
-/// MiniMind's PretrainDataset encoding of one document's token ids (see `batch::padded_row`).
+/// MiniMind's PretrainDataset encoding of one document's token ids (see `rows::padded_row`).
 pub fn padded_row(ids: &[u32], max_len: usize, bos: u32, eos: u32, pad: u32) -> Row {
-    crate::batch::padded_row(ids, max_len, crate::batch::SpecialTokens { pad, bos, eos })
+    super::rows::padded_row(ids, max_len, super::rows::SpecialTokens { pad, bos, eos })
 }
 
 enum Layout {

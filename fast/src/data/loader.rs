@@ -14,38 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
-use super::dataset::{counted_labels, Row, TokenDataset};
-
-/// One batch on the host: `rows` x `cols` row-major.
-#[derive(Clone, Debug)]
-pub struct HostBatch {
-    pub input_ids: Vec<i64>,
-    pub labels: Vec<i64>,
-    pub rows: usize,
-    pub cols: usize,
-    /// Labels the shifted loss counts (useful tokens).
-    pub counted_labels: usize,
-}
-
-impl HostBatch {
-    pub fn from_rows(rows: &[Row], cols: usize) -> Self {
-        let mut input_ids = Vec::with_capacity(rows.len() * cols);
-        let mut labels = Vec::with_capacity(rows.len() * cols);
-        let mut counted = 0;
-        for r in rows {
-            input_ids.extend_from_slice(&r.input_ids);
-            labels.extend_from_slice(&r.labels);
-            counted += counted_labels(r);
-        }
-        Self {
-            input_ids,
-            labels,
-            rows: rows.len(),
-            cols,
-            counted_labels: counted,
-        }
-    }
-}
+use super::batch::HostBatch;
+use super::dataset::TokenDataset;
+use super::rows::Row;
 
 type Job = (usize, Vec<usize>);
 type Done = (usize, Result<HostBatch>);

@@ -1,7 +1,14 @@
-//! Pretraining data: a JSONL corpus read lazily, a Hugging Face tokenizer, padded or packed rows,
-//! and a loader that builds batches on worker threads ahead of the training loop.
+//! Pretraining data, from JSONL text to device batches.
+//!
+//! corpus (a JSONL file read lazily) -> tokenizer (a Hugging Face tokenizer.json and its special
+//! tokens) -> rows (MiniMind's padded encoding, or packed) -> dataset (rows by index) -> order
+//! (the seeded epoch permutation, split over ranks) -> loader (batches built on worker threads)
+//! -> batch (`[B, T]` tensors on the device). `defaults` is the embedded poems corpus.
+pub mod batch;
+pub mod corpus;
 pub mod dataset;
 pub mod defaults;
-pub mod jsonl;
 pub mod loader;
-pub mod tokenize;
+pub mod order;
+pub mod rows;
+pub mod tokenizer;

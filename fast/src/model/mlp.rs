@@ -2,7 +2,8 @@
 
 use tch::{Kind, Tensor};
 
-use super::linear;
+use super::{bf16_operand, expect, linear};
+use crate::kernels::{fused, Kernels};
 
 pub struct Mlp {
     /// [F, d]
@@ -23,24 +24,20 @@ impl Mlp {
     }
 
     /// [`Self::forward`] for the dense model: on CUDA in bf16 with the fused kernels, gate and
-    /// up as one matmul against `cat([gate_proj, up_proj])` in bf16 (`fused::bf16_weight`, whose
-    /// backward accumulates both parameters' gradients) and the fused SwiGLU kernel on its `[g | u]` output:
-    /// one pass over the `[N, 2F]` tensor each way instead of silu, mul and their backward
-    /// kernels. Same values as `forward` up to the matmul's summation order.
-    pub fn forward_fused(&self, x: &Tensor, compute: Kind) -> Tensor {
+    /// up as one matmul against `cat([gate_proj, up_proj])` in bf16 (whose backward can
+    /// accumulate both parameters' gradients) and the fused SwiGLU kernel on its `[g | u]`
+    /// output: one pass over the `[N, 2F]` tensor each way instead of silu, mul and their
+    /// backward kernels. Same values as `forward` up to the matmul's summation order.
+    pub fn forward_fused(&self, x: &Tensor, compute: Kind, k: &Kernels) -> Tensor {
         let f = self.gate_proj.size()[0];
-        if compute != Kind::BFloat16
-            || !x.device().is_cuda()
-            || f % 8 != 0
-            || !super::fused::enabled()
-        {
+        if !k.swiglu_applies(x, f, compute) {
             return self.forward(x, compute);
         }
         let x = super::to_kind(x, compute);
-        let w_gu = super::fused::bf16_weight(&[&self.gate_proj, &self.up_proj]);
+        let w_gu = bf16_operand(&[&self.gate_proj, &self.up_proj], k);
         let gu = x.linear::<Tensor>(&w_gu, None);
-        let h = super::fused::expect("swiglu", super::fused::swiglu(&gu, f));
-        h.linear::<Tensor>(&super::fused::bf16_weight(&[&self.down_proj]), None)
+        let h = expect("swiglu", fused::swiglu(&gu, f));
+        h.linear::<Tensor>(&bf16_operand(&[&self.down_proj], k), None)
     }
 
     pub fn parameters(&self) -> [&Tensor; 3] {

@@ -1,37 +1,45 @@
-//! MiniMind's decoder (MiniMind2 family, Llama-style) on libtorch's own kernels.
+//! MiniMind's decoder (MiniMind2 family, Llama-style; MiniMind-3's q/k norm) on libtorch: one
+//! model for training, evaluation and KV-cached generation.
 //!
 //! Built from an `nn::Path` of a `VarStore`, so variable names are exactly MiniMind's state_dict
 //! names (`model.layers.3.self_attn.q_proj.weight`, ...); `lm_head` is tied to
-//! `model.embed_tokens.weight` (one parameter, used twice). Training-mode semantics: the MoE aux
-//! loss is computed (alpha > 0). Inference with a KV cache lives in `kv_cache.rs`.
+//! `model.embed_tokens.weight` (one parameter, used twice). The MoE aux loss is always computed
+//! (training semantics); evaluation and generation ignore it.
 //!
 //! Mixed precision is explicit rather than through autocast: parameters and the residual stream
 //! stay in the VarStore's kind (fp32 master weights), every matmul (projections, lm_head, SDPA)
 //! runs in `compute` kind (bf16/fp16), and RMSNorm, RoPE, the router softmax and the loss run in
 //! fp32. This is what `torch.autocast(dtype=bfloat16)` does to MiniMind's model; tch's `autocast`
 //! only toggles CUDA autocast at its default fp16 dtype and cannot pick bf16, and explicit casts
-//! also let the bf16 path run (and be verified) on the CPU.
+//! also let the bf16 path run (and be verified) on the CPU. Which of our fused CUDA kernels run is
+//! the model's [`Kernels`].
 
 mod attention;
-pub mod fused;
+mod cache;
+pub mod config;
+pub mod loss;
 mod mlp;
 mod moe;
 mod norm;
-mod weights;
+mod params;
+pub mod precision;
+pub mod rope;
+pub mod sampling;
 
-pub use attention::Attention;
-pub(crate) use attention::{repeat_kv, rope};
+pub use attention::{repeat_kv, Attention, Positions};
+pub use cache::KvCache;
+pub use config::ModelConfig;
 pub use mlp::Mlp;
 pub use moe::MoeFeedForward;
 pub use norm::{rms_norm, RmsNorm};
-pub use weights::{load_named, named_parameters, save_named, EMBED};
+pub use params::{load_named, named_parameters, save_named};
 
-use std::sync::Mutex;
+use std::collections::HashMap;
 
 use anyhow::Result;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::kernels::{fused, Kernels};
 
 /// Forward results: logits `[B, T, V]` in the compute kind, and the summed MoE aux loss (a scalar
 /// fp32 tensor, fp64 for fp64 parameters; zero for dense models).
@@ -64,22 +72,25 @@ pub fn upcast_kind(k: Kind) -> Kind {
     }
 }
 
-/// RoPE tables cos/sin `[T, hd]` as MiniMind's precompute_freqs_cis: `inv_freq_i =
-/// theta^(-2i/hd)`, rows `[cos(t f), cos(t f)]`, in float32 on the CPU (libtorch's own kernels,
-/// so the tables are bitwise MiniMind's; an fp64 model then holds f32-rounded values too).
-pub(crate) fn rope_table(theta: f64, hd: i64, t: i64) -> (Tensor, Tensor) {
-    let f32cpu = (Kind::Float, Device::Cpu);
-    let expo = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, Device::Cpu))
-        .narrow(0, 0, hd / 2)
-        .to_kind(Kind::Float)
-        / hd as f64;
-    let inv = Tensor::pow_scalar(theta, &expo).reciprocal();
-    let pos = Tensor::arange(t, f32cpu);
-    let freqs = pos.outer(&inv);
-    (
-        Tensor::cat(&[freqs.cos(), freqs.cos()], -1),
-        Tensor::cat(&[freqs.sin(), freqs.sin()], -1),
-    )
+/// The bf16 operand of a projection over the weights `ws` (merged by rows) on the fused path: our
+/// weight-cast node for fp32 master weights where [`Kernels::weight_cast_applies`], else their cat
+/// cast to bf16 under autograd.
+pub(crate) fn bf16_operand(ws: &[&Tensor], k: &Kernels) -> Tensor {
+    if k.weight_cast_applies(ws) {
+        return expect("weights_bf16", fused::weights_bf16(ws));
+    }
+    let w = if ws.len() == 1 {
+        ws[0].shallow_clone()
+    } else {
+        Tensor::cat(ws, 0)
+    };
+    w.to_kind(Kind::BFloat16)
+}
+
+/// Unwrap a fused op's result inside a forward that cannot return errors: its inputs were
+/// checked by [`Kernels`] (kinds, device, shapes), so a failure here is a kernel or CUDA error.
+pub(crate) fn expect<T>(what: &str, r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("fused kernel {what}: {e:#}"))
 }
 
 /// One decoder layer: `h = x + attn(rms1(x)); out = h + ffn(rms2(h))`.
@@ -96,15 +107,6 @@ pub enum FeedForward {
     Moe(MoeFeedForward),
 }
 
-/// RoPE tables for one length, device and kind: cos/sin `[T, hd]`.
-struct RopeCache {
-    t: i64,
-    device: Device,
-    kind: Kind,
-    cos: Tensor,
-    sin: Tensor,
-}
-
 pub struct MiniMindForCausalLM {
     pub cfg: ModelConfig,
     pub embed_tokens: Tensor,
@@ -112,8 +114,14 @@ pub struct MiniMindForCausalLM {
     pub norm: RmsNorm,
     /// Kind of matmuls: the parameters' kind (fp32/fp64) or bf16/fp16 for mixed precision.
     pub compute: Kind,
-    rope: Mutex<Option<RopeCache>>,
+    /// Which of our fused kernels the forward (and its backward) may use.
+    pub kernels: Kernels,
+    rope: rope::RopeTables,
 }
+
+/// A tensor whose gradient exists exactly when layers `i..` have backpropagated (see
+/// [`MiniMindForCausalLM::forward_hidden_marked`]).
+pub type Mark<'a> = &'a dyn Fn(usize, &Tensor) -> Result<()>;
 
 impl MiniMindForCausalLM {
     /// Creates every parameter under `root` (pass `vs.root()`): matrices ~ N(0, 0.02), norm
@@ -203,8 +211,28 @@ impl MiniMindForCausalLM {
             layers,
             norm,
             compute,
-            rope: Mutex::new(None),
+            kernels: Kernels::default(),
+            rope: rope::RopeTables::new(cfg.rope_theta, hd),
         })
+    }
+
+    /// A model for evaluation and generation holding `named` weights (MiniMind names, checked
+    /// against `cfg`, any float kind) in `kind` on `device`; matmuls run in `kind`.
+    pub fn from_weights(
+        cfg: &ModelConfig,
+        named: Vec<(String, Tensor)>,
+        kind: Kind,
+        device: Device,
+        source: &str,
+    ) -> Result<Self> {
+        let mut vs = nn::VarStore::new(device);
+        let mut model = MiniMindForCausalLM::new(&vs.root(), cfg)?;
+        vs.set_kind(kind);
+        model.compute = kind;
+        let named: HashMap<String, Tensor> = named.into_iter().collect();
+        load_named(&mut vs, named, source)?;
+        // The model's tensors are handles into the store's variables: they outlive the store.
+        Ok(model)
     }
 
     /// Matmul kind: `Kind::BFloat16` / `Kind::Half` for mixed precision, or the parameters' kind.
@@ -212,33 +240,20 @@ impl MiniMindForCausalLM {
         self.compute = k;
     }
 
-    /// cos/sin `[T, hd]`: `inv_freq_i = theta^(-2i/hd)` computed in f64, rows
-    /// `[cos(t f), cos(t f)]`, stored in the parameters' upcast kind. Cached per (T, device).
-    fn rope_tables(&self, t: i64, device: Device) -> (Tensor, Tensor) {
+    /// cos/sin `[t, hd]` of positions `start ..`, in the parameters' upcast kind on their device.
+    fn rope_tables(&self, start: i64, t: i64) -> (Tensor, Tensor) {
         let kind = upcast_kind(self.embed_tokens.kind());
-        let mut cache = self.rope.lock().expect("rope cache lock");
-        if let Some(c) = cache.as_ref() {
-            if c.t >= t && c.device == device && c.kind == kind {
-                return (c.cos.narrow(0, 0, t), c.sin.narrow(0, 0, t));
-            }
-        }
-        let (c, s) = rope_table(self.cfg.rope_theta, self.cfg.head_dim() as i64, t);
-        let c = c.to_kind(kind).to_device(device);
-        let s = s.to_kind(kind).to_device(device);
-        *cache = Some(RopeCache {
-            t,
-            device,
-            kind,
-            cos: c.shallow_clone(),
-            sin: s.shallow_clone(),
-        });
-        (c, s)
+        self.rope.get(start, t, self.embed_tokens.device(), kind)
     }
 
     /// input_ids `[B, T]` int64 -> logits `[B, T, V]` (compute kind) and the summed aux loss.
     /// No attention mask: causal attention over the whole row, pads included (as MiniMind).
-    pub fn forward(&self, input_ids: &Tensor) -> ModelOutput {
-        let (h, aux_loss) = self.forward_hidden(input_ids);
+    /// With `cache`, the ids continue the cached positions (KV-cached decoding): their keys and
+    /// values are appended and they attend to every cached position.
+    pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> ModelOutput {
+        let (h, aux_loss) = self
+            .run(input_ids, cache, &|_, _| Ok(()))
+            .expect("a mark that does nothing cannot fail");
         ModelOutput {
             logits: self.lm_head(&h),
             aux_loss,
@@ -252,7 +267,7 @@ impl MiniMindForCausalLM {
 
     /// Everything before the lm_head: the final RMSNorm's output `[B, T, d]` (parameters' kind,
     /// or bf16 where the fused kernels write it in the lm_head's compute kind) and the summed aux
-    /// loss. The training step applies the head chunk by chunk (step.rs).
+    /// loss. The training step applies the head chunk by chunk (train/trainer.rs).
     pub fn forward_hidden(&self, input_ids: &Tensor) -> (Tensor, Tensor) {
         self.forward_hidden_marked(input_ids, &|_, _| Ok(()))
             .expect("a mark that does nothing cannot fail")
@@ -262,15 +277,26 @@ impl MiniMindForCausalLM {
     /// gradient exists exactly when layers `i..` have backpropagated: the embedding's output for
     /// layer 0, and for `i >= 1` the output of layer `i - 1`'s feed-forward, which only layer
     /// `i`'s input norm reads (data parallel hooks them to start reducing those layers'
-    /// gradients, dist/overlap.rs).
+    /// gradients, parallel/overlap.rs).
     pub fn forward_hidden_marked(
         &self,
         input_ids: &Tensor,
-        mark: &dyn Fn(usize, &Tensor) -> anyhow::Result<()>,
-    ) -> anyhow::Result<(Tensor, Tensor)> {
+        mark: Mark,
+    ) -> Result<(Tensor, Tensor)> {
+        self.run(input_ids, None, mark)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mark: Mark,
+    ) -> Result<(Tensor, Tensor)> {
         let (_, t) = input_ids.size2().expect("input_ids must be [B, T]");
         let device = self.embed_tokens.device();
-        let (cos, sin) = self.rope_tables(t, device);
+        let start = cache.as_ref().map_or(0, |c| c.len() as i64);
+        let (cos, sin) = self.rope_tables(start, t);
+        let k = &self.kernels;
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         mark(0, &x)?;
         let mut aux = Tensor::zeros([], (upcast_kind(self.embed_tokens.kind()), device));
@@ -286,18 +312,24 @@ impl MiniMindForCausalLM {
             let (x1, n1) =
                 layer
                     .input_layernorm
-                    .add_forward_for_matmul(&x, pending.take(), self.compute);
-            let a = layer.self_attn.forward(&n1, &cos, &sin, self.compute);
+                    .add_forward_for_matmul(&x, pending.take(), self.compute, k);
+            let pos = Positions {
+                cos: &cos,
+                sin: &sin,
+                start,
+                cache: cache.as_deref_mut().map(|c| (c, i)),
+            };
+            let a = layer.self_attn.forward(&n1, pos, self.compute, k);
             let norm2 = &layer.post_attention_layernorm;
             let f = match &layer.mlp {
                 FeedForward::Dense(m) => {
-                    let (h, n2) = norm2.add_forward_for_matmul(&x1, Some(a), self.compute);
+                    let (h, n2) = norm2.add_forward_for_matmul(&x1, Some(a), self.compute, k);
                     x = h;
-                    m.forward_fused(&n2, self.compute)
+                    m.forward_fused(&n2, self.compute, k)
                 }
                 FeedForward::Moe(m) => {
                     x = &x1 + a;
-                    let (f, layer_aux) = m.forward(&norm2.forward(&x), self.compute);
+                    let (f, layer_aux) = m.forward(&norm2.forward(&x, k), self.compute);
                     aux = aux + layer_aux;
                     f
                 }
@@ -306,7 +338,7 @@ impl MiniMindForCausalLM {
         }
         let (_, y) = self
             .norm
-            .add_forward_for_matmul(&x, pending.take(), self.compute);
+            .add_forward_for_matmul(&x, pending.take(), self.compute, k);
         Ok((y, aux))
     }
 }
@@ -350,7 +382,7 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let m = MiniMindForCausalLM::new(&vs.root(), &cfg).unwrap();
         let ids = Tensor::from_slice(&[1i64, 5, 7, 0, 2, 3]).reshape([2, 3]);
-        let out = m.forward(&ids);
+        let out = m.forward(&ids, None);
         assert_eq!(out.logits.size(), vec![2, 3, 40]);
         assert_eq!(out.aux_loss.size(), Vec::<i64>::new());
         assert!(f64::try_from(&out.aux_loss).unwrap() > 0.0);
@@ -375,7 +407,7 @@ mod tests {
             .collect();
         load_named(&mut vs2, loaded, "w.safetensors").unwrap();
         let ids = Tensor::from_slice(&[1i64, 5, 7, 9]).reshape([1, 4]);
-        let (a, b) = (m.forward(&ids).logits, m2.forward(&ids).logits);
+        let (a, b) = (m.forward(&ids, None).logits, m2.forward(&ids, None).logits);
         assert_eq!(f64::try_from((a - b).abs().max()).unwrap(), 0.0);
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -5,6 +5,9 @@
 
 use tch::{nn, Kind, Tensor};
 
+use super::expect;
+use crate::kernels::{fused, Kernels};
+
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
@@ -19,35 +22,21 @@ impl RmsNorm {
     }
 
     /// x `[..., dim]` -> same shape.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        rms_norm(x, &self.weight, self.eps)
-    }
-
-    /// Whether the fused kernels take this norm: fp32 x and weight on CUDA, bf16 compute, a
-    /// width the kernels handle (a multiple of 8 up to 1024), the fused path enabled.
-    fn fused_applies(&self, x: &Tensor, compute: Kind) -> bool {
-        let d = self.weight.size().first().copied().unwrap_or(0);
-        compute == Kind::BFloat16
-            && x.kind() == Kind::Float
-            && self.weight.kind() == Kind::Float
-            && x.device().is_cuda()
-            && d % 8 == 0
-            && d <= 1024
-            && super::fused::enabled()
+    pub fn forward(&self, x: &Tensor, k: &Kernels) -> Tensor {
+        rms_norm(x, &self.weight, self.eps, k)
     }
 
     /// The norm of x as the input of projections running in `compute` kind. With the fused
-    /// kernels (fp32 x and weight on CUDA, bf16 compute, width a multiple of 8 up to 1024), one
-    /// kernel writes the bf16 the projections would cast it to (same values: the fp32 norm
-    /// rounded once); otherwise [`Self::forward`], and the projection casts.
-    pub fn forward_for_matmul(&self, x: &Tensor, compute: Kind) -> Tensor {
-        if self.fused_applies(x, compute) {
-            return super::fused::expect(
+    /// kernels one kernel writes the bf16 the projections would cast it to (same values: the
+    /// fp32 norm rounded once); otherwise [`Self::forward`], and the projection casts.
+    pub fn forward_for_matmul(&self, x: &Tensor, compute: Kind, k: &Kernels) -> Tensor {
+        if k.rms_norm_applies(x, &self.weight, compute) {
+            return expect(
                 "rms_norm_bf16",
-                super::fused::rms_norm_bf16(x, &self.weight, self.eps),
+                fused::rms_norm_bf16(x, &self.weight, self.eps),
             );
         }
-        self.forward(x)
+        self.forward(x, k)
     }
 
     /// `h = x + a` (a residual branch's output, when there is one) and the norm of h for the
@@ -58,49 +47,37 @@ impl RmsNorm {
         x: &Tensor,
         a: Option<Tensor>,
         compute: Kind,
+        k: &Kernels,
     ) -> (Tensor, Tensor) {
         let Some(a) = a else {
-            return (x.shallow_clone(), self.forward_for_matmul(x, compute));
+            return (x.shallow_clone(), self.forward_for_matmul(x, compute, k));
         };
-        if self.fused_applies(x, compute) && a.kind() == Kind::BFloat16 && x.size() == a.size() {
-            return super::fused::expect(
+        if k.add_rms_norm_applies(x, &a, &self.weight, compute) {
+            return expect(
                 "add_rms_norm_bf16",
-                super::fused::add_rms_norm_bf16(x, &a, &self.weight, self.eps),
+                fused::add_rms_norm_bf16(x, &a, &self.weight, self.eps),
             );
         }
         let h = x + a;
-        let y = self.forward_for_matmul(&h, compute);
+        let y = self.forward_for_matmul(&h, compute, k);
         (h, y)
     }
 }
 
-/// Whether fp32 inputs on CUDA take libtorch's `rms_norm` (one fused kernel forward and one
-/// backward instead of six and about ten). `MM_FUSED_RMSNORM=0` turns it off, so `fast bench`
-/// can time both in one session.
-fn fused_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MM_FUSED_RMSNORM").map_or(true, |v| v != "0"))
-}
-
 /// RMSNorm over the last dimension (see the module doc for the kinds).
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, k: &Kernels) -> Tensor {
     // fp32 input and weight (the residual stream under mixed precision): the cast-back is a
     // no-op, so MiniMind's formula is exactly `x * rsqrt(mean(x^2) + eps) * w`, libtorch's op.
-    if x.kind() == Kind::Float && w.kind() == Kind::Float && x.device().is_cuda() && fused_enabled()
-    {
+    if k.libtorch_rms_norm_applies(x, w) {
         let d = *x
             .size()
             .last()
             .expect("rms_norm input has a last dimension");
         return x.rms_norm([d], Some(w), eps);
     }
-    let k = Kind::Float;
-    let xf = if x.kind() == k {
-        x.shallow_clone()
-    } else {
-        x.to_kind(k)
-    };
-    let ms = xf.square().mean_dim(-1, true, k);
+    let f = Kind::Float;
+    let xf = super::to_kind(x, f);
+    let ms = xf.square().mean_dim(-1, true, f);
     let y = xf * (ms + eps).rsqrt();
     let y = if y.kind() == x.kind() {
         y

@@ -1,0 +1,162 @@
+//! `fast eval`: held-out loss and perplexity of a model over a JSONL corpus.
+//!
+//! Rows are built exactly as in pretraining (`data::dataset`, padded or packed) and scored with
+//! the training loss (`loss::shifted_cross_entropy_sum`); the reported loss is the token-weighted
+//! mean over every counted label of the file (sum of losses / number of counted labels), and
+//! perplexity is its exp.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use tch::Tensor;
+
+use crate::data::dataset::{DataMode, TokenDataset};
+use crate::data::tokenizer::SpecialTokenStrings;
+use crate::kernels::{KernelConfig, Kernels};
+use crate::model::MiniMindForCausalLM;
+use crate::train::setup::{Data, DataSpec};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Weights: a MiniMind `.pth` or our `.safetensors` (config JSON beside it or --config).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Held-out JSONL of {"text": ...}.
+    #[arg(long)]
+    pub data_path: PathBuf,
+    /// Tokenizer directory or tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    #[arg(long, value_enum, default_value = "padded")]
+    pub data_mode: DataMode,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 340)]
+    pub max_seq_len: usize,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, f64, bf16 or f16 (default: bf16 on cuda, f32 on cpu).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub kernels: KernelConfig,
+}
+
+/// Result of an evaluation: summed loss, counted labels, mean loss, perplexity.
+#[derive(Clone, Copy, Debug)]
+pub struct EvalResult {
+    pub loss_sum: f64,
+    pub tokens: i64,
+    pub rows: usize,
+}
+
+impl EvalResult {
+    pub fn loss(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.loss_sum / self.tokens as f64
+        }
+    }
+    pub fn perplexity(&self) -> f64 {
+        self.loss().exp()
+    }
+}
+
+/// Summed shifted cross-entropy and counted labels of one batch.
+pub fn batch_loss(
+    model: &MiniMindForCausalLM,
+    input_ids: &Tensor,
+    labels: &Tensor,
+) -> Result<(f64, i64)> {
+    let _g = tch::no_grad_guard();
+    let ids = input_ids.to_device(model.embed_tokens.device());
+    let logits = model.forward(&ids, None).logits;
+    let (sum, count) =
+        crate::model::loss::shifted_cross_entropy_sum(&logits, &labels.to_device(logits.device()));
+    Ok((sum.double_value(&[]), count.int64_value(&[])))
+}
+
+pub fn evaluate(
+    model: &MiniMindForCausalLM,
+    ds: &TokenDataset,
+    batch_size: usize,
+) -> Result<EvalResult> {
+    if batch_size == 0 {
+        bail!("--batch-size must be positive");
+    }
+    let mut r = EvalResult {
+        loss_sum: 0.0,
+        tokens: 0,
+        rows: 0,
+    };
+    let n = ds.len();
+    let mut i = 0;
+    while i < n {
+        let end = (i + batch_size).min(n);
+        let mut cache = HashMap::new();
+        let rows = (i..end)
+            .map(|j| ds.item(j, &mut cache))
+            .collect::<Result<Vec<_>>>()?;
+        let t = ds.max_len as i64;
+        let ids: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| r.input_ids.iter().copied())
+            .collect();
+        let lab: Vec<i64> = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
+        if let Some(&bad) = ids
+            .iter()
+            .find(|&&x| x < 0 || x as usize >= model.cfg.vocab_size)
+        {
+            bail!(
+                "rows {i}..{end}: token id {bad} is outside the model's vocab of {} (wrong tokenizer?)",
+                model.cfg.vocab_size
+            );
+        }
+        let b = rows.len() as i64;
+        let (s, c) = batch_loss(
+            model,
+            &Tensor::from_slice(&ids).view([b, t]),
+            &Tensor::from_slice(&lab).view([b, t]),
+        )?;
+        r.loss_sum += s;
+        r.tokens += c;
+        r.rows += rows.len();
+        i = end;
+    }
+    Ok(r)
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let device = crate::model::precision::parse_device(&args.device)?;
+    let kind = crate::commands::generate::parse_dtype(args.dtype.as_deref(), device)?;
+    let (mut model, from) =
+        crate::io::weights::load_model(&args.weights, args.config.as_deref(), kind, device)?;
+    model.kernels = Kernels::new(args.kernels);
+    eprintln!("model: {from}; {kind:?} on {device:?}");
+    let spec = DataSpec {
+        data_path: args.data_path.clone(),
+        tokenizer: args.tokenizer.clone(),
+        specials: SpecialTokenStrings::default(),
+        max_seq_len: args.max_seq_len,
+        data_mode: args.data_mode,
+        threads: 2,
+        skip_bad_lines: false,
+        max_docs: None,
+    };
+    let data = Data::load(&spec, &|l| eprintln!("{l}"))?;
+    let r = evaluate(&model, &data.dataset, args.batch_size)?;
+    println!(
+        "eval {}: rows {} counted tokens {} loss {:.6} perplexity {:.4}",
+        args.data_path.display(),
+        r.rows,
+        r.tokens,
+        r.loss(),
+        r.perplexity()
+    );
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! `fast train-tokenizer`: byte-level BPE trained the way MiniMind trains its tokenizer
+//! (scripts/train_tokenizer.py): BPE model, ByteLevel pre-tokenizer without a prefix space,
+//! ByteLevel decoder, special tokens `<|endoftext|>`=0, `<|im_start|>`=1, `<|im_end|>`=2 first,
+//! the 256-symbol ByteLevel alphabet as the initial alphabet. Writes `tokenizer.json` and a
+//! `tokenizer_config.json` in MiniMind's format (bos `<|im_start|>`, eos `<|im_end|>`,
+//! pad/unk `<|endoftext|>`).
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    TokenizerImpl,
+};
+
+use crate::data::corpus::{JsonlCorpus, LinePolicy};
+
+pub const PAD_TOKEN: &str = "<|endoftext|>";
+pub const BOS_TOKEN: &str = "<|im_start|>";
+pub const EOS_TOKEN: &str = "<|im_end|>";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainTokenizerArgs {
+    /// JSONL corpus, one `{"text": ...}` object per line.
+    #[arg(long, alias = "data_path", default_value = "data/poems.jsonl")]
+    pub data_path: PathBuf,
+    /// Vocabulary size including the three special tokens.
+    #[arg(long, alias = "vocab_size", default_value_t = 6400)]
+    pub vocab_size: usize,
+    /// Output directory for tokenizer.json and tokenizer_config.json (created if missing).
+    #[arg(long, default_value = "tokenizer")]
+    pub out: PathBuf,
+    /// Skip lines that are not valid `{"text": "..."}` objects (with a count) instead of failing.
+    #[arg(long, alias = "skip_bad_lines")]
+    pub skip_bad_lines: bool,
+}
+
+pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
+    if args.vocab_size < 259 {
+        bail!(
+            "--vocab-size {} is too small: byte-level BPE needs the 3 special tokens and 256 byte symbols (at least 259)",
+            args.vocab_size
+        );
+    }
+    let policy = if args.skip_bad_lines {
+        LinePolicy::Skip
+    } else {
+        LinePolicy::Fail
+    };
+    let corpus = JsonlCorpus::open(&args.data_path, policy)?;
+    println!(
+        "training byte-level BPE (vocab {}) on {} documents of {}",
+        args.vocab_size,
+        corpus.len(),
+        args.data_path.display()
+    );
+    let start = std::time::Instant::now();
+    let texts = corpus.iter_texts().collect::<Result<Vec<String>>>()?;
+    let tokenizer = train_bpe(texts.iter().map(String::as_str), args.vocab_size)?;
+    write_tokenizer_dir(&tokenizer, &args.out)?;
+    println!(
+        "wrote {} and {} ({} tokens) in {:.1}s",
+        args.out.join("tokenizer.json").display(),
+        args.out.join("tokenizer_config.json").display(),
+        tokenizer.get_vocab_size(true),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub type BpeTokenizer = TokenizerImpl<
+    BPE,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// Train MiniMind's byte-level BPE on `texts`.
+pub fn train_bpe<'a, I>(texts: I, vocab_size: usize) -> Result<BpeTokenizer>
+where
+    I: Iterator<Item = &'a str> + Send,
+{
+    let mut tokenizer: BpeTokenizer = TokenizerImpl::new(BPE::default());
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(
+        ByteLevel::default().add_prefix_space(false),
+    )));
+    let special: Vec<AddedToken> = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .special_tokens(special)
+        .show_progress(false)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    tokenizer
+        .train(&mut trainer, texts)
+        .map_err(|e| anyhow::anyhow!("BPE training failed: {e}"))?;
+    // Python's decoders.ByteLevel() keeps its defaults (add_prefix_space true); so do we.
+    tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
+    for (id, tok) in [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN].iter().enumerate() {
+        if tokenizer.token_to_id(tok) != Some(id as u32) {
+            bail!("special token {tok} did not get id {id}");
+        }
+    }
+    Ok(tokenizer)
+}
+
+/// Write `tokenizer.json` and MiniMind's `tokenizer_config.json` into `dir`.
+pub fn write_tokenizer_dir(tokenizer: &BpeTokenizer, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = tokenizer
+        .to_string(true)
+        .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    let path = dir.join("tokenizer_config.json");
+    let config = serde_json::to_string_pretty(&tokenizer_config_json())?;
+    std::fs::write(&path, config + "\n").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The fields of MiniMind's tokenizer_config.json that a loader reads (the chat template is
+/// omitted: pretraining does not use it).
+pub fn tokenizer_config_json() -> serde_json::Value {
+    let added = |content: &str| {
+        serde_json::json!({
+            "content": content, "lstrip": false, "normalized": false,
+            "rstrip": false, "single_word": false, "special": true
+        })
+    };
+    serde_json::json!({
+        "add_bos_token": false,
+        "add_eos_token": false,
+        "add_prefix_space": false,
+        "added_tokens_decoder": {
+            "0": added(PAD_TOKEN),
+            "1": added(BOS_TOKEN),
+            "2": added(EOS_TOKEN),
+        },
+        "additional_special_tokens": [],
+        "bos_token": BOS_TOKEN,
+        "clean_up_tokenization_spaces": false,
+        "eos_token": EOS_TOKEN,
+        "legacy": true,
+        "model_max_length": 32768,
+        "pad_token": PAD_TOKEN,
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": false,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": PAD_TOKEN,
+    })
+}

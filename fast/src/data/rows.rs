@@ -1,0 +1,107 @@
+//! Token ids to causal-LM rows of `max_len` input ids and labels.
+//!
+//! - padded (MiniMind's PretrainDataset): `[bos] + ids[..max_len-2] + [eos]`, right-padded with
+//!   pad; labels = input_ids with -100 wherever the input equals pad.
+//! - packed (ours): every document followed by eos, all concatenated, cut into rows of max_len;
+//!   only the final row's padding is labelled -100 (a real token equal to pad keeps its label).
+
+use crate::model::loss::IGNORE_INDEX;
+
+/// Special token ids (MiniMind: pad `<|endoftext|>` 0, bos `<|im_start|>` 1, eos `<|im_end|>` 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub pad: u32,
+    pub bos: u32,
+    pub eos: u32,
+}
+
+impl Default for SpecialTokens {
+    fn default() -> Self {
+        SpecialTokens {
+            pad: 0,
+            bos: 1,
+            eos: 2,
+        }
+    }
+}
+
+/// One row of `max_len` input ids and labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+/// Labels of `row` that the shifted loss counts (`labels[1..] != -100`).
+pub fn counted_labels(row: &Row) -> usize {
+    row.labels
+        .iter()
+        .skip(1)
+        .filter(|&&l| l != IGNORE_INDEX)
+        .count()
+}
+
+/// The padded encoding of one document. Requires `max_len >= 2`.
+pub fn padded_row(ids: &[u32], max_len: usize, sp: SpecialTokens) -> Row {
+    assert!(max_len >= 2, "max_len must leave room for bos and eos");
+    let keep = ids.len().min(max_len - 2);
+    let mut input = Vec::with_capacity(max_len);
+    input.push(sp.bos as i64);
+    input.extend(ids[..keep].iter().map(|&i| i as i64));
+    input.push(sp.eos as i64);
+    input.resize(max_len, sp.pad as i64);
+    let labels = input
+        .iter()
+        .map(|&i| if i == sp.pad as i64 { IGNORE_INDEX } else { i })
+        .collect();
+    Row {
+        input_ids: input,
+        labels,
+    }
+}
+
+/// The packed rows of a stream of documents.
+pub fn packed_rows(docs: &[Vec<u32>], max_len: usize, sp: SpecialTokens) -> Vec<Row> {
+    assert!(max_len >= 1, "max_len must be positive");
+    let stream: Vec<i64> = docs
+        .iter()
+        .flat_map(|d| d.iter().map(|&i| i as i64).chain([sp.eos as i64]))
+        .collect();
+    stream
+        .chunks(max_len)
+        .map(|c| {
+            let mut input = c.to_vec();
+            let mut labels = c.to_vec();
+            input.resize(max_len, sp.pad as i64);
+            labels.resize(max_len, IGNORE_INDEX);
+            Row {
+                input_ids: input,
+                labels,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padded_rows_ignore_pads_only() {
+        let r = padded_row(&[5, 6, 7, 8], 5, SpecialTokens::default());
+        assert_eq!(r.input_ids, vec![1, 5, 6, 7, 2]);
+        let r = padded_row(&[5], 5, SpecialTokens::default());
+        assert_eq!(r.input_ids, vec![1, 5, 2, 0, 0]);
+        assert_eq!(r.labels, vec![1, 5, 2, -100, -100]);
+    }
+
+    #[test]
+    fn packed_rows_keep_real_zero_tokens() {
+        let rows = packed_rows(&[vec![0, 4], vec![5]], 3, SpecialTokens::default());
+        assert_eq!(rows[0].input_ids, vec![0, 4, 2]);
+        assert_eq!(rows[0].labels, vec![0, 4, 2]);
+        assert_eq!(rows[1].input_ids, vec![5, 2, 0]);
+        assert_eq!(rows[1].labels, vec![5, 2, -100]);
+        assert_eq!(counted_labels(&rows[1]), 1);
+    }
+}

@@ -1,0 +1,117 @@
+//! Any Hugging Face `tokenizer.json` through the `tokenizers` crate, with bos/eos/pad taken from
+//! the `tokenizer_config.json` beside it (`bos_token`, `eos_token`, `pad_token`) unless given.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// Special-token strings given on the command line; each overrides tokenizer_config.json.
+#[derive(Clone, Debug, Default)]
+pub struct SpecialTokenStrings {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+    pub pad: Option<String>,
+}
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos: u32,
+    pub eos: u32,
+    pub pad: u32,
+    /// The tokenizer.json this was loaded from.
+    pub path: PathBuf,
+}
+
+impl TextTokenizer {
+    /// `path` is a directory holding tokenizer.json (and usually tokenizer_config.json), or a
+    /// tokenizer.json file (its tokenizer_config.json is looked for beside it).
+    pub fn load(path: &Path, given: &SpecialTokenStrings) -> Result<Self> {
+        let (json, dir) = if path.is_dir() {
+            (path.join("tokenizer.json"), path.to_path_buf())
+        } else {
+            (
+                path.to_path_buf(),
+                path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            )
+        };
+        if !json.is_file() {
+            bail!(
+                "tokenizer {} not found (give --tokenizer a directory with tokenizer.json or the tokenizer.json itself)",
+                json.display()
+            );
+        }
+        let inner = tokenizers::Tokenizer::from_file(&json).map_err(|e| {
+            anyhow::anyhow!("{}: not a Hugging Face tokenizer.json: {e}", json.display())
+        })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Option<serde_json::Value> = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?;
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{}: invalid JSON", config_path.display()))?,
+            )
+        } else {
+            None
+        };
+        let from_config = |key: &str| -> Option<String> {
+            match config.as_ref()?.get(key)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                // Older configs write {"content": "<s>", ...} objects.
+                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            }
+        };
+        let resolve = |name: &str, flag: &Option<String>, key: &str| -> Result<Option<u32>> {
+            let Some(token) = flag.clone().or_else(|| from_config(key)) else {
+                return Ok(None);
+            };
+            match inner.token_to_id(&token) {
+                Some(id) => Ok(Some(id)),
+                None => bail!(
+                    "{name} token {token:?} is not in the vocabulary of {}",
+                    json.display()
+                ),
+            }
+        };
+        let missing = |name: &str, key: &str| {
+            anyhow::anyhow!(
+                "no {name} token: {} has no `{key}` and --{name}-token was not given",
+                config_path.display()
+            )
+        };
+        let bos =
+            resolve("bos", &given.bos, "bos_token")?.ok_or_else(|| missing("bos", "bos_token"))?;
+        let eos =
+            resolve("eos", &given.eos, "eos_token")?.ok_or_else(|| missing("eos", "eos_token"))?;
+        // Many tokenizers have no pad token; padding with eos is the usual stand-in.
+        let pad = resolve("pad", &given.pad, "pad_token")?.unwrap_or(eos);
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+            path: json,
+        })
+    }
+
+    /// Token ids of `text` without added special tokens (`add_special_tokens=False`); special-token
+    /// strings inside the text still become their ids, as in MiniMind.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
+    }
+
+    /// Vocabulary size including added tokens (the model's vocab must be at least this).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

@@ -1,0 +1,353 @@
+//! Weights files and resume checkpoints.
+//!
+//! - Weights, as MiniMind saves them after every save interval: float16 tensors under MiniMind's
+//!   state_dict names in `{save_dir}/{save_weight}_{hidden}[_moe].safetensors` (the tied
+//!   `lm_head.weight` is not stored twice), the model config as JSON beside it (and in the file's
+//!   metadata).
+//! - A resume checkpoint, `{checkpoint_dir}/{save_weight}_{hidden}[_moe]_resume.safetensors`: one
+//!   safetensors file holding the model in float32, the optimizer's state tensors (and the
+//!   gradients of a half-finished accumulation window) plus, in its metadata, the run state as JSON
+//!   (config, epoch and step, world size, optimizer step count, scaler, seed, metric history) and
+//!   a SHA-256 over the state and every tensor, verified on load.
+//!
+//! Every file is written atomically: a temp file in the same directory, fsync, rename, fsync of the
+//! directory. A crash leaves either the old file or the new one, never a torn one.
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Kind, Tensor};
+
+use super::safetensors::{raw, serialize, Raw};
+use crate::train::metrics::MetricRow;
+use crate::train::options::RunConfig;
+
+pub const RESUME_FORMAT: &str = "minimind-rs-resume-v1";
+
+/// Removes the temp files a killed [`write_atomic`] of `path` left behind (`.{name}.tmp{pid}`).
+/// Called once at the start of a run, before anything of this run writes `path`.
+pub fn remove_stale_temp_files(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{name}.tmp");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Write `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("fsync {}", tmp.display()))?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        // The rename is durable only once the directory entry is.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The weights file as MiniMind saves it: float16, MiniMind names, no tied lm_head copy; the
+/// model config JSON beside it (`.json`) and in the metadata under `config`.
+pub fn save_weights_f16(
+    path: &Path,
+    named: &[(String, Tensor)],
+    model_config: &serde_json::Value,
+) -> Result<()> {
+    let tensors: Vec<(String, Raw)> = named
+        .iter()
+        .filter(|(n, _)| n != super::weights::TIED_LM_HEAD)
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                raw(t, Kind::Half).with_context(|| format!("tensor {n}"))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let config = serde_json::to_string_pretty(model_config)?;
+    let metadata = BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("config".to_string(), config.clone()),
+    ]);
+    let bytes = serialize(&tensors, &metadata)?;
+    write_atomic(path, &bytes).with_context(|| format!("saving weights {}", path.display()))?;
+    write_atomic(&path.with_extension("json"), (config + "\n").as_bytes())?;
+    Ok(())
+}
+
+/// Where a run stands, stored in the resume checkpoint's metadata.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResumeState {
+    pub format: String,
+    pub config: RunConfig,
+    /// Model config JSON (for error messages and for loading without the CLI).
+    pub model_config: serde_json::Value,
+    /// 0-based epoch the saved step belongs to.
+    pub epoch: usize,
+    /// Micro-steps done within that epoch (MiniMind's `step`, 1-based index of the last one).
+    pub step: usize,
+    /// Micro-steps per epoch at save time (for rescaling and sanity checks).
+    pub iters: usize,
+    /// Micro-steps done in the whole run.
+    pub global_step: usize,
+    pub world_size: usize,
+    /// Everything else the optimizer, scaler and step logic need (counts, scale, window).
+    pub trainer: serde_json::Value,
+    /// Seed of init and of the data permutation: the only randomness a run has.
+    pub seed: u64,
+    pub useful_tokens_seen: u64,
+    pub elapsed_s: f64,
+    pub metrics: Vec<MetricRow>,
+    /// True once the run's last step is done.
+    pub completed: bool,
+}
+
+fn checksum(state_json: &str, tensors: &[(String, Raw)]) -> String {
+    let mut h = Sha256::new();
+    h.update(state_json.as_bytes());
+    let mut sorted: Vec<&(String, Raw)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, r) in sorted {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(format!("{:?}{:?}", r.dtype, r.shape).as_bytes());
+        h.update((r.data.len() as u64).to_le_bytes());
+        h.update(&r.data);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Save a resume checkpoint: `tensors` are stored in their own dtype (the model in float32).
+pub fn save_resume(path: &Path, state: &ResumeState, tensors: &[(String, Tensor)]) -> Result<()> {
+    let raws: Vec<(String, Raw)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let kind = if t.is_floating_point() {
+                Kind::Float
+            } else {
+                Kind::Int64
+            };
+            Ok((
+                n.clone(),
+                raw(t, kind).with_context(|| format!("tensor {n}"))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let state_json = serde_json::to_string(state)?;
+    let sum = checksum(&state_json, &raws);
+    let metadata = BTreeMap::from([
+        ("format".to_string(), RESUME_FORMAT.to_string()),
+        ("state".to_string(), state_json),
+        ("sha256".to_string(), sum),
+    ]);
+    let bytes = serialize(&raws, &metadata)?;
+    write_atomic(path, &bytes)
+        .with_context(|| format!("saving resume checkpoint {}", path.display()))
+}
+
+pub struct Resume {
+    pub state: ResumeState,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Read and verify a resume checkpoint. `Ok(None)` when the file does not exist.
+pub fn load_resume(path: &Path) -> Result<Option<Resume>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading resume checkpoint {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: truncated or not a safetensors file ({e}); delete it or start without --from-resume 1",
+            path.display()
+        )
+    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: unreadable header ({e})", path.display()))?;
+    let md = meta.metadata().clone().unwrap_or_default();
+    if md.get("format").map(String::as_str) != Some(RESUME_FORMAT) {
+        bail!(
+            "{} is not a resume checkpoint written by `fast pretrain` (format {:?}, expected {RESUME_FORMAT:?})",
+            path.display(),
+            md.get("format")
+        );
+    }
+    let (Some(state_json), Some(want)) = (md.get("state"), md.get("sha256")) else {
+        bail!(
+            "{}: resume checkpoint without its state or checksum",
+            path.display()
+        );
+    };
+    let mut raws = Vec::new();
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            safetensors::Dtype::F32 => Kind::Float,
+            safetensors::Dtype::I64 => Kind::Int64,
+            other => bail!(
+                "{}: tensor {name} has unexpected dtype {other:?}",
+                path.display()
+            ),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        tensors.insert(
+            name.clone(),
+            Tensor::f_from_data_size(view.data(), &shape, kind)?,
+        );
+        raws.push((
+            name,
+            Raw {
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                data: view.data().to_vec(),
+            },
+        ));
+    }
+    let got = checksum(state_json, &raws);
+    if &got != want {
+        bail!(
+            "{}: checksum mismatch (stored {want}, computed {got}): the file is corrupted",
+            path.display()
+        );
+    }
+    let state: ResumeState = serde_json::from_str(state_json).with_context(|| {
+        format!(
+            "{}: resume state is not readable by this version",
+            path.display()
+        )
+    })?;
+    Ok(Some(Resume { state, tensors }))
+}
+
+/// Fields that must agree between the saved run and this one for a resume to continue it; the
+/// error lists every difference.
+pub fn check_compatible(path: &Path, saved: &RunConfig, now: &RunConfig) -> Result<()> {
+    let mut diffs = Vec::new();
+    macro_rules! same {
+        ($($f:ident),*) => {$(
+            if saved.$f != now.$f {
+                diffs.push(format!("--{}: saved {:?}, now {:?}", stringify!($f).replace('_', "-"), saved.$f, now.$f));
+            }
+        )*};
+    }
+    same!(
+        hidden_size,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads,
+        use_moe,
+        max_seq_len,
+        data_path,
+        tokenizer,
+        data_mode,
+        max_docs,
+        batch_size,
+        accumulation_steps,
+        epochs,
+        learning_rate,
+        warmup_steps,
+        weight_decay,
+        seed,
+        loss_normalization,
+        dtype
+    );
+    if !diffs.is_empty() {
+        bail!(
+            "{} was written by a different run configuration:\n  {}\n(resume with the same options, or use another --checkpoint-dir / --from-resume 0 to start over)",
+            path.display(),
+            diffs.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: crate::train::options::PretrainArgs,
+    }
+
+    fn state(cfg: &RunConfig) -> ResumeState {
+        ResumeState {
+            format: RESUME_FORMAT.into(),
+            config: cfg.clone(),
+            model_config: serde_json::json!({"hidden_size": 8, "vocab_size": 16}),
+            epoch: 0,
+            step: 3,
+            iters: 10,
+            global_step: 3,
+            world_size: 1,
+            trainer: serde_json::json!({"adam_t": 1, "scaler": null, "window_count": 0}),
+            seed: 42,
+            useful_tokens_seen: 99,
+            elapsed_s: 1.5,
+            metrics: Vec::new(),
+            completed: false,
+        }
+    }
+
+    /// The same state and tensors give the same file bytes, every time and in every process (the
+    /// metadata's keys are written in one order), and the file loads back.
+    #[test]
+    fn a_checkpoint_of_the_same_state_has_the_same_bytes() {
+        let args = Cli::parse_from(["x", "--data-path", "c.jsonl", "--tokenizer", "t"]).args;
+        let cfg = args
+            .resolve(tch::Device::Cpu, || unreachable!("paths given"))
+            .unwrap();
+        let tensors = vec![
+            ("param.a".to_string(), Tensor::from_slice(&[1.0f32, 2.0])),
+            ("adam.step.a".to_string(), Tensor::from_slice(&[3.0f32])),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let (p1, p2) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+        save_resume(&p1, &state(&cfg), &tensors).unwrap();
+        save_resume(&p2, &state(&cfg), &tensors).unwrap();
+        assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
+        let back = load_resume(&p1).unwrap().unwrap();
+        assert_eq!(back.state.step, 3);
+        assert!(back.tensors["param.a"].equal(&tensors[0].1));
+        let w = [("model.w".to_string(), Tensor::from_slice(&[0.5f32]))];
+        let (w1, w2) = (dir.path().join("w1.safetensors"), dir.path().join("w2.safetensors"));
+        save_weights_f16(&w1, &w, &serde_json::json!({"b": 1, "a": 2})).unwrap();
+        save_weights_f16(&w2, &w, &serde_json::json!({"b": 1, "a": 2})).unwrap();
+        assert_eq!(std::fs::read(&w1).unwrap(), std::fs::read(&w2).unwrap());
+    }
+}

@@ -1,0 +1,368 @@
+//! Load model weights from MiniMind's `.pth` files or our `.safetensors`, by name.
+//!
+//! `load_weights` reads every tensor of a file (CPU, the file's dtype); `match_weights` checks them
+//! against the names and shapes a model expects, converts them to the model's dtype and says by
+//! name what is missing, extra or mis-shaped. MiniMind ties `lm_head.weight` to
+//! `model.embed_tokens.weight`; files may carry both (MiniMind's own do): the copy is checked equal
+//! and dropped.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{Kind, Tensor};
+
+/// The tied output projection that files may carry as a copy of the embedding.
+pub const TIED_LM_HEAD: &str = "lm_head.weight";
+pub const EMBED: &str = "model.embed_tokens.weight";
+
+/// Every tensor of a weights file, in file order, on the CPU in the file's dtype.
+/// `.pth` goes through the restricted unpickler (`pth.rs`), `.safetensors` through safetensors.
+pub fn load_weights(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("pth") | Some("pt") | Some("bin") => super::pth::read_pth(path)?
+            .into_iter()
+            .map(|(n, raw)| {
+                let t = raw
+                    .to_tensor()
+                    .with_context(|| format!("{}: tensor {n}", path.display()))?;
+                Ok((n, t))
+            })
+            .collect(),
+        Some("safetensors") => read_safetensors(path),
+        _ => bail!(
+            "{}: unknown weights format (expected a .pth written by MiniMind or a .safetensors)",
+            path.display()
+        ),
+    }
+}
+
+fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    // safetensors orders tensors by name; keep the file's offset order instead for readability.
+    let mut names: Vec<(usize, String)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (v.data().as_ptr() as usize, n))
+        .collect();
+    names.sort();
+    let mut out = Vec::with_capacity(names.len());
+    for (_, name) in names {
+        let v = st.tensor(&name)?;
+        let kind = match v.dtype() {
+            safetensors::Dtype::F16 => Kind::Half,
+            safetensors::Dtype::BF16 => Kind::BFloat16,
+            safetensors::Dtype::F32 => Kind::Float,
+            safetensors::Dtype::F64 => Kind::Double,
+            safetensors::Dtype::I64 => Kind::Int64,
+            safetensors::Dtype::I32 => Kind::Int,
+            safetensors::Dtype::U8 => Kind::Uint8,
+            safetensors::Dtype::BOOL => Kind::Bool,
+            other => bail!(
+                "{}: tensor {name} has unsupported dtype {other:?}",
+                path.display()
+            ),
+        };
+        let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(v.data(), &shape, kind)
+            .with_context(|| format!("{}: tensor {name}", path.display()))?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Check `loaded` against the `expected` (name, shape) list of a model and convert every tensor to
+/// `kind`, in the order of `expected`. Errors name every missing, unexpected and mis-shaped tensor.
+pub fn match_weights(
+    loaded: Vec<(String, Tensor)>,
+    expected: &[(String, Vec<i64>)],
+    kind: Kind,
+    source: &Path,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut by_name: HashMap<String, Tensor> = HashMap::with_capacity(loaded.len());
+    for (n, t) in loaded {
+        if by_name.insert(n.clone(), t).is_some() {
+            bail!("{}: tensor {n} appears twice", source.display());
+        }
+    }
+    let wanted: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    if !wanted.contains(TIED_LM_HEAD) {
+        if let Some(head) = by_name.remove(TIED_LM_HEAD) {
+            if let Some(embed) = by_name.get(EMBED) {
+                let same = head.size() == embed.size()
+                    && head
+                        .to_kind(Kind::Double)
+                        .equal(&embed.to_kind(Kind::Double));
+                if !same {
+                    bail!(
+                        "{}: {TIED_LM_HEAD} differs from {EMBED}; MiniMind ties them and this model \
+                         has no separate output projection",
+                        source.display()
+                    );
+                }
+            }
+        }
+    }
+
+    let missing: Vec<&str> = expected
+        .iter()
+        .filter(|(n, _)| !by_name.contains_key(n))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let mut extra: Vec<&str> = by_name
+        .keys()
+        .filter(|n| !wanted.contains(n.as_str()))
+        .map(String::as_str)
+        .collect();
+    extra.sort();
+    let misshaped: Vec<String> = expected
+        .iter()
+        .filter_map(|(n, shape)| {
+            let t = by_name.get(n)?;
+            (t.size() != *shape).then(|| format!("{n}: file {:?}, model {:?}", t.size(), shape))
+        })
+        .collect();
+    if !missing.is_empty() || !extra.is_empty() || !misshaped.is_empty() {
+        let mut msg = format!("{} does not fit the model:", source.display());
+        if !missing.is_empty() {
+            msg += &format!("\n  missing ({}): {}", missing.len(), missing.join(", "));
+        }
+        if !extra.is_empty() {
+            msg += &format!("\n  unexpected ({}): {}", extra.len(), extra.join(", "));
+        }
+        if !misshaped.is_empty() {
+            msg += &format!(
+                "\n  mis-shaped ({}):\n    {}",
+                misshaped.len(),
+                misshaped.join("\n    ")
+            );
+        }
+        bail!(msg);
+    }
+    expected
+        .iter()
+        .map(|(n, _)| {
+            let t = by_name.remove(n).unwrap();
+            if !t.is_floating_point() {
+                bail!(
+                    "{}: tensor {n} is {:?}, expected floating point",
+                    source.display(),
+                    t.kind()
+                );
+            }
+            Ok((n.clone(), t.to_kind(kind)))
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Which model a weights file holds.
+
+use crate::model::{MiniMindForCausalLM, ModelConfig};
+
+/// MiniMind's defaults for what tensor shapes cannot tell (MiniMindConfig).
+const DEFAULT_HEADS: usize = 8;
+
+/// The config JSON that describes `weights`: `explicit` if given, else `<stem>.json` beside it
+/// (MiniMind fixtures, our checkpoints), else `config.json` in its folder (a Hugging Face export).
+pub fn find_config(weights: &Path, explicit: Option<&Path>) -> Option<std::path::PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    let beside = weights.with_extension("json");
+    if beside.is_file() {
+        return Some(beside);
+    }
+    let hf = weights.parent().map(|d| d.join("config.json"))?;
+    hf.is_file().then_some(hf)
+}
+
+/// The object holding the model fields: the JSON itself or its `config` / `model_config` /
+/// `model` entry, whichever has `hidden_size`.
+fn config_object(v: &serde_json::Value) -> Option<&serde_json::Map<String, serde_json::Value>> {
+    let o = v.as_object()?;
+    if o.contains_key("hidden_size") {
+        return Some(o);
+    }
+    ["config", "model_config", "model"]
+        .iter()
+        .find_map(|k| config_object(o.get(*k)?))
+}
+
+/// Work out the model config of `weights` (as loaded by `load_weights`): every size the tensor
+/// shapes fix is taken from them; heads, eps, theta, max positions and MoE routing come from the
+/// config JSON (see `find_config`) or MiniMind's defaults. A JSON value that contradicts the
+/// shapes is an error naming both. Returns the config and a line saying where it came from.
+pub fn resolve_config(
+    weights: &[(String, Tensor)],
+    weights_path: &Path,
+    config: Option<&Path>,
+) -> Result<(ModelConfig, String)> {
+    let shape = |n: &str| weights.iter().find(|(k, _)| k == n).map(|(_, t)| t.size());
+    let src = weights_path.display();
+    let embed = shape(EMBED).with_context(|| format!("{src}: no {EMBED}"))?;
+    let (vocab, d) = (embed[0] as usize, embed[1] as usize);
+    let layer_of = |n: &str| {
+        n.strip_prefix("model.layers.")?
+            .split('.')
+            .next()?
+            .parse::<usize>()
+            .ok()
+    };
+    let layers = weights
+        .iter()
+        .filter_map(|(n, _)| layer_of(n))
+        .max()
+        .map(|m| m + 1)
+        .unwrap_or(0);
+    if layers == 0 {
+        bail!("{src}: no model.layers.* tensors");
+    }
+    let q = shape("model.layers.0.self_attn.q_proj.weight")
+        .with_context(|| format!("{src}: no model.layers.0.self_attn.q_proj.weight"))?;
+    let k = shape("model.layers.0.self_attn.k_proj.weight")
+        .with_context(|| format!("{src}: no model.layers.0.self_attn.k_proj.weight"))?;
+    let qk_norm = shape("model.layers.0.self_attn.q_norm.weight");
+    let is_moe = shape("model.layers.0.mlp.gate.weight");
+    let count = |prefix: &str| {
+        weights
+            .iter()
+            .filter_map(|(n, _)| {
+                n.strip_prefix(prefix)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map(|m| m + 1)
+            .unwrap_or(0)
+    };
+    let ffn_name = if is_moe.is_some() {
+        "model.layers.0.mlp.experts.0.gate_proj.weight"
+    } else {
+        "model.layers.0.mlp.gate_proj.weight"
+    };
+    let ffn = shape(ffn_name).with_context(|| format!("{src}: no {ffn_name}"))?[0] as usize;
+
+    let cfg_path = find_config(weights_path, config);
+    let json: Option<serde_json::Value> = match &cfg_path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{}: invalid JSON", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let obj = json.as_ref().and_then(config_object);
+    let cfg_name = cfg_path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let get_u = |key: &str| obj.and_then(|o| o.get(key)?.as_u64()).map(|v| v as usize);
+    let get_f = |key: &str| obj.and_then(|o| o.get(key)?.as_f64());
+    let get_b = |key: &str| obj.and_then(|o| o.get(key)?.as_bool());
+    let check = |key: &str, from_shapes: usize| -> Result<()> {
+        match get_u(key) {
+            Some(v) if v != from_shapes => bail!(
+                "{cfg_name} says {key} = {v} but {src} has {from_shapes} (from its tensor shapes)"
+            ),
+            _ => Ok(()),
+        }
+    };
+    check("hidden_size", d)?;
+    check("vocab_size", vocab)?;
+    check("num_hidden_layers", layers)?;
+
+    let heads = get_u("num_attention_heads").unwrap_or(DEFAULT_HEADS);
+    let head_dim = match (qk_norm.as_ref(), get_u("head_dim")) {
+        (Some(s), _) => s[0] as usize,
+        (None, Some(hd)) => hd,
+        (None, None) => d / heads.max(1),
+    };
+    if heads == 0 || head_dim == 0 || q[0] as usize != heads * head_dim {
+        bail!(
+            "{src}: q_proj has {} rows, which is not num_attention_heads {heads} x head_dim {head_dim}{}",
+            q[0],
+            if obj.is_some() { format!(" ({cfg_name})") } else { " (MiniMind default heads; give --config)".into() }
+        );
+    }
+    if k[0] as usize % head_dim != 0 {
+        bail!(
+            "{src}: k_proj rows {} are not a multiple of head_dim {head_dim}",
+            k[0]
+        );
+    }
+    let kv = k[0] as usize / head_dim;
+    check("num_key_value_heads", kv)?;
+    let defaults = ModelConfig::default();
+    let mut cfg = ModelConfig {
+        hidden_size: d,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: (head_dim * heads != d).then_some(head_dim),
+        vocab_size: vocab,
+        intermediate_size: Some(ffn),
+        rms_norm_eps: get_f("rms_norm_eps").unwrap_or(defaults.rms_norm_eps),
+        rope_theta: get_f("rope_theta").unwrap_or(defaults.rope_theta),
+        max_position_embeddings: get_u("max_position_embeddings")
+            .unwrap_or(defaults.max_position_embeddings),
+        qk_norm: qk_norm.is_some(),
+        use_moe: is_moe.is_some(),
+        ..defaults.clone()
+    };
+    if let Some(g) = is_moe {
+        let n_routed = g[0] as usize;
+        check("n_routed_experts", n_routed)?;
+        cfg.n_routed_experts = n_routed;
+        cfg.n_shared_experts = count("model.layers.0.mlp.shared_experts.");
+        cfg.num_experts_per_tok =
+            get_u("num_experts_per_tok").unwrap_or(defaults.num_experts_per_tok);
+        cfg.norm_topk_prob = get_b("norm_topk_prob").unwrap_or(defaults.norm_topk_prob);
+        cfg.aux_loss_alpha = get_f("aux_loss_alpha").unwrap_or(defaults.aux_loss_alpha);
+        cfg.seq_aux = get_b("seq_aux").unwrap_or(defaults.seq_aux);
+    }
+    cfg.validate()
+        .with_context(|| format!("{src}: the model its shapes and {cfg_name} describe"))?;
+    let from = match &cfg_path {
+        Some(p) if obj.is_some() => format!("shapes of {src} + {}", p.display()),
+        Some(p) => format!(
+            "shapes of {src} ({} has no model fields; MiniMind defaults)",
+            p.display()
+        ),
+        None => format!("shapes of {src} + MiniMind defaults (no config JSON found)"),
+    };
+    Ok((cfg, from))
+}
+
+/// Load `path` for inference: resolve its config, check names and shapes, convert to `kind`.
+pub fn load_for_inference(
+    path: &Path,
+    config: Option<&Path>,
+    kind: Kind,
+) -> Result<(ModelConfig, Vec<(String, Tensor)>, String)> {
+    let loaded = load_weights(path)?;
+    let (cfg, from) = resolve_config(&loaded, path, config)?;
+    let w = match_weights(loaded, &cfg.param_shapes(), kind, path)?;
+    Ok((cfg, w, from))
+}
+
+/// The model in `path` (config resolved as [`resolve_config`] does) in `kind` on `device`, and
+/// where its config came from.
+pub fn load_model(
+    path: &Path,
+    config: Option<&Path>,
+    kind: Kind,
+    device: tch::Device,
+) -> Result<(MiniMindForCausalLM, String)> {
+    let (cfg, w, from) = load_for_inference(path, config, kind)?;
+    let model =
+        MiniMindForCausalLM::from_weights(&cfg, w, kind, device, &path.display().to_string())?;
+    Ok((model, from))
+}

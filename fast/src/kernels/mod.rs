@@ -1,0 +1,352 @@
+//! Our C++/CUDA code (`fast/csrc/`) behind safe wrappers, and the one place that decides which
+//! kernels a run uses.
+//!
+//! | module | wraps | without `--features cuda` |
+//! |---|---|---|
+//! | [`ops`] | `csrc/ops.cpp`: fused AdamW, foreach clip/unscale, `.grad` views, seeded backward, pinned host reads | always built |
+//! | [`fused`] | `csrc/fused_ops.cpp` over `kernels.cu`, `attention.cu`, `cross_entropy.cu`: our bf16 training kernels | `fused_stub.rs`: every op an error |
+//! | [`graph`] | `csrc/cuda_graph.cpp`: whole-step CUDA graphs, peak memory | `graph_stub.rs` |
+//! | [`grad_events`] | `csrc/grad_events.cpp`: CUDA events recorded by gradient hooks | `grad_events_stub.rs` |
+//! | [`profiler`] | `csrc/profiler.cpp`: libtorch's Kineto profiler | always built |
+//!
+//! [`KernelConfig`] is what a user chooses (`--kernels`, `--attention`, `--weight-cast`,
+//! `--cross-entropy`, `--rms-norm`, `--loss-chunk-rows`, `--dp-overlap`, `--dp-bucket-layers`); it is part of every
+//! run configuration, printed at start and saved with the checkpoints. [`Kernels`] is that choice
+//! applied to this build: each `*_applies` method below is the only test in the crate of whether
+//! a fused kernel runs for given tensors.
+
+pub mod ops;
+pub mod profiler;
+
+#[cfg_attr(not(feature = "cuda"), path = "fused_stub.rs")]
+pub mod fused;
+#[cfg_attr(not(feature = "cuda"), path = "grad_events_stub.rs")]
+pub mod grad_events;
+#[cfg_attr(not(feature = "cuda"), path = "graph_stub.rs")]
+pub mod graph;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// Whether this binary carries our CUDA kernels (built with `--features cuda`).
+pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelChoice {
+    /// Our fused CUDA kernels wherever they apply (bf16 on CUDA), libtorch's ops elsewhere.
+    Fused,
+    /// libtorch's ops only.
+    Libtorch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionChoice {
+    /// Our attention over the merged q/k/v projection (fast/csrc/attention.cu) where it applies.
+    Fused,
+    /// Our RoPE/layout kernel, then libtorch's scaled_dot_product_attention (cuDNN).
+    Sdpa,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightCast {
+    /// One node casts the fp32 weights to bf16 and adds their bf16 gradients into `.grad` in place.
+    Fused,
+    /// cat + cast under autograd (AccumulateGrad adds the gradients).
+    Autograd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CrossEntropyChoice {
+    /// The lm_head by hand around our loss kernel (bf16 logits, gradient written over them).
+    Fused,
+    /// libtorch's fp32 cross-entropy under autograd.
+    Autograd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RmsNormChoice {
+    /// libtorch's own `rms_norm` op (one kernel each way) for fp32 inputs on CUDA.
+    Fused,
+    /// MiniMind's formula as separate libtorch ops.
+    Composed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// The kernel choices of a run. Every field changes what the GPU executes (never the formula:
+/// the results agree within the tolerances `fast kernels` and `verify` check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
+pub struct KernelConfig {
+    /// fused: our CUDA kernels wherever they apply (bf16 on CUDA, a `--features cuda` build);
+    /// libtorch: libtorch's ops only.
+    #[arg(long, value_enum, default_value_t = KernelChoice::Fused)]
+    pub kernels: KernelChoice,
+    /// With --kernels fused: fused = our attention kernels (head dim 64), sdpa = our RoPE
+    /// layout kernel then libtorch's SDPA.
+    #[arg(long, value_enum, default_value_t = AttentionChoice::Fused)]
+    pub attention: AttentionChoice,
+    /// With --kernels fused: how the fp32 weights become the projections' bf16 operands.
+    #[arg(long, value_enum, default_value_t = WeightCast::Fused)]
+    pub weight_cast: WeightCast,
+    /// With --kernels fused: the lm_head's cross-entropy in our kernel or libtorch's under
+    /// autograd.
+    #[arg(long, value_enum, default_value_t = CrossEntropyChoice::Fused)]
+    pub cross_entropy: CrossEntropyChoice,
+    /// RMSNorm of fp32 inputs on CUDA (outside our bf16 kernels): libtorch's fused op or the
+    /// composed formula.
+    #[arg(long, value_enum, default_value_t = RmsNormChoice::Fused)]
+    pub rms_norm: RmsNormChoice,
+    /// Positions per lm_head + loss chunk of a micro-step (0 = the whole batch at once): the
+    /// [positions, vocab] logits never exist whole.
+    #[arg(long, alias = "loss_chunk_rows", default_value_t = 8192)]
+    pub loss_chunk_rows: usize,
+    /// Data parallel on GPUs: start each bucket's all-reduce while backward computes the layers
+    /// below it (off: reduce everything after backward).
+    #[arg(long, alias = "dp_overlap", value_enum, default_value_t = OnOff::On)]
+    pub dp_overlap: OnOff,
+    /// Layers per overlapped all-reduce bucket (2 layers of the 26M model: 22.6 MB, about the
+    /// 25 MB of torch DDP's default bucket).
+    #[arg(long, alias = "dp_bucket_layers", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    pub dp_bucket_layers: u64,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig {
+            kernels: KernelChoice::Fused,
+            attention: AttentionChoice::Fused,
+            weight_cast: WeightCast::Fused,
+            cross_entropy: CrossEntropyChoice::Fused,
+            rms_norm: RmsNormChoice::Fused,
+            loss_chunk_rows: 8192,
+            dp_overlap: OnOff::On,
+            dp_bucket_layers: 2,
+        }
+    }
+}
+
+impl KernelConfig {
+    /// libtorch's ops only (the reference point `fast kernels` compares against).
+    pub fn libtorch() -> Self {
+        KernelConfig {
+            kernels: KernelChoice::Libtorch,
+            ..KernelConfig::default()
+        }
+    }
+}
+
+/// Which attention a layer runs (see [`Kernels::attention_path`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// Our attention kernels over the merged q/k/v projection.
+    Own,
+    /// The merged projection, our RoPE + layout kernel, then libtorch's SDPA.
+    MergedSdpa,
+    /// Three projections, RoPE and repeat_kv as libtorch ops, libtorch's SDPA.
+    Libtorch,
+}
+
+/// A [`KernelConfig`] applied to this binary: what the model and the training step ask before
+/// each fused kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels {
+    pub config: KernelConfig,
+    /// Our kernels may run at all: chosen, and compiled in.
+    fused: bool,
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Kernels::new(KernelConfig::default())
+    }
+}
+
+impl Kernels {
+    pub fn new(config: KernelConfig) -> Self {
+        Kernels {
+            config,
+            fused: config.kernels == KernelChoice::Fused && BUILT_WITH_CUDA,
+        }
+    }
+
+    /// Whether our kernels may run (chosen and compiled in); each op still checks its inputs.
+    pub fn fused(&self) -> bool {
+        self.fused
+    }
+
+    /// Our bf16 path applies to this activation: on CUDA, with bf16 compute.
+    fn bf16_cuda(&self, x: &Tensor, compute: Kind) -> bool {
+        self.fused && compute == Kind::BFloat16 && x.device().is_cuda()
+    }
+
+    /// Our RMSNorm kernels (norm written straight to bf16): fp32 x and weight, width a multiple
+    /// of 8 up to 1024.
+    pub fn rms_norm_applies(&self, x: &Tensor, w: &Tensor, compute: Kind) -> bool {
+        let d = w.size().first().copied().unwrap_or(0);
+        self.bf16_cuda(x, compute)
+            && x.kind() == Kind::Float
+            && w.kind() == Kind::Float
+            && d % 8 == 0
+            && d <= 1024
+    }
+
+    /// libtorch's single `rms_norm` op for fp32 x and weight on CUDA.
+    pub fn libtorch_rms_norm_applies(&self, x: &Tensor, w: &Tensor) -> bool {
+        self.config.rms_norm == RmsNormChoice::Fused
+            && x.kind() == Kind::Float
+            && w.kind() == Kind::Float
+            && x.device().is_cuda()
+    }
+
+    /// The attention a layer runs for input x `[B, T, d]` with these RoPE tables.
+    pub fn attention_path(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        head_dim: i64,
+        qk_norm: bool,
+        compute: Kind,
+    ) -> AttentionPath {
+        if qk_norm || !self.bf16_cuda(x, compute) || cos.kind() != Kind::Float || head_dim % 16 != 0
+        {
+            return AttentionPath::Libtorch;
+        }
+        let batch = x.size().first().copied().unwrap_or(0);
+        if head_dim == 64 && batch <= 65_535 && self.config.attention == AttentionChoice::Fused {
+            AttentionPath::Own
+        } else {
+            AttentionPath::MergedSdpa
+        }
+    }
+
+    /// Our SwiGLU kernel over one merged gate/up matmul: FFN width a multiple of 8.
+    pub fn swiglu_applies(&self, x: &Tensor, ffn: i64, compute: Kind) -> bool {
+        self.bf16_cuda(x, compute) && ffn % 8 == 0
+    }
+
+    /// The residual add fused into the next norm: a bf16 branch output of x's shape.
+    pub fn add_rms_norm_applies(&self, x: &Tensor, a: &Tensor, w: &Tensor, compute: Kind) -> bool {
+        self.rms_norm_applies(x, w, compute) && a.kind() == Kind::BFloat16 && x.size() == a.size()
+    }
+
+    /// The lm_head + cross-entropy by hand with our loss kernel: a bf16 hidden state on CUDA,
+    /// bf16 compute, an fp32 loss.
+    pub fn cross_entropy_applies(&self, h: &Tensor, compute: Kind, loss_kind: Kind) -> bool {
+        self.config.cross_entropy == CrossEntropyChoice::Fused
+            && self.bf16_cuda(h, compute)
+            && h.kind() == Kind::BFloat16
+            && loss_kind == Kind::Float
+    }
+
+    /// Our weight-cast node for these fp32 weights (else cat + cast under autograd).
+    pub fn weight_cast_applies(&self, ws: &[&Tensor]) -> bool {
+        self.fused
+            && self.config.weight_cast == WeightCast::Fused
+            && ws.iter().all(|w| w.kind() == Kind::Float)
+    }
+
+    /// Positions per lm_head + loss chunk (`None`: the whole batch).
+    pub fn loss_chunk_rows(&self) -> Option<i64> {
+        match self.config.loss_chunk_rows {
+            0 => None,
+            n => Some(n as i64),
+        }
+    }
+
+    /// One line for the start of a run: the choices and what this build and device make of them.
+    pub fn describe(&self, cuda: bool, compute: Kind) -> String {
+        let c = &self.config;
+        let ours = if !BUILT_WITH_CUDA && c.kernels == KernelChoice::Fused {
+            "libtorch ops (this binary has no --features cuda, so --kernels fused has no kernels to use)".to_string()
+        } else if !self.fused {
+            "libtorch ops (--kernels libtorch)".to_string()
+        } else if !cuda || compute != Kind::BFloat16 {
+            "libtorch ops (our fused kernels run for bf16 on CUDA only)".to_string()
+        } else {
+            format!(
+                "fused (ours: RMSNorm, SwiGLU; attention {}; weight cast {}; cross-entropy {})",
+                match c.attention {
+                    AttentionChoice::Fused => "ours for head dim 64, else SDPA",
+                    AttentionChoice::Sdpa => "SDPA",
+                },
+                match c.weight_cast {
+                    WeightCast::Fused => "fused",
+                    WeightCast::Autograd => "autograd",
+                },
+                match c.cross_entropy {
+                    CrossEntropyChoice::Fused => "fused",
+                    CrossEntropyChoice::Autograd => "autograd",
+                }
+            )
+        };
+        format!(
+            "kernels: {ours}; rms-norm {}; loss chunks of {}; dp overlap {} ({} layers per bucket)",
+            match c.rms_norm {
+                RmsNormChoice::Fused => "fused",
+                RmsNormChoice::Composed => "composed",
+            },
+            match c.loss_chunk_rows {
+                0 => "the whole batch".to_string(),
+                n => format!("{n} positions"),
+            },
+            match c.dp_overlap {
+                OnOff::On => "on",
+                OnOff::Off => "off",
+            },
+            c.dp_bucket_layers
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// Without `--features cuda`, or with `--kernels libtorch`, no fused kernel is ever asked for.
+    #[test]
+    fn the_fused_path_needs_the_choice_and_the_build() {
+        let x = Tensor::zeros([2, 3, 8], (Kind::Float, Device::Cpu));
+        let w = Tensor::ones([8], (Kind::Float, Device::Cpu));
+        let lib = Kernels::new(KernelConfig::libtorch());
+        assert!(!lib.fused());
+        assert!(!lib.weight_cast_applies(&[&w]));
+        assert_eq!(Kernels::default().fused(), BUILT_WITH_CUDA);
+        // On the CPU nothing of ours applies, whatever the choice.
+        let k = Kernels::default();
+        assert!(!k.rms_norm_applies(&x, &w, Kind::BFloat16));
+        assert_eq!(
+            k.attention_path(&x, &w, 64, false, Kind::BFloat16),
+            AttentionPath::Libtorch
+        );
+        assert!(!k.libtorch_rms_norm_applies(&x, &w));
+    }
+
+    #[test]
+    fn loss_chunks_of_zero_mean_the_whole_batch() {
+        let mut c = KernelConfig::default();
+        assert_eq!(Kernels::new(c).loss_chunk_rows(), Some(8192));
+        c.loss_chunk_rows = 0;
+        assert_eq!(Kernels::new(c).loss_chunk_rows(), None);
+    }
+
+    /// Saved run configurations without the kernel fields read back as the defaults.
+    #[test]
+    fn a_config_without_kernel_fields_reads_as_the_defaults() {
+        let c: KernelConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, KernelConfig::default());
+        let c: KernelConfig = serde_json::from_str(r#"{"attention": "sdpa"}"#).unwrap();
+        assert_eq!(c.attention, AttentionChoice::Sdpa);
+    }
+}

@@ -1,0 +1,562 @@
+//! `fast pretrain` options: every option of MiniMind's trainer/train_pretrain.py (kebab-case, with
+//! MiniMind's snake_case spellings as aliases) plus ours, and their resolution into one
+//! [`RunConfig`] that is printed at start and saved with every checkpoint.
+//!
+//! Defaults follow MiniMind where they make sense. With no options a run uses the embedded poems
+//! corpus and a model sized to the device: the 26M config on CUDA; on a CPU a small config
+//! that finishes in a few minutes on two cores.
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::data::dataset::DataMode;
+use crate::data::tokenizer::SpecialTokenStrings;
+use crate::kernels::KernelConfig;
+use crate::model::precision::device_name;
+use crate::optim::accumulation::Normalisation;
+use crate::train::setup::DataSpec;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    #[value(name = "bfloat16", alias = "bf16")]
+    Bfloat16,
+    #[value(name = "float16", alias = "fp16")]
+    Float16,
+    #[value(name = "float32", alias = "fp32")]
+    Float32,
+}
+
+impl From<DType> for crate::model::precision::Precision {
+    fn from(d: DType) -> Self {
+        match d {
+            DType::Bfloat16 => Self::Bf16,
+            DType::Float16 => Self::Fp16,
+            DType::Float32 => Self::Fp32,
+        }
+    }
+}
+
+/// How the loss of an accumulation window is normalised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LossNormalization {
+    /// MiniMind: mean over each micro-batch's counted labels, divided by accumulation steps.
+    Mean,
+    /// Sum over the whole window's counted labels divided by their total count.
+    Token,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PretrainArgs {
+    // ---- MiniMind's options ----
+    /// JSONL corpus, one {"text": ...} per line [default: the embedded poems corpus].
+    #[arg(long, alias = "data_path")]
+    pub data_path: Option<PathBuf>,
+    /// Tokenizer directory (tokenizer.json + tokenizer_config.json) or tokenizer.json file
+    /// [default: the embedded poems tokenizer, vocab 6400].
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Directory for the float16 weights ({save_weight}_{hidden}[_moe].safetensors).
+    #[arg(long, alias = "save_dir", default_value = "out")]
+    pub save_dir: PathBuf,
+    /// Prefix of the saved weights file.
+    #[arg(long, alias = "save_weight", default_value = "pretrain")]
+    pub save_weight: String,
+    /// Training epochs [default: 1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Rows per micro-batch [default: 32 on CUDA, 16 on CPU].
+    #[arg(long, alias = "batch_size")]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate of the cosine schedule [default: 5e-4 on CUDA, 2e-3 on CPU].
+    #[arg(long, alias = "learning_rate")]
+    pub learning_rate: Option<f64>,
+    /// auto (CUDA if available, else CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Mixed precision: bfloat16 | float16 (with a GradScaler) | float32
+    /// [default: bfloat16 on CUDA, float32 on CPU].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DType>,
+    /// Tokenizing worker threads of the data loader [default: min(8, cores)].
+    #[arg(long, alias = "num_workers")]
+    pub num_workers: Option<usize>,
+    /// Micro-batches per optimizer step [default: 8 on CUDA, 1 on CPU].
+    #[arg(long, alias = "accumulation_steps")]
+    pub accumulation_steps: Option<usize>,
+    /// Clip the global gradient L2 norm to this value.
+    #[arg(long, alias = "grad_clip", default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Log every N micro-steps [default: 100 on CUDA, 10 on CPU].
+    #[arg(long, alias = "log_interval")]
+    pub log_interval: Option<usize>,
+    /// Save weights and the resume checkpoint every N micro-steps [default: 1000 on CUDA, 100 on CPU].
+    #[arg(long, alias = "save_interval")]
+    pub save_interval: Option<usize>,
+    /// Model width [default: 512 on CUDA (the 26M config), 128 on CPU].
+    #[arg(long, alias = "hidden_size")]
+    pub hidden_size: Option<i64>,
+    /// Decoder layers [default: 8 on CUDA, 2 on CPU].
+    #[arg(long, alias = "num_hidden_layers")]
+    pub num_hidden_layers: Option<i64>,
+    /// Attention query heads [default: 8 on CUDA, 4 on CPU].
+    #[arg(long, alias = "num_attention_heads")]
+    pub num_attention_heads: Option<i64>,
+    /// Key/value heads (GQA) [default: 2].
+    #[arg(long, alias = "num_key_value_heads")]
+    pub num_key_value_heads: Option<i64>,
+    /// Row length in tokens [default: 340 on CUDA, 128 on CPU].
+    #[arg(long, alias = "max_seq_len")]
+    pub max_seq_len: Option<usize>,
+    /// 1 = mixture-of-experts MLP (MiniMind's MoE config).
+    #[arg(long, alias = "use_moe", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub use_moe: u8,
+    /// Start from these weights: `none`, a weight prefix in --save-dir (MiniMind style, e.g.
+    /// `pretrain`), or a path to a .safetensors / MiniMind .pth file.
+    #[arg(long, alias = "from_weight", default_value = "none")]
+    pub from_weight: String,
+    /// 1 = continue from the resume checkpoint in --checkpoint-dir (start fresh if there is none).
+    #[arg(long, alias = "from_resume", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub from_resume: u8,
+
+    // ---- ours ----
+    /// Seed of the weight init and of every epoch's data permutation.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Linear warmup micro-steps before the cosine schedule (0 = MiniMind's schedule).
+    #[arg(long, alias = "warmup_steps", default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// AdamW decoupled weight decay (torch's default).
+    #[arg(long, alias = "weight_decay", default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// padded: one document per row (MiniMind); packed: documents concatenated into full rows.
+    #[arg(long, alias = "data_mode", value_enum, default_value_t = DataMode::Padded)]
+    pub data_mode: DataMode,
+    /// mean: MiniMind's per-micro-batch mean; token: every counted token of a window weighs the same.
+    #[arg(long, alias = "loss_normalization", value_enum, default_value_t = LossNormalization::Mean)]
+    pub loss_normalization: LossNormalization,
+    /// Stop after this many micro-steps of the run (as if interrupted: the schedule still spans the
+    /// full run; a resume checkpoint is written so --from-resume 1 continues).
+    #[arg(long, alias = "max_steps")]
+    pub max_steps: Option<usize>,
+    /// Directory of the resume checkpoint.
+    #[arg(long, alias = "checkpoint_dir", default_value = "checkpoints")]
+    pub checkpoint_dir: PathBuf,
+    /// Leave out corpus lines that are not {"text": "..."} objects (counted and reported).
+    #[arg(long, alias = "skip_bad_lines")]
+    pub skip_bad_lines: bool,
+    /// Skip optimizer steps whose loss or gradients are not finite (counted and reported) instead
+    /// of stopping at the first one (bf16/fp32; fp16's GradScaler always skips and backs off).
+    #[arg(long, alias = "skip_nonfinite")]
+    pub skip_nonfinite: bool,
+    /// Capture the micro-step and the optimizer step as CUDA graphs after the first optimizer
+    /// step and replay them (same arithmetic, far less host time per step). CUDA, bfloat16 or
+    /// float32, dense models; needs a binary built with `--features cuda` (make release-cuda).
+    #[arg(long, alias = "cuda_graph")]
+    pub cuda_graph: bool,
+    /// Use only the first N documents of the corpus [default on CPU with the embedded corpus: 3200].
+    #[arg(long, alias = "max_docs")]
+    pub max_docs: Option<usize>,
+    /// bos token string (overrides tokenizer_config.json).
+    #[arg(long, alias = "bos_token")]
+    pub bos_token: Option<String>,
+    /// eos token string (overrides tokenizer_config.json).
+    #[arg(long, alias = "eos_token")]
+    pub eos_token: Option<String>,
+    /// pad token string (overrides tokenizer_config.json; falls back to eos).
+    #[arg(long, alias = "pad_token")]
+    pub pad_token: Option<String>,
+    /// Prompt of the greedy sample printed at the end.
+    #[arg(long, alias = "sample_prompt", default_value = "春")]
+    pub sample_prompt: String,
+    /// Tokens generated for the sample (0 = no sample).
+    #[arg(long, alias = "sample_tokens", default_value_t = 48)]
+    pub sample_tokens: usize,
+    /// No progress bar (log lines only).
+    #[arg(long, alias = "no_progress")]
+    pub no_progress: bool,
+    /// Profile micro-steps --profile-at .. --profile-at + --profile-steps - 1 with libtorch's
+    /// profiler (graph replays and collectives included): every rank writes
+    /// DIR/rank<R>/trace.json and kernels.tsv; rank 0 prints the device time per op.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// First micro-step profiled by --profile (past warm-up and graph capture).
+    #[arg(long, default_value_t = 50)]
+    pub profile_at: usize,
+    /// Micro-steps profiled by --profile.
+    #[arg(long, default_value_t = 5)]
+    pub profile_steps: usize,
+
+    // ---- kernels ----
+    #[command(flatten)]
+    pub kernels: KernelConfig,
+}
+
+/// Everything a run was started with, defaults resolved. Printed at start and saved (as JSON)
+/// with every checkpoint; a resume checks that the fields that shape the run still agree.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub data_path: PathBuf,
+    pub tokenizer: PathBuf,
+    pub save_dir: PathBuf,
+    pub save_weight: String,
+    pub checkpoint_dir: PathBuf,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub device: String,
+    pub dtype: DType,
+    pub num_workers: usize,
+    pub accumulation_steps: usize,
+    pub grad_clip: f64,
+    pub log_interval: usize,
+    pub save_interval: usize,
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub max_seq_len: usize,
+    pub use_moe: bool,
+    pub from_weight: String,
+    pub from_resume: bool,
+    pub seed: u64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub data_mode: DataMode,
+    pub loss_normalization: LossNormalization,
+    pub max_steps: Option<usize>,
+    pub skip_bad_lines: bool,
+    #[serde(default)]
+    pub skip_nonfinite: bool,
+    #[serde(default)]
+    pub cuda_graph: bool,
+    pub max_docs: Option<usize>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub sample_prompt: String,
+    pub sample_tokens: usize,
+    pub no_progress: bool,
+    /// `--profile`: (directory, first micro-step, micro-steps).
+    #[serde(default)]
+    pub profile: Option<(PathBuf, usize, usize)>,
+    /// Which kernels run (`--kernels`, `--attention`, ...).
+    #[serde(default)]
+    pub kernels: KernelConfig,
+    /// Why defaults differ from MiniMind's (device-sized model, CPU subset, ...).
+    pub notes: Vec<String>,
+}
+
+/// The embedded default corpus on the CPU: this many documents keep `fast pretrain` (one epoch,
+/// batch 16) at 200 steps, a few minutes on two cores.
+pub const CPU_DEFAULT_DOCS: usize = 3200;
+
+impl PretrainArgs {
+    /// Resolve defaults for `device` and validate. `data_path`/`tokenizer` are the embedded
+    /// defaults' paths when the options were not given.
+    pub fn resolve(
+        &self,
+        device: tch::Device,
+        default_data: impl FnOnce() -> Result<(PathBuf, PathBuf)>,
+    ) -> Result<RunConfig> {
+        let cuda = device.is_cuda();
+        let mut notes = Vec::new();
+        let (data_path, tokenizer) = match (&self.data_path, &self.tokenizer) {
+            (Some(d), Some(t)) => (d.clone(), t.clone()),
+            (d, t) => {
+                let (dd, dt) = default_data()?;
+                if d.is_none() {
+                    notes.push(
+                        "data: the embedded corpus (5,000 Tang poems, chinese-poetry, MIT)".into(),
+                    );
+                }
+                if t.is_none() {
+                    notes.push(
+                        "tokenizer: the embedded byte-level BPE (vocab 6400) trained on the poems"
+                            .into(),
+                    );
+                }
+                (d.clone().unwrap_or(dd), t.clone().unwrap_or(dt))
+            }
+        };
+        let pick = |given: Option<usize>, gpu: usize, cpu: usize| {
+            given.unwrap_or(if cuda { gpu } else { cpu })
+        };
+        let pick_i =
+            |given: Option<i64>, gpu: i64, cpu: i64| given.unwrap_or(if cuda { gpu } else { cpu });
+        if !cuda {
+            let sized: Vec<&str> = [
+                ("hidden-size", self.hidden_size.is_none()),
+                ("num-hidden-layers", self.num_hidden_layers.is_none()),
+                ("max-seq-len", self.max_seq_len.is_none()),
+                ("batch-size", self.batch_size.is_none()),
+                ("accumulation-steps", self.accumulation_steps.is_none()),
+                ("learning-rate", self.learning_rate.is_none()),
+            ]
+            .iter()
+            .filter(|(_, default)| *default)
+            .map(|(n, _)| *n)
+            .collect();
+            if !sized.is_empty() {
+                notes.push(format!(
+                    "CPU: small defaults for {} (MiniMind's 26M config is the CUDA default)",
+                    sized.join(", ")
+                ));
+            }
+        }
+        let max_docs = match self.max_docs {
+            Some(n) => Some(n),
+            None if !cuda && self.data_path.is_none() => {
+                notes.push(format!(
+                    "CPU: first {CPU_DEFAULT_DOCS} poems of the embedded corpus only, so the run takes minutes (--max-docs to change)"
+                ));
+                Some(CPU_DEFAULT_DOCS)
+            }
+            None => None,
+        };
+        let dtype = match self.dtype {
+            Some(d) => d,
+            None if cuda => DType::Bfloat16,
+            None => DType::Float32,
+        };
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let cfg = RunConfig {
+            data_path,
+            tokenizer,
+            save_dir: self.save_dir.clone(),
+            save_weight: self.save_weight.clone(),
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            epochs: self.epochs.unwrap_or(1),
+            batch_size: pick(self.batch_size, 32, 16),
+            learning_rate: self.learning_rate.unwrap_or(if cuda { 5e-4 } else { 2e-3 }),
+            device: device_name(device),
+            dtype,
+            num_workers: self.num_workers.unwrap_or(cores.min(8)),
+            accumulation_steps: pick(self.accumulation_steps, 8, 1),
+            grad_clip: self.grad_clip,
+            log_interval: pick(self.log_interval, 100, 10),
+            save_interval: pick(self.save_interval, 1000, 100),
+            hidden_size: pick_i(self.hidden_size, 512, 128),
+            num_hidden_layers: pick_i(self.num_hidden_layers, 8, 2),
+            num_attention_heads: pick_i(self.num_attention_heads, 8, 4),
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(2),
+            max_seq_len: pick(self.max_seq_len, 340, 128),
+            use_moe: self.use_moe == 1,
+            from_weight: self.from_weight.clone(),
+            from_resume: self.from_resume == 1,
+            seed: self.seed,
+            warmup_steps: self.warmup_steps,
+            weight_decay: self.weight_decay,
+            data_mode: self.data_mode,
+            loss_normalization: self.loss_normalization,
+            max_steps: self.max_steps,
+            skip_bad_lines: self.skip_bad_lines,
+            skip_nonfinite: self.skip_nonfinite,
+            cuda_graph: self.cuda_graph,
+            max_docs,
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token.clone(),
+            pad_token: self.pad_token.clone(),
+            sample_prompt: self.sample_prompt.clone(),
+            sample_tokens: self.sample_tokens,
+            no_progress: self.no_progress,
+            profile: self
+                .profile
+                .clone()
+                .map(|d| (d, self.profile_at, self.profile_steps)),
+            kernels: self.kernels,
+            notes,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl RunConfig {
+    /// Refuse impossible values with the option's name, before anything is loaded.
+    pub fn validate(&self) -> Result<()> {
+        let at_least = |name: &str, v: usize, min: usize| -> Result<()> {
+            if v < min {
+                bail!("--{name} must be at least {min} (got {v})");
+            }
+            Ok(())
+        };
+        at_least("epochs", self.epochs, 1)?;
+        at_least("batch-size", self.batch_size, 1)?;
+        at_least("accumulation-steps", self.accumulation_steps, 1)?;
+        at_least("log-interval", self.log_interval, 1)?;
+        at_least("save-interval", self.save_interval, 1)?;
+        at_least("num-workers", self.num_workers, 1)?;
+        at_least("max-seq-len", self.max_seq_len, 2)?;
+        if let Some(m) = self.max_steps {
+            at_least("max-steps", m, 1)?;
+        }
+        if let Some(m) = self.max_docs {
+            at_least("max-docs", m, 1)?;
+        }
+        if let Some((_, at, n)) = &self.profile {
+            at_least("profile-at", *at, 1)?;
+            at_least("profile-steps", *n, 1)?;
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            bail!(
+                "--learning-rate must be a positive number (got {})",
+                self.learning_rate
+            );
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
+            bail!(
+                "--grad-clip must be a positive number (got {})",
+                self.grad_clip
+            );
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "--weight-decay must be zero or positive (got {})",
+                self.weight_decay
+            );
+        }
+        for (name, v) in [
+            ("hidden-size", self.hidden_size),
+            ("num-hidden-layers", self.num_hidden_layers),
+            ("num-attention-heads", self.num_attention_heads),
+            ("num-key-value-heads", self.num_key_value_heads),
+        ] {
+            if v < 1 {
+                bail!("--{name} must be at least 1 (got {v})");
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "--hidden-size {} is not divisible by --num-attention-heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        if (self.hidden_size / self.num_attention_heads) % 2 != 0 {
+            bail!(
+                "head size --hidden-size/--num-attention-heads = {} must be even (RoPE rotates pairs)",
+                self.hidden_size / self.num_attention_heads
+            );
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!(
+                "--num-attention-heads {} is not a multiple of --num-key-value-heads {}",
+                self.num_attention_heads,
+                self.num_key_value_heads
+            );
+        }
+        if self.save_weight.is_empty() || self.save_weight.contains(['/', '\\']) {
+            bail!(
+                "--save-weight must be a plain file-name prefix (got {:?})",
+                self.save_weight
+            );
+        }
+        Ok(())
+    }
+
+    pub fn moe_suffix(&self) -> &'static str {
+        if self.use_moe {
+            "_moe"
+        } else {
+            ""
+        }
+    }
+
+    /// The float16 weights file: `{save_dir}/{save_weight}_{hidden}[_moe].safetensors`.
+    pub fn weights_path(&self) -> PathBuf {
+        self.save_dir.join(format!(
+            "{}_{}{}.safetensors",
+            self.save_weight,
+            self.hidden_size,
+            self.moe_suffix()
+        ))
+    }
+
+    /// The resume checkpoint: `{checkpoint_dir}/{save_weight}_{hidden}[_moe]_resume.safetensors`.
+    pub fn resume_path(&self) -> PathBuf {
+        self.checkpoint_dir.join(format!(
+            "{}_{}{}_resume.safetensors",
+            self.save_weight,
+            self.hidden_size,
+            self.moe_suffix()
+        ))
+    }
+
+    /// What [`crate::train::setup::Data::load`] reads for this run.
+    pub fn data_spec(&self) -> DataSpec {
+        DataSpec {
+            data_path: self.data_path.clone(),
+            tokenizer: self.tokenizer.clone(),
+            specials: SpecialTokenStrings {
+                bos: self.bos_token.clone(),
+                eos: self.eos_token.clone(),
+                pad: self.pad_token.clone(),
+            },
+            max_seq_len: self.max_seq_len,
+            data_mode: self.data_mode,
+            threads: self.num_workers,
+            skip_bad_lines: self.skip_bad_lines,
+            max_docs: self.max_docs,
+        }
+    }
+
+    pub fn normalisation(&self) -> Normalisation {
+        match self.loss_normalization {
+            LossNormalization::Mean => Normalisation::MiniMindMean,
+            LossNormalization::Token => Normalisation::TokenWeighted,
+        }
+    }
+
+    /// The learning rate of micro-step `global` (1-based) of `total`.
+    pub fn lr_at(&self, global: usize, total: usize) -> f64 {
+        crate::optim::schedule::lr_at(
+            global as u64,
+            total as u64,
+            self.learning_rate,
+            self.warmup_steps as u64,
+        )
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        match self.dtype {
+            DType::Bfloat16 => "bfloat16",
+            DType::Float16 => "float16",
+            DType::Float32 => "float32",
+        }
+    }
+
+    /// Print the configuration, one option per line, as a run's first output.
+    pub fn print(&self) {
+        let value = serde_json::to_value(self).expect("RunConfig serialises");
+        println!("run configuration:");
+        if let serde_json::Value::Object(map) = value {
+            for (k, v) in map {
+                if k == "notes" {
+                    continue;
+                }
+                let shown = |v: &serde_json::Value| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => "-".to_string(),
+                    other => other.to_string(),
+                };
+                match &v {
+                    // The kernel choices, one per line.
+                    serde_json::Value::Object(inner) => {
+                        for (sub, v) in inner {
+                            println!("  {:<20} {}", format!("{k}.{sub}"), shown(v));
+                        }
+                    }
+                    _ => println!("  {k:<20} {}", shown(&v)),
+                }
+            }
+        }
+        for n in &self.notes {
+            println!("  note: {n}");
+        }
+    }
+}

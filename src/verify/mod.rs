@@ -1,0 +1,93 @@
+//! `verify`: a path (the reference, or the fast path on a device in a precision) against a golden
+//! fixture folder (format: `golden/minimind/README.md`), one row per check.
+//!
+//! [`run`] is the one loop over what a folder holds; each path answers the same questions
+//! through [`Checks`] (`reference.rs`, `fast.rs`; `pth.rs` for MiniMind's weight files).
+
+pub mod fast;
+pub mod pth;
+pub mod reference;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::fixtures::{self, Components, ModelFixture, TrainFixture};
+use crate::report::Row;
+
+pub use self::fast::FastChecks;
+pub use self::reference::ReferenceChecks;
+
+/// Which implementation a run of `verify` checks.
+pub enum Target {
+    Reference,
+    Fast(FastChecks),
+}
+
+impl Target {
+    pub fn checks(&self) -> &dyn Checks {
+        match self {
+            Target::Reference => &ReferenceChecks,
+            Target::Fast(f) => f,
+        }
+    }
+}
+
+/// The checks of one path, one method per kind of fixture.
+pub trait Checks {
+    /// One forward/backward/clip/AdamW step of a model fixture.
+    fn model(&self, fx: &ModelFixture) -> Result<Vec<Row>>;
+    /// A case made by the reference (`cases.rs`): only another implementation has anything to
+    /// prove against it.
+    fn reference_case(&self, _fx: &ModelFixture) -> Result<Vec<Row>> {
+        Ok(Vec::new())
+    }
+    /// A multi-step training trajectory.
+    fn trajectory(&self, fx: &TrainFixture) -> Result<Vec<Row>>;
+    /// Schedule, samplers, rescale, scaler.
+    fn components(&self, c: &Components) -> Result<Vec<Row>>;
+    /// MiniMind's PretrainDataset encoding.
+    fn dataset(&self, cases: &Path, tokenizer: &Path) -> Result<Vec<Row>>;
+    /// MiniMind `.pth` weight files and the logits they give.
+    fn pth(&self, dir: &Path) -> Result<Vec<Row>>;
+}
+
+/// Every check the folder's files allow, on `target`.
+pub fn run(dir: &Path, target: &Target) -> Result<Vec<Row>> {
+    let checks = target.checks();
+    let inv = fixtures::discover(dir)?;
+    let mut rows = Vec::new();
+    for name in &inv.models {
+        let fx = ModelFixture::load(dir, name).with_context(|| format!("model fixture {name}"))?;
+        rows.extend(
+            checks
+                .model(&fx)
+                .with_context(|| format!("checking {name}"))?,
+        );
+    }
+    for fx in crate::cases::all() {
+        rows.extend(
+            checks
+                .reference_case(&fx)
+                .with_context(|| format!("checking {}", fx.name))?,
+        );
+    }
+    for name in &inv.trajectories {
+        let fx =
+            TrainFixture::load(dir, name).with_context(|| format!("trajectory fixture {name}"))?;
+        rows.extend(
+            checks
+                .trajectory(&fx)
+                .with_context(|| format!("checking {name}"))?,
+        );
+    }
+    if let Some(p) = &inv.components {
+        rows.extend(checks.components(&Components::load(p)?)?);
+    }
+    if let (Some(cases), Some(tok)) = (&inv.dataset_cases, &inv.tokenizer) {
+        rows.extend(checks.dataset(cases, tok)?);
+    }
+    rows.extend(checks.pth(dir)?);
+    anyhow::ensure!(!rows.is_empty(), "{}: no fixtures found", dir.display());
+    Ok(rows)
+}
