@@ -22,7 +22,9 @@ pub mod rope;
 pub mod sampler;
 pub mod scaler;
 pub mod schedule;
+#[cfg(test)]
+mod testutil;
 pub mod train;
 
-pub use config::ModelConfig;
+pub use config::{Architecture, ModelConfig};
 pub use params::Params;
