@@ -13,6 +13,7 @@ pub mod dataset;
 pub mod embedding;
 pub mod linear;
 pub mod loss;
+pub mod mlm;
 pub mod mlp;
 pub mod model;
 pub mod moe;
