@@ -17,6 +17,7 @@ pub mod mlm;
 pub mod mlp;
 pub mod model;
 pub mod moe;
+pub mod muon;
 pub mod params;
 pub mod rmsnorm;
 pub mod rope;

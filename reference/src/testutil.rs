@@ -39,7 +39,6 @@ pub fn golden_seed004() -> PathBuf {
     golden("seed004")
 }
 
-#[allow(dead_code)]
 pub fn golden_muon() -> PathBuf {
     golden("muon")
 }
