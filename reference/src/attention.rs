@@ -40,6 +40,8 @@ pub enum AttnMask {
 /// leaves every score of that segment, hence its softmax and outputs, unchanged (up to the
 /// round-off of cos/sin at larger angles). Keys of other segments are masked, so no score mixes
 /// two offsets. A proptest pins this (continued vs restarted positions, equal logits to 1e-10).
+/// The same argument makes restarting at later segments equivalent to numbering the whole row;
+/// restarting gives every document the positions it would have alone, wherever packing put it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RowSegments {
     /// Sorted, distinct positions where a segment begins; `starts[0] == 0`.
@@ -392,4 +394,64 @@ pub fn backward(
         k_norm: dk_norm,
     };
     (dx_q + dx_k + dx_v, grads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn det(r: usize, c: usize, k: f64) -> Array2<f64> {
+        Array2::from_shape_fn((r, c), |(i, j)| ((i * c + j) as f64 * k).sin() * 0.5)
+    }
+
+    #[test]
+    fn one_segment_per_row_is_exactly_the_causal_mask() {
+        let sh = AttnShape {
+            b: 2,
+            t: 5,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 6,
+            theta: 1e6,
+            eps: 1e-6,
+        };
+        let (x, q, k, v, o) = (
+            det(10, 4, 0.7),
+            det(12, 4, 1.1),
+            det(6, 4, 1.3),
+            det(6, 4, 1.7),
+            det(4, 12, 1.9),
+        );
+        let qn = Array1::from_elem(6, 1.1);
+        let w = AttnWeights {
+            q: q.view(),
+            k: k.view(),
+            v: v.view(),
+            o: o.view(),
+            q_norm: Some(qn.view()),
+            k_norm: Some(qn.view()),
+        };
+        let causal = forward(x.view(), &w, sh).0;
+        let one = forward_masked(x.view(), &w, sh, &AttnMask::segments(vec![vec![0]; 2])).0;
+        assert_eq!(causal, one);
+        let bidi = forward_masked(x.view(), &w, sh, &AttnMask::Bidirectional).0;
+        // the last query sees every key either way
+        for bi in 0..2 {
+            assert_eq!(bidi.row(bi * 5 + 4), causal.row(bi * 5 + 4));
+        }
+        assert_ne!(bidi.row(0), causal.row(0));
+    }
+
+    #[test]
+    fn positions_restart_at_segment_starts_and_the_first_segment_may_be_offset() {
+        let seg = RowSegments {
+            starts: vec![0, 3, 5],
+            first_position: 10,
+        };
+        let p: Vec<usize> = (0..7).map(|i| seg.position(i)).collect();
+        assert_eq!(p, vec![10, 11, 12, 0, 1, 0, 1]);
+        let mask = AttnMask::Segments(vec![seg]);
+        assert_eq!(mask.key_range(0, 4, 7), (3, 5));
+        assert_eq!(mask.positions(1, 7), p);
+    }
 }
