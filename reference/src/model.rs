@@ -1,12 +1,56 @@
-//! The whole MiniMind decoder: forward to logits and losses, backward to named gradients.
+//! The whole MiniMind decoder (MiniMind2 or MiniMind-3, dense or MoE): forward to logits and
+//! losses, backward to named gradients. [`forward`] / [`forward_backward`] are MiniMind's
+//! pretraining (causal attention, shifted loss); the `_with` variants take [`RunOptions`]:
+//! packed rows with document boundaries, or masked LM (bidirectional, unshifted loss).
 
 use ndarray::{Array2, Array3, ArrayD, ArrayView2};
 
-use crate::attention::{self, AttnCache, AttnShape, AttnWeights};
+use crate::attention::{self, AttnCache, AttnMask, AttnShape, AttnWeights};
 use crate::mlp::{self, MlpCache, MlpGrads, MlpWeights};
-use crate::moe::{self, MoeCache, MoeShape, MoeWeights};
+use crate::moe::{self, Moe3Shape, MoeCache, MoeShape, MoeWeights};
 use crate::params::{mat, vec1, zeros_like};
 use crate::{embedding, linear, loss, rmsnorm, ModelConfig, Params};
+
+/// What the loss predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Objective {
+    /// Causal LM: logits at t against the label at t + 1 ([`loss::cross_entropy`]).
+    #[default]
+    CausalLm,
+    /// Masked LM: logits at t against the label at t ([`loss::cross_entropy_unshifted`]).
+    MaskedLm,
+}
+
+/// How a batch is run: the attention mask (and RoPE positions) and the loss.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RunOptions {
+    pub mask: AttnMask,
+    pub objective: Objective,
+}
+
+impl RunOptions {
+    /// MiniMind pretraining: causal attention over the whole row, shifted loss.
+    pub fn causal() -> Self {
+        RunOptions::default()
+    }
+
+    /// Packed rows: causal attention within each row's segments (`starts` per row, see
+    /// [`crate::dataset::pack_docs`]), positions restarting at each segment, shifted loss.
+    pub fn packed(starts: Vec<Vec<usize>>) -> Self {
+        RunOptions {
+            mask: AttnMask::segments(starts),
+            objective: Objective::CausalLm,
+        }
+    }
+
+    /// Masked LM: bidirectional attention, unshifted loss.
+    pub fn masked_lm() -> Self {
+        RunOptions {
+            mask: AttnMask::Bidirectional,
+            objective: Objective::MaskedLm,
+        }
+    }
+}
 
 /// Results of one forward pass.
 #[derive(Debug, Clone)]
@@ -68,10 +112,10 @@ fn attn_weights<'a>(cfg: &ModelConfig, p: &'a Params, l: &str) -> AttnWeights<'a
 fn moe_weights<'a>(cfg: &ModelConfig, p: &'a Params, l: &str) -> MoeWeights<'a> {
     MoeWeights {
         router: mat(p, &format!("{l}.mlp.gate.weight")),
-        experts: (0..cfg.n_routed_experts)
+        experts: (0..cfg.routed_experts())
             .map(|e| mlp_weights(p, &format!("{l}.mlp.experts.{e}")))
             .collect(),
-        shared: (0..cfg.n_shared_experts)
+        shared: (0..cfg.shared_experts())
             .map(|e| mlp_weights(p, &format!("{l}.mlp.shared_experts.{e}")))
             .collect(),
     }
@@ -100,11 +144,35 @@ fn moe_shape(cfg: &ModelConfig, b: usize, t: usize) -> MoeShape {
     }
 }
 
+fn moe3_shape(cfg: &ModelConfig) -> Moe3Shape {
+    Moe3Shape {
+        top_k: cfg.num_experts_per_tok,
+        norm_topk_prob: cfg.norm_topk_prob,
+        aux_coef: cfg.router_aux_loss_coef,
+    }
+}
+
+/// One MoE layer in the config's architecture: (y, aux, cache).
+fn moe_forward(
+    cfg: &ModelConfig,
+    x: ArrayView2<f64>,
+    w: &MoeWeights,
+    b: usize,
+    t: usize,
+) -> (Array2<f64>, f64, MoeCache) {
+    if cfg.is_minimind3() {
+        moe::forward3(x, w, moe3_shape(cfg))
+    } else {
+        moe::forward(x, w, moe_shape(cfg, b, t))
+    }
+}
+
 fn run_forward(
     cfg: &ModelConfig,
     p: &Params,
     input_ids: ArrayView2<i64>,
     labels: ArrayView2<i64>,
+    opts: &RunOptions,
 ) -> (Output, Cache) {
     let (b, t) = input_ids.dim();
     let v = cfg.vocab_size;
@@ -117,14 +185,17 @@ fn run_forward(
         let l = format!("model.layers.{i}");
         let w1 = vec1(p, &format!("{l}.input_layernorm.weight"));
         let (n1, rstd1) = rmsnorm::forward(x.view(), w1, cfg.rms_norm_eps);
-        let (a, attn) =
-            attention::forward(n1.view(), &attn_weights(cfg, p, &l), attn_shape(cfg, b, t));
+        let (a, attn) = attention::forward_masked(
+            n1.view(),
+            &attn_weights(cfg, p, &l),
+            attn_shape(cfg, b, t),
+            &opts.mask,
+        );
         let h = &x + &a;
         let w2 = vec1(p, &format!("{l}.post_attention_layernorm.weight"));
         let (n2, rstd2) = rmsnorm::forward(h.view(), w2, cfg.rms_norm_eps);
         let (f, ffn) = if cfg.use_moe {
-            let (f, layer_aux, c) =
-                moe::forward(n2.view(), &moe_weights(cfg, p, &l), moe_shape(cfg, b, t));
+            let (f, layer_aux, c) = moe_forward(cfg, n2.view(), &moe_weights(cfg, p, &l), b, t);
             aux += layer_aux;
             (f, FfnCache::Moe(c))
         } else {
@@ -147,7 +218,10 @@ fn run_forward(
     let logits = linear::forward(h_final.view(), emb)
         .into_shape_with_order((b, t, v))
         .expect("contiguous");
-    let (ce, count, dlogits) = loss::cross_entropy(logits.view(), labels);
+    let (ce, count, dlogits) = match opts.objective {
+        Objective::CausalLm => loss::cross_entropy(logits.view(), labels),
+        Objective::MaskedLm => loss::cross_entropy_unshifted(logits.view(), labels),
+    };
     let out = Output {
         logits,
         ce,
@@ -173,7 +247,18 @@ pub fn forward(
     input_ids: ArrayView2<i64>,
     labels: ArrayView2<i64>,
 ) -> Output {
-    run_forward(cfg, p, input_ids, labels).0
+    forward_with(cfg, p, input_ids, labels, &RunOptions::causal())
+}
+
+/// [`forward`] under `opts` (attention mask / positions, loss objective).
+pub fn forward_with(
+    cfg: &ModelConfig,
+    p: &Params,
+    input_ids: ArrayView2<i64>,
+    labels: ArrayView2<i64>,
+    opts: &RunOptions,
+) -> Output {
+    run_forward(cfg, p, input_ids, labels, opts).0
 }
 
 fn insert_mlp(g: &mut Params, prefix: &str, m: MlpGrads) {
@@ -190,7 +275,18 @@ pub fn forward_backward(
     input_ids: ArrayView2<i64>,
     labels: ArrayView2<i64>,
 ) -> (Output, Params) {
-    let (out, c) = run_forward(cfg, p, input_ids, labels);
+    forward_backward_with(cfg, p, input_ids, labels, &RunOptions::causal())
+}
+
+/// [`forward_backward`] under `opts`.
+pub fn forward_backward_with(
+    cfg: &ModelConfig,
+    p: &Params,
+    input_ids: ArrayView2<i64>,
+    labels: ArrayView2<i64>,
+    opts: &RunOptions,
+) -> (Output, Params) {
+    let (out, c) = run_forward(cfg, p, input_ids, labels, opts);
     let (b, t) = input_ids.dim();
     let v = cfg.vocab_size;
     let mut g = zeros_like(p);
@@ -214,13 +310,12 @@ pub fn forward_backward(
                 dn2
             }
             FfnCache::Moe(mc) => {
-                let (dn2, mg) = moe::backward(
-                    dx.view(),
-                    1.0,
-                    &moe_weights(cfg, p, &l),
-                    mc,
-                    moe_shape(cfg, b, t),
-                );
+                let mw = moe_weights(cfg, p, &l);
+                let (dn2, mg) = if cfg.is_minimind3() {
+                    moe::backward3(dx.view(), 1.0, &mw, mc, moe3_shape(cfg))
+                } else {
+                    moe::backward(dx.view(), 1.0, &mw, mc, moe_shape(cfg, b, t))
+                };
                 g.insert(format!("{l}.mlp.gate.weight"), mg.router.into_dyn());
                 for (e, eg) in mg.experts.into_iter().enumerate() {
                     insert_mlp(&mut g, &format!("{l}.mlp.experts.{e}"), eg);
@@ -272,5 +367,90 @@ pub fn add_scaled(acc: &mut Params, g: &Params, s: f64) {
             .get_mut(k)
             .unwrap_or_else(|| panic!("missing gradient {k}"));
         a.scaled_add(s, t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{golden_minimind3, golden_seed004, read_json, rel_err, Tensors};
+
+    /// Logits / losses and gradients against MiniMind's float64 runs. MiniMind casts RMSNorm
+    /// inputs to float32 and builds its RoPE tables in float32 even in a float64 model, so its
+    /// numbers carry float32 round-off (~1e-7 relative) that exact float64 math cannot reproduce;
+    /// these are the harness's golden tolerances (relative to the tensor's largest magnitude).
+    const FORWARD_TOL: f64 = 1e-6;
+    const GRAD_TOL: f64 = 2e-6;
+
+    fn check(dir: &std::path::Path, name: &str, opts: &RunOptions, loss_key: &str) {
+        let j = read_json(&dir.join(format!("{name}.json")));
+        let cfg: ModelConfig = serde_json::from_value(j["config"].clone()).unwrap();
+        let t = Tensors::load(&dir.join(format!("{name}.safetensors")));
+        let params = t.group("param.");
+        let (ids, labels) = (&t.ints["input_ids"], &t.ints["labels"]);
+        let (out, grads) = forward_backward_with(&cfg, &params, ids.view(), labels.view(), opts);
+        let e = rel_err(&out.logits.clone().into_dyn(), &t.floats["logits"]);
+        assert!(e < FORWARD_TOL, "{name} logits off by {e:e}");
+        let expected = j[loss_key].as_f64().unwrap();
+        assert!(
+            (out.total - expected).abs() < FORWARD_TOL * expected.abs(),
+            "{name} loss {} vs {expected}",
+            out.total
+        );
+        if let Some(aux) = j.get("aux_loss").and_then(|v| v.as_f64()) {
+            assert!(
+                (out.aux - aux).abs() <= FORWARD_TOL * aux.abs(),
+                "{name} aux"
+            );
+        }
+        let expected_grads = t.group("grad.");
+        assert_eq!(
+            grads.keys().collect::<Vec<_>>(),
+            expected_grads.keys().collect::<Vec<_>>()
+        );
+        for (n, g) in &expected_grads {
+            let e = rel_err(&grads[n], g);
+            assert!(e < GRAD_TOL, "{name} grad {n} off by {e:e}");
+        }
+    }
+
+    #[test]
+    fn minimind3_dense_with_qk_norm_matches_pytorch() {
+        check(
+            &golden_minimind3(),
+            "dense3_tiny",
+            &RunOptions::causal(),
+            "total_loss",
+        );
+    }
+
+    #[test]
+    fn minimind3_head_dim_96_over_full_and_partial_rows_matches_pytorch() {
+        check(
+            &golden_minimind3(),
+            "dense3_head96",
+            &RunOptions::causal(),
+            "total_loss",
+        );
+    }
+
+    #[test]
+    fn minimind3_moe_top1_with_aux_loss_and_router_gradients_matches_pytorch() {
+        check(
+            &golden_minimind3(),
+            "moe3_tiny",
+            &RunOptions::causal(),
+            "total_loss",
+        );
+    }
+
+    #[test]
+    fn masked_lm_step_with_bidirectional_attention_matches_pytorch() {
+        check(
+            &golden_seed004(),
+            "mlm3_tiny",
+            &RunOptions::masked_lm(),
+            "loss",
+        );
     }
 }

@@ -12,7 +12,11 @@ use crate::ModelConfig;
 /// Named float64 tensors (weights, gradients, optimizer moments).
 pub type Params = BTreeMap<String, ArrayD<f64>>;
 
-/// Every parameter name and shape, in MiniMind's state_dict naming.
+/// Every parameter name and shape, in MiniMind's state_dict naming (sorted by name).
+///
+/// Attention uses `head_dim()` (which MiniMind-3 may set apart from d / H): q [H*hd, d],
+/// k/v [KV*hd, d], o [d, H*hd], q/k norm [hd]. MoE layers: router `mlp.gate.weight` [E, d] and
+/// experts of `expert_width()`; MiniMind-3 has no shared experts.
 pub fn param_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (d, hd, f) = (cfg.hidden_size, cfg.head_dim(), cfg.ffn_width());
     let (h, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -20,7 +24,7 @@ pub fn param_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         "model.embed_tokens.weight".to_string(),
         vec![cfg.vocab_size, d],
     )];
-    let mlp = |out: &mut Vec<(String, Vec<usize>)>, p: &str| {
+    let mlp = |out: &mut Vec<(String, Vec<usize>)>, p: &str, f: usize| {
         out.push((format!("{p}.gate_proj.weight"), vec![f, d]));
         out.push((format!("{p}.up_proj.weight"), vec![f, d]));
         out.push((format!("{p}.down_proj.weight"), vec![d, f]));
@@ -38,18 +42,19 @@ pub fn param_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{l}.self_attn.k_norm.weight"), vec![hd]));
         }
         if cfg.use_moe {
+            let fe = cfg.expert_width();
             out.push((
                 format!("{l}.mlp.gate.weight"),
-                vec![cfg.n_routed_experts, d],
+                vec![cfg.routed_experts(), d],
             ));
-            for e in 0..cfg.n_routed_experts {
-                mlp(&mut out, &format!("{l}.mlp.experts.{e}"));
+            for e in 0..cfg.routed_experts() {
+                mlp(&mut out, &format!("{l}.mlp.experts.{e}"), fe);
             }
-            for e in 0..cfg.n_shared_experts {
-                mlp(&mut out, &format!("{l}.mlp.shared_experts.{e}"));
+            for e in 0..cfg.shared_experts() {
+                mlp(&mut out, &format!("{l}.mlp.shared_experts.{e}"), fe);
             }
         } else {
-            mlp(&mut out, &format!("{l}.mlp"));
+            mlp(&mut out, &format!("{l}.mlp"), f);
         }
     }
     out.push(("model.norm.weight".to_string(), vec![d]));
@@ -117,6 +122,50 @@ pub fn accumulate(acc: &mut Params, name: &str, g: ArrayD<f64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{golden_minimind, golden_minimind3, golden_seed004, read_json, Tensors};
+
+    /// The `param.*` names and shapes PyTorch saved next to a fixture's config.
+    fn fixture_shapes(
+        dir: &std::path::Path,
+        name: &str,
+    ) -> (ModelConfig, Vec<(String, Vec<usize>)>) {
+        let j = read_json(&dir.join(format!("{name}.json")));
+        let cfg: ModelConfig = serde_json::from_value(j["config"].clone()).unwrap();
+        let t = Tensors::load(&dir.join(format!("{name}.safetensors")));
+        let shapes = t
+            .group("param.")
+            .into_iter()
+            .map(|(n, v)| (n, v.shape().to_vec()))
+            .collect();
+        (cfg, shapes)
+    }
+
+    #[test]
+    fn names_and_shapes_equal_the_tensors_pytorch_saved_for_every_model_fixture() {
+        for (dir, name) in [
+            (golden_minimind(), "dense_tiny"),
+            (golden_minimind(), "moe_tiny"),
+            (golden_minimind3(), "dense3_tiny"),
+            (golden_minimind3(), "moe3_tiny"),
+            (golden_minimind3(), "dense3_head96"),
+            (golden_seed004(), "mlm3_tiny"),
+        ] {
+            let (cfg, expected) = fixture_shapes(&dir, name);
+            assert_eq!(param_shapes(&cfg), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn head_dim_96_on_hidden_32_widens_q_k_v_o_and_the_qk_norms() {
+        let (cfg, shapes) = fixture_shapes(&golden_minimind3(), "dense3_head96");
+        assert_eq!(cfg.head_dim(), 96);
+        let get = |n: &str| shapes.iter().find(|(k, _)| k == n).unwrap().1.clone();
+        let a = "model.layers.0.self_attn";
+        assert_eq!(get(&format!("{a}.q_proj.weight")), vec![2 * 96, 32]);
+        assert_eq!(get(&format!("{a}.k_proj.weight")), vec![96, 32]);
+        assert_eq!(get(&format!("{a}.o_proj.weight")), vec![32, 2 * 96]);
+        assert_eq!(get(&format!("{a}.q_norm.weight")), vec![96]);
+    }
 
     #[test]
     fn minimind_26m_has_the_expected_parameter_count() {

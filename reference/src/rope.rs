@@ -4,16 +4,23 @@ use ndarray::{s, Array2, ArrayView2};
 
 /// cos/sin tables: [T, hd], row t = `[cos(t*f), cos(t*f)]` with `f_i = theta^(-2i/hd)`, i < hd/2.
 pub fn tables(t: usize, head_dim: usize, theta: f64) -> (Array2<f64>, Array2<f64>) {
+    let positions: Vec<usize> = (0..t).collect();
+    tables_at(&positions, head_dim, theta)
+}
+
+/// cos/sin tables for arbitrary positions: [N, hd], row n built for position `positions[n]`
+/// exactly as [`tables`] builds row `positions[n]` (the same f64 operations, so equal bits).
+pub fn tables_at(positions: &[usize], head_dim: usize, theta: f64) -> (Array2<f64>, Array2<f64>) {
     let half = head_dim / 2;
-    let mut cos = Array2::zeros((t, head_dim));
-    let mut sin = Array2::zeros((t, head_dim));
-    for pos in 0..t {
+    let mut cos = Array2::zeros((positions.len(), head_dim));
+    let mut sin = Array2::zeros((positions.len(), head_dim));
+    for (row, &pos) in positions.iter().enumerate() {
         for i in 0..half {
             let f = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
             let a = pos as f64 * f;
             for j in [i, i + half] {
-                cos[[pos, j]] = a.cos();
-                sin[[pos, j]] = a.sin();
+                cos[[row, j]] = a.cos();
+                sin[[row, j]] = a.sin();
             }
         }
     }
@@ -48,4 +55,19 @@ pub fn forward(x: ArrayView2<f64>, cos: ArrayView2<f64>, sin: ArrayView2<f64>) -
 /// dy: [T, hd] -> dx = `dy*cos + rotate_half^T(dy*sin)`.
 pub fn backward(dy: ArrayView2<f64>, cos: ArrayView2<f64>, sin: ArrayView2<f64>) -> Array2<f64> {
     &dy * &cos + &rotate_half_t((&dy * &sin).view())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_at_arbitrary_positions_equal_the_rows_of_the_contiguous_table() {
+        let (cos, sin) = tables(40, 96, 1e6);
+        let (c2, s2) = tables_at(&[39, 0, 7, 7], 96, 1e6);
+        for (r, &p) in [39usize, 0, 7, 7].iter().enumerate() {
+            assert_eq!(c2.row(r), cos.row(p));
+            assert_eq!(s2.row(r), sin.row(p));
+        }
+    }
 }
