@@ -144,14 +144,65 @@ pub struct ModelFixture {
     pub after_step: reference::Params,
 }
 
+/// The config field a mis-shaped parameter most likely points to.
+fn field_behind(name: &str) -> &'static str {
+    let tail = name.rsplit('.').nth(1).unwrap_or("");
+    match tail {
+        "q_proj" | "o_proj" => "num_attention_heads / head_dim",
+        "k_proj" | "v_proj" => "num_key_value_heads / head_dim",
+        "q_norm" | "k_norm" => "qk_norm / head_dim",
+        "gate" => "num_experts / n_routed_experts",
+        "gate_proj" | "up_proj" | "down_proj" if name.contains(".experts.") => {
+            "moe_intermediate_size / num_experts"
+        }
+        "gate_proj" | "up_proj" | "down_proj" => "intermediate_size / architecture",
+        _ => "hidden_size / vocab_size",
+    }
+}
+
+/// The fixture's parameters are exactly the ones its config describes (names and shapes): a
+/// config field this harness reads differently from the code that made the fixture surfaces
+/// here as one sentence, not as a shape panic inside the model.
+pub fn check_params(json: &Path, config: &ModelConfig, params: &reference::Params) -> Result<()> {
+    let want: BTreeMap<String, Vec<usize>> = reference::params::param_shapes(config)
+        .into_iter()
+        .collect();
+    for (name, shape) in &want {
+        match params.get(name) {
+            None => bail!(
+                "{}: its config describes a tensor {name} that the fixture does not hold (field {})",
+                json.display(),
+                field_behind(name)
+            ),
+            Some(a) if a.shape() != shape.as_slice() => bail!(
+                "{}: its config gives {name} the shape {shape:?} but the fixture holds {:?} (field {})",
+                json.display(),
+                a.shape(),
+                field_behind(name)
+            ),
+            _ => {}
+        }
+    }
+    if let Some(extra) = params.keys().find(|n| !want.contains_key(*n)) {
+        bail!(
+            "{}: the fixture holds {extra}, which its config does not describe (field {})",
+            json.display(),
+            field_behind(extra)
+        );
+    }
+    Ok(())
+}
+
 impl ModelFixture {
     pub fn load(dir: &Path, name: &str) -> Result<Self> {
         let jp = dir.join(format!("{name}.json"));
         let json = read_json(&jp)?;
         let t = Tensors::load(&dir.join(format!("{name}.safetensors")))?;
+        let config: ModelConfig = field(&json, "config", &jp)?;
+        check_params(&jp, &config, &t.group("param."))?;
         Ok(ModelFixture {
             name: name.to_string(),
-            config: field(&json, "config", &jp)?,
+            config,
             ce_loss: field(&json, "ce_loss", &jp)?,
             aux_loss: field(&json, "aux_loss", &jp)?,
             total_loss: field(&json, "total_loss", &jp)?,
@@ -209,9 +260,11 @@ impl TrainFixture {
                 ))
             })
             .collect::<Result<_>>()?;
+        let config: ModelConfig = field(&json, "config", &jp)?;
+        check_params(&jp, &config, &t.group("param."))?;
         Ok(TrainFixture {
             name: name.to_string(),
-            config: field(&json, "config", &jp)?,
+            config,
             micro_steps,
             accumulation_steps: field(&json, "accumulation_steps", &jp)?,
             lr: field(&json, "lr", &jp)?,

@@ -261,3 +261,53 @@ fn moe_export_keeps_minimind_layout_and_reimports() {
         .zip(&w1)
         .all(|((a, x), (b, y))| a == b && x.equal(y)));
 }
+
+/// A small MiniMind-3 MoE (q/k norm, head dim 8 != d/H, 4 experts top-1, no shared experts).
+fn small_minimind3_moe() -> ModelConfig {
+    ModelConfig {
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: Some(24),
+        vocab_size: 512,
+        max_position_embeddings: 64,
+        use_moe: true,
+        num_experts: 4,
+        num_experts_per_tok: 1,
+        moe_intermediate_size: Some(48),
+        ..ModelConfig::minimind3()
+    }
+}
+
+/// MiniMind-3's MoE is Qwen3-MoE's: transformers builds Qwen3MoeForCausalLM from the export and
+/// gives our logits, and the folder re-imports as the same model.
+#[test]
+fn transformers_qwen3_moe_from_a_minimind3_moe_export_gives_our_logits() {
+    let cfg0 = small_minimind3_moe();
+    let dir_tmp = tmpdir("qwen3moe_src");
+    let src = random_weights_file(&cfg0, dir_tmp.path());
+    let out_tmp = tmpdir("hf_qwen3moe");
+    let out = out_tmp.path();
+    export(&src, out, "source");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "Qwen3MoeForCausalLM");
+    let (back, _, _) =
+        fast::io::weights::load_for_inference(&out.join("model.safetensors"), None, Kind::Float)
+            .unwrap();
+    assert_eq!(back.routed_experts(), 4);
+    assert_eq!(back.head_dim(), 24);
+    assert!(back.is_minimind3() && back.qk_norm);
+    let Some(py) = hf_python() else { return };
+    let rows = vec![
+        vec![1i64, 40, 41, 300, 7, 9, 2, 11],
+        vec![1, 3, 3, 3, 3, 500, 8, 0],
+    ];
+    let hf = hf_logits(&py, out, &rows);
+    let d = max_abs_diff(&hf, &ours(&src, &rows));
+    println!("HF Qwen3-MoE fp32 vs ours fp32 (MiniMind-3 MoE): {d:.3e}");
+    // fp32 through 2 layers and a top-1 router: as for the dense exports, 1e-4 is round-off
+    // plus summation order; a wrong layout or routing shows at O(0.1).
+    assert!(d < 1e-4, "{d}");
+}

@@ -76,3 +76,23 @@ fn fp64_forward_and_gradients_equal_minimind_to_a_few_ulps() {
 fn golden_fixtures_pass_on_the_cpu_in_bf16() {
     assert_all_ok("bf16");
 }
+
+fn minimind3() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/golden/minimind3"))
+}
+
+/// MiniMind-3's fixtures through the fast path on the CPU in fp64, fp32 and bf16, with the
+/// tolerances of golden/minimind (verify/fast.rs).
+#[test]
+fn minimind3_fixtures_pass_on_the_cpu() {
+    for precision in ["fp64", "fp32", "bf16"] {
+        let target = Target::Fast(FastChecks::new("cpu", precision).unwrap());
+        let rows = verify::run(minimind3(), &target).expect("fast verification runs");
+        let table = format_table(&rows);
+        println!("{precision}\n{table}");
+        assert!(
+            rows.iter().all(|r| r.ok),
+            "MiniMind-3, fast path, {precision}:\n{table}"
+        );
+    }
+}

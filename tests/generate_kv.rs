@@ -175,3 +175,23 @@ fn streamed_text_equals_decoding_everything_at_once() {
     assert_eq!(out, text);
     println!("{} tokens streamed as {pieces} pieces", ids.len());
 }
+
+/// MiniMind-3's own weight files (float16 state_dict via torch.save, config JSON without an
+/// architecture key) import as MiniMind-3 models and generate.
+#[test]
+fn minimind3_pth_files_import_and_generate() {
+    for name in ["minimind3_pretrain_64.pth", "minimind3_moe_48.pth"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("golden/minimind3")
+            .join(name);
+        let (m, from) = fast::io::weights::load_model(&path, None, Kind::Float, Device::Cpu)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert!(m.cfg.is_minimind3() && m.cfg.qk_norm, "{name}: {from}");
+        let greedy = SamplingConfig {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let out = generate_ids(&m, &[1, 30, 31], 6, &greedy, None, |_| Ok(())).unwrap();
+        assert_eq!(out.len(), 6, "{name}");
+    }
+}

@@ -124,3 +124,43 @@ fn padded_dataset_encoding_matches_minimind_pretrain_dataset() {
     let cases = fixtures::load_dataset_cases(&d.join("dataset_cases.json")).unwrap();
     assert!(cases.iter().any(|c| c.text.is_empty()));
 }
+
+fn minimind3() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/minimind3")
+}
+
+/// MiniMind-3's fixtures (q/k norm, head dim 96, its MoE and aux loss, its tokenizer, its own
+/// `.pth` files) through the reference: the tolerances of golden/minimind (module doc).
+#[test]
+fn minimind3_fixtures_pass_on_the_reference() {
+    let rows = harness::verify::run(&minimind3(), &harness::verify::Target::Reference).unwrap();
+    println!("{}", format_table(&rows));
+    assert_all_ok(&rows);
+    for name in ["dense3_tiny", "dense3_head96", "moe3_tiny", "train3_tiny"] {
+        assert!(rows.iter().any(|r| r.fixture == name), "{name} not checked");
+    }
+    assert!(rows.iter().any(|r| r.group.starts_with("pth_import")));
+}
+
+/// A fixture whose config does not describe its tensors is refused with one sentence naming the
+/// file and the field, not a shape panic.
+#[test]
+fn a_fixture_whose_config_does_not_fit_its_tensors_names_the_file_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["dense3_head96.json", "dense3_head96.safetensors"] {
+        std::fs::copy(minimind3().join(f), dir.path().join(f)).unwrap();
+    }
+    let jp = dir.path().join("dense3_head96.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+    j["config"].as_object_mut().unwrap().remove("head_dim");
+    std::fs::write(&jp, serde_json::to_string(&j).unwrap()).unwrap();
+    let err = harness::verify::run(dir.path(), &harness::verify::Target::Reference)
+        .map(|_| ())
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("dense3_head96.json") && msg.contains("head_dim"),
+        "{msg}"
+    );
+}

@@ -627,3 +627,85 @@ fn train_tokenizer_writes_a_loadable_minimind_tokenizer() {
         "--vocab-size 100 is too small",
     );
 }
+
+/// `--model minimind3` sets every MiniMind-3 field (q/k norm, head dim 96, its FFN rule and
+/// tokenizer) under the tiny run's single-flag overrides, saves them in run_config.json, and
+/// exports as Qwen3; `--model minimind3-moe` trains MiniMind-3's MoE with its aux loss.
+#[test]
+fn minimind3_presets_train_with_their_fields_and_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = ok(&run_in(
+        dir.path(),
+        &[
+            "--model",
+            "minimind3",
+            "--max-steps",
+            "4",
+            "--sample-tokens",
+            "0",
+        ],
+    ));
+    assert!(stdout.contains("run configuration:"), "{stdout}");
+    let run: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/run_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run["model_preset"], "minimind3");
+    assert_eq!(run["architecture"], "minimind-3");
+    assert_eq!(run["qk_norm"], true);
+    assert_eq!(run["head_dim"], 96);
+    assert_eq!(
+        run["hidden_size"], 32,
+        "the single flag overrides the preset"
+    );
+    assert!(
+        run["tokenizer"].as_str().unwrap().contains("minimind3"),
+        "{}",
+        run["tokenizer"]
+    );
+    let names: Vec<String> = read_tensors(&dir.path().join("out/pretrain_32.safetensors"))
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
+    assert!(names.contains(&"model.layers.0.self_attn.q_norm.weight".to_string()));
+    let tok = run["tokenizer"].as_str().unwrap().to_string();
+    let out = fast()
+        .current_dir(dir.path())
+        .args([
+            "export",
+            "--weights",
+            "out/pretrain_32.safetensors",
+            "--out",
+            "hf",
+        ])
+        .args(["--tokenizer", &tok])
+        .output()
+        .unwrap();
+    ok(&out);
+    let hf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("hf/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(hf["architectures"][0], "Qwen3ForCausalLM");
+    assert_eq!(hf["head_dim"], 96);
+
+    let moe = tempfile::tempdir().unwrap();
+    let stdout = ok(&run_in(
+        moe.path(),
+        &[
+            "--model",
+            "minimind3-moe",
+            "--moe-intermediate-size",
+            "64",
+            "--max-steps",
+            "4",
+            "--log-interval",
+            "1",
+            "--sample-tokens",
+            "0",
+        ],
+    ));
+    assert!(stdout.contains("MoE"), "{stdout}");
+    let rows = metrics(moe.path());
+    assert!(rows[0]["aux"].as_f64().unwrap() > 0.0, "{:?}", rows[0]);
+    assert!(moe.path().join("out/pretrain_32_moe.safetensors").exists());
+}

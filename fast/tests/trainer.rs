@@ -125,8 +125,7 @@ fn chunked_loss_equals_one_pass() {
         ..Default::default()
     };
     let ids = Tensor::from_slice(&[1i64, 5, 7, 9, 2, 0, 3, 4, 6, 8, 10, 2]).reshape([2, 6]);
-    let labels =
-        Tensor::from_slice(&[1i64, 5, 7, 9, 2, -100, 3, 4, 6, 8, 10, 2]).reshape([2, 6]);
+    let labels = Tensor::from_slice(&[1i64, 5, 7, 9, 2, -100, 3, 4, 6, 8, 10, 2]).reshape([2, 6]);
     // One set of weights for every run (the seeded init shares libtorch's global generator
     // with tests running in parallel).
     let weights: HashMap<String, Tensor> = Trainer::new(&cfg(), tc.clone())

@@ -1,8 +1,7 @@
 //! Test-only helpers: where the golden fixtures live and how to read them.
 //!
-//! A fixture folder is looked up in the project's `golden/<name>` first and then in the shared
-//! folder beside the project (`../shared/golden-<name>`), where fixtures are delivered before
-//! they are copied in. A missing folder fails the test with both paths named.
+//! Fixture folders live in the project's `golden/<name>`; a missing one fails the test with its
+//! path named.
 
 use std::path::{Path, PathBuf};
 
@@ -16,15 +15,9 @@ fn workspace() -> PathBuf {
 }
 
 fn golden(name: &str) -> PathBuf {
-    let candidates = [
-        workspace().join("golden").join(name),
-        workspace().join("../shared").join(format!("golden-{name}")),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.is_dir())
-        .cloned()
-        .unwrap_or_else(|| panic!("fixture folder not found at {candidates:?}"))
+    let dir = workspace().join("golden").join(name);
+    assert!(dir.is_dir(), "fixture folder {} not found", dir.display());
+    dir
 }
 
 pub fn golden_minimind() -> PathBuf {

@@ -2,8 +2,13 @@
 //! + `<name>.json`). Imports the `.pth` with fast's restricted unpickler (no code from the file
 //! runs) and checks the logits its weights give against the float64 logits MiniMind computed.
 //! - fast path (the model's forward): float64 1e-9 (it reproduces MiniMind's float32 RMSNorm and
-//!   RoPE tables, so only summation order differs), float32 1e-4, bf16 5e-2 (logits of O(1-10)
-//!   with 8-bit mantissas); absolute.
+//!   RoPE tables, so only summation order differs) and float32 1e-4, absolute; bf16 norm-wise,
+//!   ||a - e|| / ||e|| <= 2e-2, the bf16 logits tolerance of `verify/fast.rs`, with bf16 as
+//!   MiniMind trains in it (fp32 weights and residual stream, bf16 matmuls): single logits can
+//!   be off by several bf16 ulps while the tensor as a whole is off by about one. (With bf16
+//!   weights and hidden states, the tiny random MoE's top-1 router picks another expert for
+//!   tokens whose best scores are within round-off: 4e-2 norm-wise, a property of bf16
+//!   inference, not of the import, which fp32 and fp64 pin.)
 //! - reference path (reference::model::forward on the same weights, float64): 1e-6 relative to the
 //!   largest logit, the reference's FORWARD_TOL: MiniMind computes RMSNorm in float32 even in
 //!   float64, the reference in float64 (about 1e-7 apart).
@@ -23,16 +28,38 @@ pub fn check_fast(dir: &Path, device: Device, precision: Precision) -> Result<Ve
     let (kind, tol) = match precision {
         Precision::Fp64 => (Kind::Double, 1e-9),
         Precision::Fp32 => (Kind::Float, 1e-4),
-        Precision::Bf16 | Precision::Fp16 => (Kind::BFloat16, 5e-2),
+        Precision::Bf16 | Precision::Fp16 => (Kind::BFloat16, 2e-2),
     };
     for (pth, stem, ids, logits) in fixtures(dir)? {
-        let (m, _) = fast::io::weights::load_model(&pth, None, kind, device)?;
+        // bf16 as MiniMind runs it under autocast: fp32 weights, bf16 matmuls.
+        let weights_kind = if kind == Kind::BFloat16 {
+            Kind::Float
+        } else {
+            kind
+        };
+        let (mut m, _) = fast::io::weights::load_model(&pth, None, weights_kind, device)?;
+        m.set_compute_kind(kind);
         let _g = tch::no_grad_guard();
         let got = m
             .forward(&ids.to_device(device), None)
             .logits
             .to_device(Device::Cpu)
             .to_kind(Kind::Double);
+        if kind == Kind::BFloat16 {
+            let (a, e) = (
+                crate::convert::to_array(&got),
+                crate::convert::to_array(&logits),
+            );
+            rows.push(crate::report::compare(
+                &stem,
+                "pth_import.logits",
+                &a,
+                &e,
+                tol,
+                true,
+            ));
+            continue;
+        }
         let max_abs = (&got - &logits).abs().max().double_value(&[]);
         let scale = logits.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
         rows.push(Row {
@@ -87,13 +114,22 @@ pub fn check_reference(dir: &Path) -> Result<Vec<Row>> {
                 .with_context(|| format!("reading {}", cfg_path.display()))?,
         )
         .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
-        let cfg: reference::ModelConfig = serde_json::from_value(json["config"].clone())
-            .with_context(|| format!("{}: config", cfg_path.display()))?;
         let params: reference::Params = fast::io::weights::load_weights(&pth)?
             .into_iter()
             .filter(|(n, _)| n != "lm_head.weight")
             .map(|(n, t)| (n, crate::convert::to_array(&t.to_kind(Kind::Double))))
             .collect();
+        // MiniMind-3 saves its config without naming the architecture; its weight files are
+        // recognisable by the q/k norms MiniMind2 never had.
+        let mut config = json["config"].clone();
+        if let Some(o) = config.as_object_mut() {
+            if !o.contains_key("architecture") && params.keys().any(|n| n.contains(".q_norm.")) {
+                o.insert("architecture".into(), "minimind-3".into());
+            }
+        }
+        let cfg: reference::ModelConfig = serde_json::from_value(config)
+            .with_context(|| format!("{}: config", cfg_path.display()))?;
+        crate::fixtures::check_params(&cfg_path, &cfg, &params)?;
         let ids_arr = crate::convert::to_array(&ids.to_kind(Kind::Double))
             .mapv(|v| v as i64)
             .into_dimensionality::<ndarray::Ix2>()

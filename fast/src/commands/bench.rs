@@ -22,6 +22,7 @@ use crate::data::loader::Prefetcher;
 use crate::data::tokenizer::SpecialTokenStrings;
 use crate::kernels::KernelConfig;
 use crate::model::precision::Precision;
+use crate::model::presets::ModelArgs;
 use crate::model::ModelConfig;
 use crate::optim::adamw::{AdamWConfig, AdamWImpl};
 use crate::train::graph::{self, GraphedStep};
@@ -34,7 +35,8 @@ pub struct BenchArgs {
     /// JSONL corpus ({"text": ...} per line); without it, synthetic full rows of random tokens.
     #[arg(long, alias = "data_path")]
     pub data_path: Option<std::path::PathBuf>,
-    /// Tokenizer directory or tokenizer.json [default: the embedded poems tokenizer].
+    /// Tokenizer directory, tokenizer.json, or poems / minimind2 / minimind3 [default: the
+    /// --model's own, else the embedded poems tokenizer].
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
     /// auto, cpu, cuda, cuda:N.
@@ -49,19 +51,11 @@ pub struct BenchArgs {
     pub max_seq_len: usize,
     #[arg(long, alias = "data_mode", value_enum, default_value_t = DataMode::Padded)]
     pub data_mode: DataMode,
-    #[arg(long, alias = "hidden_size", default_value_t = 512)]
-    pub hidden_size: usize,
-    #[arg(long, alias = "num_hidden_layers", default_value_t = 8)]
-    pub num_hidden_layers: usize,
-    #[arg(long, alias = "num_attention_heads", default_value_t = 8)]
-    pub num_attention_heads: usize,
-    #[arg(long, alias = "num_key_value_heads", default_value_t = 2)]
-    pub num_key_value_heads: usize,
     /// Vocabulary of synthetic tokens (with --data-path: the tokenizer's).
     #[arg(long, alias = "vocab_size", default_value_t = 6400)]
     pub vocab_size: usize,
-    #[arg(long, alias = "use_moe", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
-    pub use_moe: u8,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Untimed steps before timing.
     #[arg(long, default_value_t = 10)]
     pub warmup: usize,
@@ -140,13 +134,15 @@ pub fn flops_per_token(cfg: &ModelConfig, t: usize) -> f64 {
         .sum();
     let active = if cfg.use_moe {
         // Only k of the routed experts run per token (plus the shared ones and the router).
-        let per_expert = 3 * cfg.hidden_size * cfg.ffn_width();
-        let idle = cfg.n_routed_experts.saturating_sub(cfg.num_experts_per_tok);
+        let per_expert = 3 * cfg.hidden_size * cfg.expert_width();
+        let idle = cfg.routed_experts().saturating_sub(cfg.num_experts_per_tok);
         matmul_params - (cfg.num_hidden_layers * idle * per_expert) as i64
     } else {
         matmul_params
     };
-    6.0 * active as f64 + 6.0 * (cfg.num_hidden_layers * t * cfg.hidden_size) as f64
+    // Causal attention's QK^T and PV: 2 T hd per head per token each, halved by the mask, x3.
+    let attn = cfg.num_hidden_layers * t * cfg.num_attention_heads * cfg.head_dim();
+    6.0 * active as f64 + 6.0 * attn as f64
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -165,9 +161,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // ---- data: pretrain's set-up, the first batches of an epoch permutation ----
     let (mut source, vocab) = match &args.data_path {
         Some(path) => {
-            let tokenizer = match &args.tokenizer {
-                Some(p) => p.clone(),
-                None => crate::data::defaults::materialize()?.tokenizer_dir,
+            let tokenizer = match (&args.tokenizer, args.model.model) {
+                (Some(p), _) => crate::train::options::resolve_tokenizer(p)?,
+                (None, Some(preset)) => {
+                    crate::train::options::resolve_tokenizer(preset.tokenizer().as_ref())?
+                }
+                (None, None) => crate::data::defaults::materialize()?.tokenizer_dir,
             };
             let spec = DataSpec {
                 data_path: path.clone(),
@@ -208,13 +207,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     // ---- model: pretrain's trainer and, with --cuda-graph, its graphed step ----
     let cfg = ModelConfig {
-        hidden_size: args.hidden_size,
-        num_hidden_layers: args.num_hidden_layers,
-        num_attention_heads: args.num_attention_heads,
-        num_key_value_heads: args.num_key_value_heads,
         vocab_size: vocab,
-        use_moe: args.use_moe == 1,
-        ..ModelConfig::default()
+        ..args.model.resolve(ModelConfig::default())?
     };
     let tc = TrainerConfig {
         precision,
@@ -337,9 +331,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "batch_size": b, "max_seq_len": t,
             "data": match &args.data_path { Some(p) => p.display().to_string(), None => "synthetic".into() },
             "data_mode": format!("{:?}", args.data_mode).to_lowercase(),
-            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-            "vocab_size": cfg.vocab_size, "use_moe": cfg.use_moe, "params": cfg.num_params(),
+            "model": &cfg, "preset": args.model.model.map(|p| p.name()), "params": cfg.num_params(),
             "cuda_graph": args.cuda_graph, "warmup": args.warmup, "steps": args.steps,
             "kernels": args.kernels,
         },

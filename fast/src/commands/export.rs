@@ -86,10 +86,15 @@ pub fn run(args: &ExportArgs) -> Result<()> {
 
     let which = hf_arch(&cfg);
     match which {
-        HfArch::Llama => eprintln!("architecture: LlamaForCausalLM (dense MiniMind2 = Llama; tensors unchanged)"),
+        HfArch::Llama => {
+            eprintln!("architecture: LlamaForCausalLM (dense MiniMind2 = Llama; tensors unchanged)")
+        }
         HfArch::Qwen3 => eprintln!("architecture: Qwen3ForCausalLM (qk-norm; tensors unchanged)"),
+        HfArch::Qwen3Moe => {
+            eprintln!("architecture: Qwen3MoeForCausalLM (MiniMind-3 MoE; tensors unchanged)")
+        }
         HfArch::MiniMindMoe => eprintln!(
-            "architecture: MoE MiniMind has no standard Hugging Face counterpart (MiniMind's router \
+            "architecture: MiniMind2's MoE has no standard Hugging Face counterpart (its router \
              and shared experts match neither Mixtral nor Qwen-MoE); writing MiniMind's own layout \
              with model_type \"minimind\", which needs MiniMind's modeling code to load"
         ),

@@ -263,12 +263,22 @@ pub fn check_compatible(path: &Path, saved: &RunConfig, now: &RunConfig) -> Resu
             }
         )*};
     }
+    // The model, field by field, in MiniMind's config names.
+    let (a, b) = (
+        serde_json::to_value(&saved.model).unwrap_or_default(),
+        serde_json::to_value(&now.model).unwrap_or_default(),
+    );
+    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+        for (k, va) in a {
+            if b.get(k) != Some(va) {
+                diffs.push(format!(
+                    "model {k}: saved {va}, now {}",
+                    b.get(k).cloned().unwrap_or_default()
+                ));
+            }
+        }
+    }
     same!(
-        hidden_size,
-        num_hidden_layers,
-        num_attention_heads,
-        num_key_value_heads,
-        use_moe,
         max_seq_len,
         data_path,
         tokenizer,
@@ -337,7 +347,10 @@ mod tests {
             ("adam.step.a".to_string(), Tensor::from_slice(&[3.0f32])),
         ];
         let dir = tempfile::tempdir().unwrap();
-        let (p1, p2) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+        let (p1, p2) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("b.safetensors"),
+        );
         save_resume(&p1, &state(&cfg), &tensors).unwrap();
         save_resume(&p2, &state(&cfg), &tensors).unwrap();
         assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
@@ -345,7 +358,10 @@ mod tests {
         assert_eq!(back.state.step, 3);
         assert!(back.tensors["param.a"].equal(&tensors[0].1));
         let w = [("model.w".to_string(), Tensor::from_slice(&[0.5f32]))];
-        let (w1, w2) = (dir.path().join("w1.safetensors"), dir.path().join("w2.safetensors"));
+        let (w1, w2) = (
+            dir.path().join("w1.safetensors"),
+            dir.path().join("w2.safetensors"),
+        );
         save_weights_f16(&w1, &w, &serde_json::json!({"b": 1, "a": 2})).unwrap();
         save_weights_f16(&w2, &w, &serde_json::json!({"b": 1, "a": 2})).unwrap();
         assert_eq!(std::fs::read(&w1).unwrap(), std::fs::read(&w2).unwrap());

@@ -5,9 +5,11 @@
 //! `inv_freq = theta^(-2i/hd)`, GQA, SwiGLU, tied embeddings, no biases), and its state_dict names
 //! are Llama's, so the tensors are written unchanged: no q/k permutation is needed (the rotate-half
 //! convention is the one HF Llama uses; `tests/export_hf.rs` checks the logits numerically).
-//! With qk-norm the layout is Qwen3's (`self_attn.q_norm` / `k_norm` over head_dim before RoPE).
-//! MoE has no standard counterpart: the folder then keeps MiniMind's own layout
-//! (`model_type: "minimind"`).
+//! With qk-norm the layout is Qwen3's (`self_attn.q_norm` / `k_norm` over head_dim before RoPE),
+//! which is MiniMind-3's (as upstream's own converter writes it); MiniMind-3's MoE (softmax router,
+//! top-k renormalised, no shared experts, the same tensor names) is Qwen3-MoE's. MiniMind2's MoE
+//! (shared experts, no renormalisation at top-1) has no standard counterpart: the folder then
+//! keeps MiniMind's own layout (`model_type: "minimind"`).
 
 use std::collections::BTreeMap;
 
@@ -22,15 +24,17 @@ use crate::model::ModelConfig;
 pub enum HfArch {
     Llama,
     Qwen3,
+    Qwen3Moe,
     /// No standard architecture: MiniMind's own layout.
     MiniMindMoe,
 }
 
 pub fn hf_arch(cfg: &ModelConfig) -> HfArch {
-    match (cfg.use_moe, cfg.qk_norm) {
-        (true, _) => HfArch::MiniMindMoe,
-        (false, true) => HfArch::Qwen3,
-        (false, false) => HfArch::Llama,
+    match (cfg.use_moe, cfg.is_minimind3(), cfg.qk_norm) {
+        (true, true, _) => HfArch::Qwen3Moe,
+        (true, false, _) => HfArch::MiniMindMoe,
+        (false, _, true) => HfArch::Qwen3,
+        (false, _, false) => HfArch::Llama,
     }
 }
 
@@ -105,6 +109,24 @@ pub fn hf_config(cfg: &ModelConfig, ids: SpecialIds, dtype: Kind) -> Result<serd
             o.insert("use_sliding_window".into(), json!(false));
             o.insert("sliding_window".into(), json!(null));
             o.insert("max_window_layers".into(), json!(cfg.num_hidden_layers));
+        }
+        HfArch::Qwen3Moe => {
+            o.insert("architectures".into(), json!(["Qwen3MoeForCausalLM"]));
+            o.insert("model_type".into(), json!("qwen3_moe"));
+            o.insert("use_sliding_window".into(), json!(false));
+            o.insert("sliding_window".into(), json!(null));
+            o.insert("max_window_layers".into(), json!(cfg.num_hidden_layers));
+            o.insert("num_experts".into(), json!(cfg.routed_experts()));
+            o.insert("num_experts_per_tok".into(), json!(cfg.num_experts_per_tok));
+            o.insert("moe_intermediate_size".into(), json!(cfg.expert_width()));
+            o.insert("norm_topk_prob".into(), json!(cfg.norm_topk_prob));
+            o.insert("decoder_sparse_step".into(), json!(1));
+            o.insert("mlp_only_layers".into(), json!([]));
+            o.insert(
+                "router_aux_loss_coef".into(),
+                json!(cfg.router_aux_loss_coef),
+            );
+            o.insert("output_router_logits".into(), json!(false));
         }
         HfArch::MiniMindMoe => {
             o.insert("architectures".into(), json!(["MiniMindForCausalLM"]));

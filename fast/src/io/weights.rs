@@ -160,6 +160,7 @@ pub fn match_weights(
 // ------------------------------------------------------------------------------------------------
 // Which model a weights file holds.
 
+use crate::model::config::Architecture;
 use crate::model::{MiniMindForCausalLM, ModelConfig};
 
 /// MiniMind's defaults for what tensor shapes cannot tell (MiniMindConfig).
@@ -300,7 +301,25 @@ pub fn resolve_config(
     }
     let kv = k[0] as usize / head_dim;
     check("num_key_value_heads", kv)?;
-    let defaults = ModelConfig::default();
+    // MiniMind-3 when the JSON says so (its own key, or a Qwen3 export's model_type), or, for
+    // MiniMind-3's own weight files whose JSON names no architecture, by its q/k norm tensors.
+    let named = obj.and_then(|o| o.get("architecture")).map(|v| {
+        serde_json::from_value::<Architecture>(v.clone())
+            .with_context(|| format!("{cfg_name}: architecture {v} is not minimind2 or minimind-3"))
+    });
+    let architecture = match named.transpose()? {
+        Some(a) => a,
+        None => match obj.and_then(|o| o.get("model_type")?.as_str()) {
+            Some("qwen3" | "qwen3_moe") => Architecture::MiniMind3,
+            Some(_) => Architecture::MiniMind2,
+            None if qk_norm.is_some() => Architecture::MiniMind3,
+            None => Architecture::MiniMind2,
+        },
+    };
+    let defaults = match architecture {
+        Architecture::MiniMind2 => ModelConfig::default(),
+        Architecture::MiniMind3 => ModelConfig::minimind3(),
+    };
     let mut cfg = ModelConfig {
         hidden_size: d,
         num_hidden_layers: layers,
@@ -319,14 +338,30 @@ pub fn resolve_config(
     };
     if let Some(g) = is_moe {
         let n_routed = g[0] as usize;
-        check("n_routed_experts", n_routed)?;
-        cfg.n_routed_experts = n_routed;
-        cfg.n_shared_experts = count("model.layers.0.mlp.shared_experts.");
         cfg.num_experts_per_tok =
             get_u("num_experts_per_tok").unwrap_or(defaults.num_experts_per_tok);
         cfg.norm_topk_prob = get_b("norm_topk_prob").unwrap_or(defaults.norm_topk_prob);
-        cfg.aux_loss_alpha = get_f("aux_loss_alpha").unwrap_or(defaults.aux_loss_alpha);
-        cfg.seq_aux = get_b("seq_aux").unwrap_or(defaults.seq_aux);
+        let shared = count("model.layers.0.mlp.shared_experts.");
+        match architecture {
+            Architecture::MiniMind2 => {
+                check("n_routed_experts", n_routed)?;
+                cfg.n_routed_experts = n_routed;
+                cfg.n_shared_experts = shared;
+                cfg.aux_loss_alpha = get_f("aux_loss_alpha").unwrap_or(defaults.aux_loss_alpha);
+                cfg.seq_aux = get_b("seq_aux").unwrap_or(defaults.seq_aux);
+            }
+            Architecture::MiniMind3 => {
+                check("num_experts", n_routed)?;
+                if shared > 0 {
+                    bail!("{src}: has shared experts, which MiniMind-3's MoE does not (its JSON {cfg_name} says minimind-3)");
+                }
+                cfg.num_experts = n_routed;
+                cfg.moe_intermediate_size = Some(ffn);
+                cfg.intermediate_size = get_u("intermediate_size").or(Some(ffn));
+                cfg.router_aux_loss_coef =
+                    get_f("router_aux_loss_coef").unwrap_or(defaults.router_aux_loss_coef);
+            }
+        }
     }
     cfg.validate()
         .with_context(|| format!("{src}: the model its shapes and {cfg_name} describe"))?;

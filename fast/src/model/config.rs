@@ -1,34 +1,63 @@
 //! Model configuration: MiniMind's `MiniMindConfig` fields, deserialised from a fixture's or a
-//! checkpoint's JSON `config` object. Missing fields take MiniMind's defaults; unknown fields
-//! (`scoring_func`, `bos_token_id`, ...) are ignored. `qk_norm` is MiniMind-3's q/k RMSNorm and
-//! `head_dim` its explicit head size (absent: `hidden_size / num_attention_heads`).
+//! checkpoint's JSON `config` object, or from a MiniMind-3 / Qwen3 `config.json`.
+//!
+//! Two architectures share the struct. MiniMind2 (the 26M "MiniMind2-small" family) is the
+//! default; MiniMind-3 (`"architecture": "minimind-3"`) has an explicit `head_dim`, q/k RMSNorm,
+//! the FFN width `ceil(d * pi / 64) * 64` and a MoE of `num_experts` routed experts without shared
+//! ones, with its own aux loss (`router_aux_loss_coef`). A JSON that leaves a field out gets the
+//! default of the architecture it names (MiniMind-3: eps 1e-6, 4 kv heads, top-1). Unknown fields
+//! (`scoring_func`, `bos_token_id`, ...) are ignored.
+
+use std::f64::consts::PI;
 
 use serde::{Deserialize, Serialize};
 
+/// Which MiniMind generation a config describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Architecture {
+    #[default]
+    #[serde(rename = "minimind2", alias = "MiniMind2")]
+    MiniMind2,
+    #[serde(rename = "minimind-3", alias = "minimind3", alias = "MiniMind-3")]
+    MiniMind3,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(from = "JsonConfig")]
 pub struct ModelConfig {
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
-    /// Size of each attention head; `None` (JSON null or absent) means hidden / heads.
+    /// Size of each attention head; `None` means hidden / heads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     pub vocab_size: usize,
-    /// FFN width; `None` (JSON null or absent) means derived, see [`ModelConfig::ffn_width`].
+    /// FFN width; `None` means derived, see [`ModelConfig::ffn_width`].
     pub intermediate_size: Option<usize>,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
     pub use_moe: bool,
     pub num_experts_per_tok: usize,
+    /// MiniMind2 MoE: routed experts.
     pub n_routed_experts: usize,
+    /// MiniMind2 MoE: experts every token goes through.
     pub n_shared_experts: usize,
+    /// MiniMind2 MoE: aux-loss weight.
     pub aux_loss_alpha: f64,
+    /// MiniMind2 MoE: per-sequence aux loss.
     pub seq_aux: bool,
     pub norm_topk_prob: bool,
     pub qk_norm: bool,
+    pub architecture: Architecture,
+    /// MiniMind-3 MoE: routed experts.
+    pub num_experts: usize,
+    /// Each expert's FFN width; `None` means the dense FFN width.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe_intermediate_size: Option<usize>,
+    /// MiniMind-3 MoE: aux-loss weight.
+    pub router_aux_loss_coef: f64,
 }
 
 impl Default for ModelConfig {
@@ -52,7 +81,75 @@ impl Default for ModelConfig {
             seq_aux: true,
             norm_topk_prob: true,
             qk_norm: false,
+            architecture: Architecture::MiniMind2,
+            num_experts: 4,
+            moe_intermediate_size: None,
+            router_aux_loss_coef: 5e-4,
         }
+    }
+}
+
+/// A JSON config with every field optional, so that the architecture it names picks the defaults.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct JsonConfig {
+    architecture: Option<Architecture>,
+    hidden_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    use_moe: Option<bool>,
+    num_experts_per_tok: Option<usize>,
+    n_routed_experts: Option<usize>,
+    n_shared_experts: Option<usize>,
+    aux_loss_alpha: Option<f64>,
+    seq_aux: Option<bool>,
+    norm_topk_prob: Option<bool>,
+    qk_norm: Option<bool>,
+    num_experts: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    router_aux_loss_coef: Option<f64>,
+}
+
+impl From<JsonConfig> for ModelConfig {
+    fn from(j: JsonConfig) -> Self {
+        let mut c = match j.architecture.unwrap_or_default() {
+            Architecture::MiniMind2 => ModelConfig::default(),
+            Architecture::MiniMind3 => ModelConfig::minimind3(),
+        };
+        macro_rules! given {
+            ($($f:ident),*) => { $( if let Some(v) = j.$f { c.$f = v; } )* };
+        }
+        given!(
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            vocab_size,
+            rms_norm_eps,
+            rope_theta,
+            max_position_embeddings,
+            use_moe,
+            num_experts_per_tok,
+            n_routed_experts,
+            n_shared_experts,
+            aux_loss_alpha,
+            seq_aux,
+            norm_topk_prob,
+            qk_norm,
+            num_experts,
+            router_aux_loss_coef
+        );
+        c.head_dim = j.head_dim;
+        c.intermediate_size = j.intermediate_size;
+        c.moe_intermediate_size = j.moe_intermediate_size;
+        c
     }
 }
 
@@ -62,10 +159,55 @@ impl ModelConfig {
         ModelConfig::default()
     }
 
-    /// FFN width actually built: `intermediate_size`, or `64 * ((int(8d/3) + 63) // 64)`.
+    /// MiniMind-3's `MiniMindConfig()`: d 768, 8 layers, 8 heads, 4 kv heads, head dim 96, q/k
+    /// norm, eps 1e-6, FFN 2432; MoE (when on) 4 routed experts, top-1, aux coefficient 5e-4.
+    pub fn minimind3() -> Self {
+        ModelConfig {
+            hidden_size: 768,
+            num_key_value_heads: 4,
+            rms_norm_eps: 1e-6,
+            num_experts_per_tok: 1,
+            qk_norm: true,
+            architecture: Architecture::MiniMind3,
+            ..ModelConfig::default()
+        }
+    }
+
+    pub fn is_minimind3(&self) -> bool {
+        self.architecture == Architecture::MiniMind3
+    }
+
+    /// FFN width actually built: `intermediate_size`, or per architecture MiniMind2's
+    /// `64 * ((int(8d/3) + 63) // 64)` or MiniMind-3's `ceil(d * pi / 64) * 64`.
     pub fn ffn_width(&self) -> usize {
-        self.intermediate_size
-            .unwrap_or(64 * ((8 * self.hidden_size / 3 + 63) / 64))
+        let d = self.hidden_size;
+        self.intermediate_size.unwrap_or(match self.architecture {
+            Architecture::MiniMind2 => 64 * ((8 * d / 3 + 63) / 64),
+            // Python's math.ceil(d * math.pi / 64): the same two f64 operations.
+            Architecture::MiniMind3 => 64 * (d as f64 * PI / 64.0).ceil() as usize,
+        })
+    }
+
+    /// Each MoE expert's FFN width: `moe_intermediate_size`, else the dense width.
+    pub fn expert_width(&self) -> usize {
+        self.moe_intermediate_size
+            .unwrap_or_else(|| self.ffn_width())
+    }
+
+    /// Routed experts of a MoE layer.
+    pub fn routed_experts(&self) -> usize {
+        match self.architecture {
+            Architecture::MiniMind2 => self.n_routed_experts,
+            Architecture::MiniMind3 => self.num_experts,
+        }
+    }
+
+    /// Experts every token goes through (MiniMind-3 has none).
+    pub fn shared_experts(&self) -> usize {
+        match self.architecture {
+            Architecture::MiniMind2 => self.n_shared_experts,
+            Architecture::MiniMind3 => 0,
+        }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -106,10 +248,10 @@ impl ModelConfig {
         );
         if self.use_moe {
             ensure!(
-                self.num_experts_per_tok >= 1 && self.num_experts_per_tok <= self.n_routed_experts,
-                "num_experts_per_tok {} must be in 1..={} (n_routed_experts)",
+                self.num_experts_per_tok >= 1 && self.num_experts_per_tok <= self.routed_experts(),
+                "num_experts_per_tok {} must be in 1..={} (the routed experts)",
                 self.num_experts_per_tok,
-                self.n_routed_experts
+                self.routed_experts()
             );
         }
         Ok(())
@@ -118,11 +260,7 @@ impl ModelConfig {
     /// Every parameter name and shape in MiniMind's state_dict naming (tied `lm_head.weight`
     /// omitted), sorted by name.
     pub fn param_shapes(&self) -> Vec<(String, Vec<i64>)> {
-        let (d, hd, f) = (
-            self.hidden_size as i64,
-            self.head_dim() as i64,
-            self.ffn_width() as i64,
-        );
+        let (d, hd) = (self.hidden_size as i64, self.head_dim() as i64);
         let (h, kv) = (
             self.num_attention_heads as i64,
             self.num_key_value_heads as i64,
@@ -131,7 +269,8 @@ impl ModelConfig {
             "model.embed_tokens.weight".to_string(),
             vec![self.vocab_size as i64, d],
         )];
-        let mlp = |out: &mut Vec<(String, Vec<i64>)>, p: &str| {
+        let mlp = |out: &mut Vec<(String, Vec<i64>)>, p: &str, f: usize| {
+            let f = f as i64;
             out.push((format!("{p}.gate_proj.weight"), vec![f, d]));
             out.push((format!("{p}.up_proj.weight"), vec![f, d]));
             out.push((format!("{p}.down_proj.weight"), vec![d, f]));
@@ -151,16 +290,24 @@ impl ModelConfig {
             if self.use_moe {
                 out.push((
                     format!("{l}.mlp.gate.weight"),
-                    vec![self.n_routed_experts as i64, d],
+                    vec![self.routed_experts() as i64, d],
                 ));
-                for e in 0..self.n_routed_experts {
-                    mlp(&mut out, &format!("{l}.mlp.experts.{e}"));
+                for e in 0..self.routed_experts() {
+                    mlp(
+                        &mut out,
+                        &format!("{l}.mlp.experts.{e}"),
+                        self.expert_width(),
+                    );
                 }
-                for e in 0..self.n_shared_experts {
-                    mlp(&mut out, &format!("{l}.mlp.shared_experts.{e}"));
+                for e in 0..self.shared_experts() {
+                    mlp(
+                        &mut out,
+                        &format!("{l}.mlp.shared_experts.{e}"),
+                        self.expert_width(),
+                    );
                 }
             } else {
-                mlp(&mut out, &format!("{l}.mlp"));
+                mlp(&mut out, &format!("{l}.mlp"), self.ffn_width());
             }
         }
         out.push(("model.norm.weight".to_string(), vec![d]));

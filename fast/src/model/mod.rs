@@ -23,6 +23,7 @@ mod moe;
 mod norm;
 mod params;
 pub mod precision;
+pub mod presets;
 pub mod rope;
 pub mod sampling;
 
@@ -30,7 +31,7 @@ pub use attention::{repeat_kv, Attention, Positions};
 pub use cache::KvCache;
 pub use config::ModelConfig;
 pub use mlp::Mlp;
-pub use moe::MoeFeedForward;
+pub use moe::{MoeFeedForward, MoeRouting};
 pub use norm::{rms_norm, RmsNorm};
 pub use params::{load_named, named_parameters, save_named};
 
@@ -130,11 +131,7 @@ impl MiniMindForCausalLM {
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self> {
         cfg.validate()?;
         let m = root / "model";
-        let (d, hd, f) = (
-            cfg.hidden_size as i64,
-            cfg.head_dim() as i64,
-            cfg.ffn_width() as i64,
-        );
+        let (d, hd) = (cfg.hidden_size as i64, cfg.head_dim() as i64);
         let mat = |p: &nn::Path, o: i64, i: i64| {
             p.var(
                 "weight",
@@ -169,28 +166,30 @@ impl MiniMindForCausalLM {
                 kv_heads: kv,
                 head_dim: hd,
             };
-            let mlp_at = |p: nn::Path| Mlp {
-                gate_proj: mat(&(&p / "gate_proj"), f, d),
-                up_proj: mat(&(&p / "up_proj"), f, d),
-                down_proj: mat(&(&p / "down_proj"), d, f),
+            let mlp_at = |p: nn::Path, f: usize| {
+                let f = f as i64;
+                Mlp {
+                    gate_proj: mat(&(&p / "gate_proj"), f, d),
+                    up_proj: mat(&(&p / "up_proj"), f, d),
+                    down_proj: mat(&(&p / "down_proj"), d, f),
+                }
             };
             let mp = &l / "mlp";
             let mlp = if cfg.use_moe {
+                let ew = cfg.expert_width();
                 FeedForward::Moe(MoeFeedForward {
-                    gate: mat(&(&mp / "gate"), cfg.n_routed_experts as i64, d),
-                    experts: (0..cfg.n_routed_experts)
-                        .map(|e| mlp_at(&mp / "experts" / e))
+                    gate: mat(&(&mp / "gate"), cfg.routed_experts() as i64, d),
+                    experts: (0..cfg.routed_experts())
+                        .map(|e| mlp_at(&mp / "experts" / e, ew))
                         .collect(),
-                    shared_experts: (0..cfg.n_shared_experts)
-                        .map(|e| mlp_at(&mp / "shared_experts" / e))
+                    shared_experts: (0..cfg.shared_experts())
+                        .map(|e| mlp_at(&mp / "shared_experts" / e, ew))
                         .collect(),
                     top_k: cfg.num_experts_per_tok as i64,
-                    norm_topk_prob: cfg.norm_topk_prob,
-                    alpha: cfg.aux_loss_alpha,
-                    seq_aux: cfg.seq_aux,
+                    routing: MoeRouting::of(cfg),
                 })
             } else {
-                FeedForward::Dense(mlp_at(mp))
+                FeedForward::Dense(mlp_at(mp, cfg.ffn_width()))
             };
             layers.push(DecoderLayer {
                 input_layernorm: RmsNorm::new(&(&l / "input_layernorm"), d, cfg.rms_norm_eps),

@@ -67,9 +67,14 @@ impl GraphedStep {
         let k = crate::model::upcast_kind(tr.precision().param_kind());
         let weight = Tensor::ones([], (k, device));
 
+        // Kept on the host: a device copy of the whole training state (four times the weights)
+        // would raise the run's peak memory for the moment of capture.
         let saved: Vec<Tensor> = {
             let _guard = tch::no_grad_guard();
-            tr.persistent_state().iter().map(Tensor::copy).collect()
+            tr.persistent_state()
+                .iter()
+                .map(|t| t.to_device(Device::Cpu))
+                .collect()
         };
         let mut micro_out = None;
         let micro = CudaGraph::capture(index, 1, || {
@@ -86,7 +91,7 @@ impl GraphedStep {
         {
             let _guard = tch::no_grad_guard();
             for (mut s, v) in tr.persistent_state().into_iter().zip(&saved) {
-                s.copy_(v);
+                s.f_copy_(v)?;
             }
         }
         Ok(GraphedStep {

@@ -96,16 +96,11 @@ pub fn run(args: &PretrainArgs) -> Result<RunSummary> {
     train(&cfg)
 }
 
-/// The model a run trains: the configuration's sizes and the tokenizer's vocabulary.
+/// The model a run trains: the configuration's model with the tokenizer's vocabulary.
 pub fn model_config_of(cfg: &RunConfig, vocab_size: usize) -> ModelConfig {
     ModelConfig {
-        hidden_size: cfg.hidden_size as usize,
-        num_hidden_layers: cfg.num_hidden_layers as usize,
-        num_attention_heads: cfg.num_attention_heads as usize,
-        num_key_value_heads: cfg.num_key_value_heads as usize,
         vocab_size,
-        use_moe: cfg.use_moe,
-        ..ModelConfig::default()
+        ..cfg.model.clone()
     }
 }
 
@@ -452,8 +447,8 @@ fn finish(
     } else {
         let title = format!(
             "MiniMind pretrain: d {} x {} layers, {} {}, batch {}x{}",
-            cfg.hidden_size,
-            cfg.num_hidden_layers,
+            cfg.model.hidden_size,
+            cfg.model.num_hidden_layers,
             cfg.dtype_name(),
             format!("{:?}", cfg.data_mode).to_lowercase(),
             cfg.batch_size,

@@ -14,6 +14,8 @@ use crate::data::dataset::DataMode;
 use crate::data::tokenizer::SpecialTokenStrings;
 use crate::kernels::KernelConfig;
 use crate::model::precision::device_name;
+use crate::model::presets::ModelArgs;
+use crate::model::ModelConfig;
 use crate::optim::accumulation::Normalisation;
 use crate::train::setup::DataSpec;
 
@@ -54,8 +56,8 @@ pub struct PretrainArgs {
     /// JSONL corpus, one {"text": ...} per line [default: the embedded poems corpus].
     #[arg(long, alias = "data_path")]
     pub data_path: Option<PathBuf>,
-    /// Tokenizer directory (tokenizer.json + tokenizer_config.json) or tokenizer.json file
-    /// [default: the embedded poems tokenizer, vocab 6400].
+    /// Tokenizer directory (tokenizer.json + tokenizer_config.json), tokenizer.json file, or a
+    /// built-in one: poems, minimind2, minimind3 [default: the --model's own, else poems].
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Directory for the float16 weights ({save_weight}_{hidden}[_moe].safetensors).
@@ -95,24 +97,9 @@ pub struct PretrainArgs {
     /// Save weights and the resume checkpoint every N micro-steps [default: 1000 on CUDA, 100 on CPU].
     #[arg(long, alias = "save_interval")]
     pub save_interval: Option<usize>,
-    /// Model width [default: 512 on CUDA (the 26M config), 128 on CPU].
-    #[arg(long, alias = "hidden_size")]
-    pub hidden_size: Option<i64>,
-    /// Decoder layers [default: 8 on CUDA, 2 on CPU].
-    #[arg(long, alias = "num_hidden_layers")]
-    pub num_hidden_layers: Option<i64>,
-    /// Attention query heads [default: 8 on CUDA, 4 on CPU].
-    #[arg(long, alias = "num_attention_heads")]
-    pub num_attention_heads: Option<i64>,
-    /// Key/value heads (GQA) [default: 2].
-    #[arg(long, alias = "num_key_value_heads")]
-    pub num_key_value_heads: Option<i64>,
     /// Row length in tokens [default: 340 on CUDA, 128 on CPU].
     #[arg(long, alias = "max_seq_len")]
     pub max_seq_len: Option<usize>,
-    /// 1 = mixture-of-experts MLP (MiniMind's MoE config).
-    #[arg(long, alias = "use_moe", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
-    pub use_moe: u8,
     /// Start from these weights: `none`, a weight prefix in --save-dir (MiniMind style, e.g.
     /// `pretrain`), or a path to a .safetensors / MiniMind .pth file.
     #[arg(long, alias = "from_weight", default_value = "none")]
@@ -189,6 +176,10 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 5)]
     pub profile_steps: usize,
 
+    // ---- model ----
+    #[command(flatten)]
+    pub model: ModelArgs,
+
     // ---- kernels ----
     #[command(flatten)]
     pub kernels: KernelConfig,
@@ -213,12 +204,13 @@ pub struct RunConfig {
     pub grad_clip: f64,
     pub log_interval: usize,
     pub save_interval: usize,
-    pub hidden_size: i64,
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
-    pub num_key_value_heads: i64,
+    /// `--model`: the preset the model started from, if any.
+    #[serde(default)]
+    pub model_preset: Option<String>,
+    /// Every field of the model (MiniMind's config names; the vocabulary is the tokenizer's).
+    #[serde(flatten)]
+    pub model: ModelConfig,
     pub max_seq_len: usize,
-    pub use_moe: bool,
     pub from_weight: String,
     pub from_resume: bool,
     pub seed: u64,
@@ -249,6 +241,21 @@ pub struct RunConfig {
     pub notes: Vec<String>,
 }
 
+/// `--tokenizer`: a path, or the name of a built-in tokenizer when no such path exists.
+pub fn resolve_tokenizer(given: &std::path::Path) -> Result<PathBuf> {
+    if given.exists() {
+        return Ok(given.to_path_buf());
+    }
+    let name = given.to_string_lossy();
+    match crate::data::defaults::builtin_tokenizer(&name)? {
+        Some(dir) => Ok(dir),
+        None => bail!(
+            "--tokenizer {name}: no such file or directory, and not a built-in tokenizer ({})",
+            crate::data::defaults::builtin_tokenizer_names().join(", ")
+        ),
+    }
+}
+
 /// The embedded default corpus on the CPU: this many documents keep `fast pretrain` (one epoch,
 /// batch 16) at 200 steps, a few minutes on two cores.
 pub const CPU_DEFAULT_DOCS: usize = 3200;
@@ -263,33 +270,66 @@ impl PretrainArgs {
     ) -> Result<RunConfig> {
         let cuda = device.is_cuda();
         let mut notes = Vec::new();
-        let (data_path, tokenizer) = match (&self.data_path, &self.tokenizer) {
-            (Some(d), Some(t)) => (d.clone(), t.clone()),
-            (d, t) => {
-                let (dd, dt) = default_data()?;
-                if d.is_none() {
-                    notes.push(
-                        "data: the embedded corpus (5,000 Tang poems, chinese-poetry, MIT)".into(),
-                    );
-                }
-                if t.is_none() {
-                    notes.push(
-                        "tokenizer: the embedded byte-level BPE (vocab 6400) trained on the poems"
-                            .into(),
-                    );
-                }
-                (d.clone().unwrap_or(dd), t.clone().unwrap_or(dt))
+        let mut embedded = None;
+        let mut default_data = Some(default_data);
+        let mut embedded_data = || -> Result<(PathBuf, PathBuf)> {
+            if let Some(f) = default_data.take() {
+                embedded = Some(f()?);
+            }
+            Ok(embedded.clone().expect("set above"))
+        };
+        let data_path = match &self.data_path {
+            Some(d) => d.clone(),
+            None => {
+                notes.push(
+                    "data: the embedded corpus (5,000 Tang poems, chinese-poetry, MIT)".into(),
+                );
+                embedded_data()?.0
+            }
+        };
+        let preset_tokenizer = self.model.model.map(|p| p.tokenizer());
+        let tokenizer = match (&self.tokenizer, preset_tokenizer) {
+            (Some(t), _) => resolve_tokenizer(t)?,
+            (None, Some(name)) => {
+                notes.push(format!("tokenizer: {name}, the --model's own (vocab 6400)"));
+                resolve_tokenizer(std::path::Path::new(name))?
+            }
+            (None, None) => {
+                notes.push(
+                    "tokenizer: the embedded byte-level BPE (vocab 6400) trained on the poems"
+                        .into(),
+                );
+                embedded_data()?.1
             }
         };
         let pick = |given: Option<usize>, gpu: usize, cpu: usize| {
             given.unwrap_or(if cuda { gpu } else { cpu })
         };
-        let pick_i =
-            |given: Option<i64>, gpu: i64, cpu: i64| given.unwrap_or(if cuda { gpu } else { cpu });
+        let m = &self.model;
+        let small = ModelConfig {
+            hidden_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            ..ModelConfig::default()
+        };
+        let mut model = m.resolve(if cuda { ModelConfig::default() } else { small })?;
+        model.vocab_size = crate::data::tokenizer::TextTokenizer::load(
+            &tokenizer,
+            &SpecialTokenStrings {
+                bos: self.bos_token.clone(),
+                eos: self.eos_token.clone(),
+                pad: self.pad_token.clone(),
+            },
+        )?
+        .vocab_size();
         if !cuda {
+            let unsized_model = m.model.is_none();
             let sized: Vec<&str> = [
-                ("hidden-size", self.hidden_size.is_none()),
-                ("num-hidden-layers", self.num_hidden_layers.is_none()),
+                ("hidden-size", unsized_model && m.hidden_size.is_none()),
+                (
+                    "num-hidden-layers",
+                    unsized_model && m.num_hidden_layers.is_none(),
+                ),
                 ("max-seq-len", self.max_seq_len.is_none()),
                 ("batch-size", self.batch_size.is_none()),
                 ("accumulation-steps", self.accumulation_steps.is_none()),
@@ -340,12 +380,9 @@ impl PretrainArgs {
             grad_clip: self.grad_clip,
             log_interval: pick(self.log_interval, 100, 10),
             save_interval: pick(self.save_interval, 1000, 100),
-            hidden_size: pick_i(self.hidden_size, 512, 128),
-            num_hidden_layers: pick_i(self.num_hidden_layers, 8, 2),
-            num_attention_heads: pick_i(self.num_attention_heads, 8, 4),
-            num_key_value_heads: self.num_key_value_heads.unwrap_or(2),
+            model_preset: m.model.map(|p| p.name().to_string()),
+            model,
             max_seq_len: pick(self.max_seq_len, 340, 128),
-            use_moe: self.use_moe == 1,
             from_weight: self.from_weight.clone(),
             from_resume: self.from_resume == 1,
             seed: self.seed,
@@ -420,36 +457,7 @@ impl RunConfig {
                 self.weight_decay
             );
         }
-        for (name, v) in [
-            ("hidden-size", self.hidden_size),
-            ("num-hidden-layers", self.num_hidden_layers),
-            ("num-attention-heads", self.num_attention_heads),
-            ("num-key-value-heads", self.num_key_value_heads),
-        ] {
-            if v < 1 {
-                bail!("--{name} must be at least 1 (got {v})");
-            }
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            bail!(
-                "--hidden-size {} is not divisible by --num-attention-heads {}",
-                self.hidden_size,
-                self.num_attention_heads
-            );
-        }
-        if (self.hidden_size / self.num_attention_heads) % 2 != 0 {
-            bail!(
-                "head size --hidden-size/--num-attention-heads = {} must be even (RoPE rotates pairs)",
-                self.hidden_size / self.num_attention_heads
-            );
-        }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
-            bail!(
-                "--num-attention-heads {} is not a multiple of --num-key-value-heads {}",
-                self.num_attention_heads,
-                self.num_key_value_heads
-            );
-        }
+        crate::model::presets::check(&self.model)?;
         if self.save_weight.is_empty() || self.save_weight.contains(['/', '\\']) {
             bail!(
                 "--save-weight must be a plain file-name prefix (got {:?})",
@@ -460,7 +468,7 @@ impl RunConfig {
     }
 
     pub fn moe_suffix(&self) -> &'static str {
-        if self.use_moe {
+        if self.model.use_moe {
             "_moe"
         } else {
             ""
@@ -472,7 +480,7 @@ impl RunConfig {
         self.save_dir.join(format!(
             "{}_{}{}.safetensors",
             self.save_weight,
-            self.hidden_size,
+            self.model.hidden_size,
             self.moe_suffix()
         ))
     }
@@ -482,7 +490,7 @@ impl RunConfig {
         self.checkpoint_dir.join(format!(
             "{}_{}{}_resume.safetensors",
             self.save_weight,
-            self.hidden_size,
+            self.model.hidden_size,
             self.moe_suffix()
         ))
     }

@@ -90,7 +90,7 @@ pub fn from_weight_path(cfg: &RunConfig) -> Result<PathBuf> {
     let stem = format!(
         "{}_{}{}",
         cfg.from_weight,
-        cfg.hidden_size,
+        cfg.model.hidden_size,
         cfg.moe_suffix()
     );
     for ext in ["safetensors", "pth"] {
