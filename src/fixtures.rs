@@ -124,11 +124,44 @@ impl AdamWJson {
     }
 }
 
-/// `<name>.json` with `ce_loss` + `<name>.safetensors`: one forward/backward/step of a model.
+/// How a model fixture's batch is run: the objective (its JSON's `objective`, "mlm" for masked
+/// LM) and, for packed rows, each row's document starts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FixtureRun {
+    pub masked_lm: bool,
+    /// Per row: the sorted positions where a document (segment) starts, 0 included.
+    pub segments: Option<Vec<Vec<usize>>>,
+}
+
+impl FixtureRun {
+    /// The reference's run options.
+    pub fn reference(&self) -> reference::model::RunOptions {
+        match (&self.segments, self.masked_lm) {
+            (_, true) => reference::model::RunOptions::masked_lm(),
+            (Some(s), false) => reference::model::RunOptions::packed(s.clone()),
+            (None, false) => reference::model::RunOptions::causal(),
+        }
+    }
+
+    /// The segment start of every token, row-major `[B, T]` (the fast path's `seg_start`).
+    pub fn seg_start(&self, t: usize) -> Option<Vec<i32>> {
+        self.segments.as_ref().map(|rows| {
+            rows.iter()
+                .flat_map(|starts| {
+                    (0..t).map(move |i| starts[starts.partition_point(|&s| s <= i) - 1] as i32)
+                })
+                .collect()
+        })
+    }
+}
+
+/// `<name>.json` with `ce_loss` (or a masked LM's `loss`) + `<name>.safetensors`: one
+/// forward/backward/step of a model.
 #[derive(Debug)]
 pub struct ModelFixture {
     pub name: String,
     pub config: ModelConfig,
+    pub run: FixtureRun,
     pub ce_loss: f64,
     pub aux_loss: f64,
     pub total_loss: f64,
@@ -200,12 +233,35 @@ impl ModelFixture {
         let t = Tensors::load(&dir.join(format!("{name}.safetensors")))?;
         let config: ModelConfig = field(&json, "config", &jp)?;
         check_params(&jp, &config, &t.group("param."))?;
+        let masked_lm = match json.get("objective").and_then(Value::as_str) {
+            None | Some("clm") => false,
+            Some("mlm") => true,
+            Some(other) => bail!(
+                "{}: field objective is {other:?}; this harness knows clm and mlm",
+                jp.display()
+            ),
+        };
+        // A masked-LM fixture states one `loss` (no aux: its model is dense).
+        let (ce_loss, aux_loss, total_loss) = if masked_lm {
+            let loss: f64 = field(&json, "loss", &jp)?;
+            (loss, 0.0, loss)
+        } else {
+            (
+                field(&json, "ce_loss", &jp)?,
+                field(&json, "aux_loss", &jp)?,
+                field(&json, "total_loss", &jp)?,
+            )
+        };
         Ok(ModelFixture {
             name: name.to_string(),
             config,
-            ce_loss: field(&json, "ce_loss", &jp)?,
-            aux_loss: field(&json, "aux_loss", &jp)?,
-            total_loss: field(&json, "total_loss", &jp)?,
+            run: FixtureRun {
+                masked_lm,
+                segments: None,
+            },
+            ce_loss,
+            aux_loss,
+            total_loss,
             grad_total_norm_before_clip: field(&json, "grad_total_norm_before_clip", &jp)?,
             clip: field(&json, "clip", &jp)?,
             adamw: field(&json, "adamw", &jp)?,
@@ -378,6 +434,47 @@ pub fn load_dataset_cases(path: &Path) -> Result<Vec<DatasetCase>> {
     field(&json, "cases", path)
 }
 
+/// One `linear_schedule_with_warmup` case of `components_seed004.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LinearScheduleCase {
+    pub num_warmup_steps: u64,
+    pub num_training_steps: u64,
+    pub base_lr: f64,
+    /// The lr each optimizer step k = 0, 1, ... used.
+    pub lr_before_optimizer_step: Vec<f64>,
+}
+
+/// One `group_texts` case: token lists cut into rows of `block_size`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GroupTextsCase {
+    pub token_lists: Vec<Vec<u32>>,
+    pub block_size: usize,
+    pub result: GroupTextsResult,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GroupTextsResult {
+    pub input_ids: Vec<Vec<i64>>,
+    pub labels: Vec<Vec<i64>>,
+}
+
+/// `components_seed004.json`: the textbook recipe's schedule and concat-and-chunk.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecipeComponents {
+    pub linear_schedule_with_warmup: Vec<LinearScheduleCase>,
+    pub group_texts: Vec<GroupTextsCase>,
+}
+
+impl RecipeComponents {
+    pub fn load(path: &Path) -> Result<Self> {
+        let json = read_json(path)?;
+        Ok(RecipeComponents {
+            linear_schedule_with_warmup: field(&json, "linear_schedule_with_warmup", path)?,
+            group_texts: field(&json, "group_texts", path)?,
+        })
+    }
+}
+
 /// What a fixture folder holds, discovered by file pattern.
 #[derive(Debug, Default, Clone)]
 pub struct Inventory {
@@ -386,6 +483,8 @@ pub struct Inventory {
     /// `<name>.json` (with `config` and `rows`) + `<name>.safetensors`.
     pub trajectories: Vec<String>,
     pub components: Option<PathBuf>,
+    /// `components_seed004.json`: the linear schedule and group_texts cases.
+    pub recipe: Option<PathBuf>,
     pub dataset_cases: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
 }
@@ -402,6 +501,7 @@ pub fn discover(dir: &Path) -> Result<Inventory> {
         };
         match file {
             "components.json" => inv.components = Some(p.clone()),
+            "components_seed004.json" => inv.recipe = Some(p.clone()),
             "dataset_cases.json" => inv.dataset_cases = Some(p.clone()),
             "tokenizer.json" => inv.tokenizer = Some(p.clone()),
             _ => {}
@@ -416,7 +516,7 @@ pub fn discover(dir: &Path) -> Result<Inventory> {
         if json.get("config").is_none() {
             continue;
         }
-        if json.get("ce_loss").is_some() {
+        if json.get("ce_loss").is_some() || json.get("objective").is_some() {
             inv.models.push(stem.to_string());
         } else if json.get("rows").is_some() {
             inv.trajectories.push(stem.to_string());

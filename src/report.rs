@@ -221,3 +221,53 @@ pub fn format_table(rows: &[Row]) -> String {
     s += &format!("{} checks, {} failed\n", rows.len(), failed);
     s
 }
+
+/// The rows of the linear-schedule cases: every optimizer step's lr through `lr(k, warmup,
+/// total, base)`, exact to float64 round-off (1e-13 relative: one division and one product, as
+/// transformers computes it).
+pub fn linear_schedule_rows(
+    cases: &[crate::fixtures::LinearScheduleCase],
+    lr: impl Fn(u64, u64, u64, f64) -> f64,
+) -> Vec<Row> {
+    let rows = cases
+        .iter()
+        .flat_map(|c| {
+            c.lr_before_optimizer_step
+                .iter()
+                .enumerate()
+                .map(|(k, &want)| {
+                    let got = lr(
+                        k as u64,
+                        c.num_warmup_steps,
+                        c.num_training_steps,
+                        c.base_lr,
+                    );
+                    Row::scalar(
+                        "components_seed004",
+                        "linear_schedule_with_warmup",
+                        got,
+                        want,
+                        1e-13,
+                    )
+                })
+        })
+        .collect();
+    worst_per_group(rows)
+}
+
+/// One exact row for the group_texts cases: `rows(token_lists, block_size)` gives (input_ids,
+/// labels) rows equal to transformers'.
+pub fn group_texts_row(
+    cases: &[crate::fixtures::GroupTextsCase],
+    rows: impl Fn(&[Vec<u32>], usize) -> (Vec<Vec<i64>>, Vec<Vec<i64>>),
+) -> Row {
+    let ok = cases.iter().all(|c| {
+        let (ids, labels) = rows(&c.token_lists, c.block_size);
+        ids == c.result.input_ids && labels == c.result.labels
+    });
+    Row::exact(
+        "components_seed004",
+        &format!("group_texts ({} cases)", cases.len()),
+        ok,
+    )
+}

@@ -27,12 +27,13 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use fast::model::loss::Objective;
 use fast::model::precision::{parse_device, Precision};
 use fast::train::trainer::{Trainer, TrainerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::convert::{fast_config, from_named, scalar, to_array, to_named, to_tensor_i64};
-use crate::fixtures::{self, Components, ModelFixture, TrainFixture};
+use crate::fixtures::{self, Components, ModelFixture, RecipeComponents, TrainFixture};
 use crate::report::{compare, named_rows, worst_per_group, Row};
 
 /// Tolerances of one precision; `normwise` selects ||a-e||/||e|| instead of max-relative.
@@ -128,17 +129,42 @@ pub fn check_model_with(
 ) -> Result<Vec<Row>> {
     let name = fx.name.as_str();
     let nw = tol.normwise;
-    let mut tr = trainer(
-        &fx.config,
-        &fx.params,
-        adamw_config(&fx.adamw),
+    let objective = if fx.run.masked_lm {
+        Objective::MaskedLm
+    } else {
+        Objective::CausalLm
+    };
+    let tc = TrainerConfig {
         precision,
         device,
+        adamw: adamw_config(&fx.adamw),
+        objective,
+        ..Default::default()
+    };
+    let mut tr = Trainer::from_named(
+        &fast_config(&fx.config),
+        tc,
+        to_named(&fx.params),
+        "fixture params",
     )?;
     let ids = to_tensor_i64(&fx.input_ids).to_device(device);
     let labels = to_tensor_i64(&fx.labels).to_device(device);
-    let logits = tch::no_grad(|| tr.model().forward(&ids, None).logits);
-    let out = tr.micro_step(&ids, &labels, 1.0)?;
+    let (b, t) = fx.input_ids.dim();
+    let seg = fx.run.seg_start(t).map(|v| {
+        Tensor::from_slice(&v)
+            .reshape([b as i64, t as i64])
+            .to_device(device)
+    });
+    let logits = tch::no_grad(|| -> Result<Tensor> {
+        let m = tr.model();
+        let (h, _) = m.forward_hidden_with(&ids, seg.as_ref(), &|_, _| Ok(()))?;
+        Ok(m.lm_head(&h))
+    })?;
+    let one = Tensor::ones(
+        [],
+        (fast::model::upcast_kind(precision.param_kind()), device),
+    );
+    let out = tr.micro_step_on(&ids, &labels, seg.as_ref(), &one)?;
     let mut rows = vec![
         compare(
             name,
@@ -478,5 +504,12 @@ impl super::Checks for FastChecks {
 
     fn pth(&self, dir: &Path) -> Result<Vec<Row>> {
         super::pth::check_fast(dir, self.device, self.precision)
+    }
+
+    fn recipe(&self, c: &RecipeComponents) -> Result<Vec<Row>> {
+        Ok(crate::report::linear_schedule_rows(
+            &c.linear_schedule_with_warmup,
+            |k, warmup, total, base| fast::optim::schedule::linear_lr(k, total, base, warmup),
+        ))
     }
 }

@@ -17,7 +17,7 @@ use reference::dataset::{encode_padded, SpecialTokens};
 use reference::{clip, model, sampler, scaler::GradScaler, schedule, train};
 
 use crate::cases::reference_step;
-use crate::fixtures::{self, Components, ModelFixture, TrainFixture};
+use crate::fixtures::{self, Components, ModelFixture, RecipeComponents, TrainFixture};
 use crate::report::{named_rows, worst_per_group, Row};
 
 /// Logits and losses: dominated by the fixture's float32 RMSNorm / RoPE round-off (seen 2e-7).
@@ -42,11 +42,12 @@ pub const SCALER_PARAM_TOL: f64 = 1e-5;
 /// Forward, losses, every gradient, grad norm, and the weights after clip + one AdamW step.
 pub fn check_model(fx: &ModelFixture) -> Vec<Row> {
     let name = fx.name.as_str();
-    let (out, grads) = model::forward_backward(
+    let (out, grads) = model::forward_backward_with(
         &fx.config,
         &fx.params,
         fx.input_ids.view(),
         fx.labels.view(),
+        &fx.run.reference(),
     );
     let mut rows = vec![
         Row::compare(
@@ -285,5 +286,22 @@ impl super::Checks for ReferenceChecks {
     }
     fn pth(&self, dir: &Path) -> Result<Vec<Row>> {
         super::pth::check_reference(dir)
+    }
+    fn recipe(&self, c: &RecipeComponents) -> Result<Vec<Row>> {
+        let mut rows =
+            crate::report::linear_schedule_rows(&c.linear_schedule_with_warmup, |k, w, n, b| {
+                schedule::linear_with_warmup(k, w, n, b)
+            });
+        rows.push(crate::report::group_texts_row(
+            &c.group_texts,
+            |texts, block| {
+                let rows = reference::dataset::group_texts(texts, block);
+                (
+                    rows.iter().map(|r| r.input_ids.clone()).collect(),
+                    rows.iter().map(|r| r.labels.clone()).collect(),
+                )
+            },
+        ));
+        Ok(rows)
     }
 }

@@ -217,6 +217,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         adamw: AdamWConfig::default(),
         adamw_impl: AdamWImpl::Fused,
         kernels: args.kernels,
+        objective: Default::default(),
     };
     let mut tr = Trainer::new(&cfg, tc)?;
     eprintln!(

@@ -289,6 +289,8 @@ pub fn check_compatible(path: &Path, saved: &RunConfig, now: &RunConfig) -> Resu
         epochs,
         learning_rate,
         warmup_steps,
+        lr_schedule,
+        objective,
         weight_decay,
         seed,
         loss_normalization,

@@ -146,6 +146,14 @@ impl KernelConfig {
     }
 }
 
+/// The kind of attention mask a layer needs (its tensors stay with the model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskKind {
+    Causal,
+    Segments,
+    Bidirectional,
+}
+
 /// Which attention a layer runs (see [`Kernels::attention_path`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPath {
@@ -216,9 +224,14 @@ impl Kernels {
         cos: &Tensor,
         head_dim: i64,
         qk_norm: bool,
+        mask: MaskKind,
         compute: Kind,
     ) -> AttentionPath {
-        if qk_norm || !self.bf16_cuda(x, compute) || cos.kind() != Kind::Float || head_dim % 16 != 0
+        if qk_norm
+            || mask != MaskKind::Causal
+            || !self.bf16_cuda(x, compute)
+            || cos.kind() != Kind::Float
+            || head_dim % 16 != 0
         {
             return AttentionPath::Libtorch;
         }
@@ -327,7 +340,7 @@ mod tests {
         let k = Kernels::default();
         assert!(!k.rms_norm_applies(&x, &w, Kind::BFloat16));
         assert_eq!(
-            k.attention_path(&x, &w, 64, false, Kind::BFloat16),
+            k.attention_path(&x, &w, 64, false, MaskKind::Causal, Kind::BFloat16),
             AttentionPath::Libtorch
         );
         assert!(!k.libtorch_rms_norm_applies(&x, &w));

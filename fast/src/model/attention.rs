@@ -5,7 +5,7 @@
 use tch::{Kind, Tensor};
 
 use super::{bf16_operand, expect, linear, rope, KvCache, RmsNorm};
-use crate::kernels::{fused, AttentionPath, Kernels};
+use crate::kernels::{fused, AttentionPath, Kernels, MaskKind};
 
 pub struct Attention {
     /// [H*hd, d]
@@ -35,13 +35,45 @@ pub fn repeat_kv(z: Tensor, n_rep: i64) -> Tensor {
         .reshape([b, kv * n_rep, t, hd])
 }
 
-/// Where a forward's positions sit: the RoPE rows of positions `start ..`, and the cache of the
-/// positions before `start` (decoding) if any.
+/// Which keys each query sees.
+#[derive(Clone, Copy)]
+pub enum Mask<'a> {
+    /// Keys up to the query's own position (a causal LM).
+    Causal,
+    /// Causal within the query's document: int32 `[B, T]` gives every token the row index of its
+    /// document's first token; RoPE positions restart there.
+    Segments(&'a Tensor),
+    /// Every key of the row (a masked LM).
+    Bidirectional,
+}
+
+/// Where a forward's positions sit: the RoPE rows of positions `start ..`, the mask, and the
+/// cache of the positions before `start` (decoding) if any.
 pub struct Positions<'a> {
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
     pub start: i64,
+    pub mask: Mask<'a>,
     pub cache: Option<(&'a mut KvCache, usize)>,
+}
+
+/// Segments: the RoPE rows of every token's position in its document, `[B, T, hd]`, and the
+/// boolean mask `[B, 1, T, T]` of the keys each query sees (its document's, up to itself).
+fn segment_tables(seg_start: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
+    let (b, t) = seg_start.size2().expect("seg_start must be [B, T]");
+    let dev = seg_start.device();
+    let start = seg_start.to_kind(Kind::Int64);
+    let pos = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0) - &start; // [B, T]
+    let gather = |tab: &Tensor| {
+        let hd = tab.size()[1];
+        tab.index_select(0, &pos.reshape([-1])).reshape([b, t, hd])
+    };
+    let keys = Tensor::arange(t, (Kind::Int64, dev)).view([1, 1, t]);
+    let queries = Tensor::arange(t, (Kind::Int64, dev)).view([1, t, 1]);
+    let seen = keys
+        .le_tensor(&queries)
+        .logical_and(&keys.ge_tensor(&start.unsqueeze(-1)));
+    (gather(cos), gather(sin), seen.unsqueeze(1))
 }
 
 impl Attention {
@@ -53,11 +85,25 @@ impl Attention {
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let (cos, sin) = (pos.cos, pos.sin);
         if pos.cache.is_none() {
-            match k.attention_path(x, cos, hd, self.q_norm.is_some(), compute) {
+            let kind = match pos.mask {
+                Mask::Causal => MaskKind::Causal,
+                Mask::Segments(_) => MaskKind::Segments,
+                Mask::Bidirectional => MaskKind::Bidirectional,
+            };
+            match k.attention_path(x, cos, hd, self.q_norm.is_some(), kind, compute) {
                 AttentionPath::Libtorch => {}
                 path => return self.forward_merged(x, cos, sin, path, k),
             }
         }
+        // Segments: RoPE rows per token and the block-diagonal causal mask.
+        let seg = match pos.mask {
+            Mask::Segments(s) => Some(segment_tables(s, cos, sin)),
+            _ => None,
+        };
+        let (cos, sin) = match &seg {
+            Some((c, s, _)) => (c, s),
+            None => (cos, sin),
+        };
         // One cast of x for the three projections (autocast casts it per call; same values).
         let x = super::to_kind(x, compute);
         let mut q = linear(&x, &self.q_proj, compute).view([b, t, h, hd]);
@@ -75,7 +121,31 @@ impl Attention {
         }
         let n_rep = h / kv;
         let (kk, v) = (repeat_kv(kk, n_rep), repeat_kv(v, n_rep));
-        self.attend(&q, &kk, &v, pos.start, b, t, compute)
+        match (&seg, pos.mask) {
+            (Some((_, _, seen)), _) => self.attend_masked(&q, &kk, &v, Some(seen), b, t, compute),
+            (None, Mask::Bidirectional) => self.attend_masked(&q, &kk, &v, None, b, t, compute),
+            _ => self.attend(&q, &kk, &v, pos.start, b, t, compute),
+        }
+    }
+
+    /// SDPA of q, k, v `[B, H, T, hd]` under an explicit boolean mask (`None`: every key), then
+    /// o_proj: `[B, T, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_masked(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seen: Option<&Tensor>,
+        b: i64,
+        t: i64,
+        compute: Kind,
+    ) -> Tensor {
+        let o = Tensor::scaled_dot_product_attention(q, k, v, seen, 0.0, false, None, false);
+        let o = o
+            .transpose(1, 2)
+            .reshape([b, t, self.heads * self.head_dim]);
+        linear(&o, &self.o_proj, compute)
     }
 
     /// The bf16 CUDA path with the fused kernels (no qk-norm): q, k and v from one matmul

@@ -115,6 +115,7 @@ fn trainer_config(cfg: &RunConfig, device: Device) -> TrainerConfig {
         },
         adamw_impl: AdamWImpl::Fused,
         kernels: cfg.kernels,
+        objective: cfg.objective,
     }
 }
 
@@ -165,7 +166,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 let last = batches.step == plan.iters || p.global >= stop_at;
                 profile.before_step(p.global, ranks.device)?;
                 // forward and backward, then at the end of the window the optimizer step
-                let lr = cfg.lr_at(p.global, plan.total);
+                let lr = cfg.lr_at(p.global, plan.iters);
                 let batch =
                     Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, ranks.device);
                 let out = stepper.micro(&mut tr, cfg, &hb, &batch, &count)?;

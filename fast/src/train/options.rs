@@ -13,10 +13,12 @@ use serde::{Deserialize, Serialize};
 use crate::data::dataset::DataMode;
 use crate::data::tokenizer::SpecialTokenStrings;
 use crate::kernels::KernelConfig;
+use crate::model::loss::Objective;
 use crate::model::precision::device_name;
 use crate::model::presets::ModelArgs;
 use crate::model::ModelConfig;
 use crate::optim::accumulation::Normalisation;
+use crate::optim::schedule::Schedule;
 use crate::train::setup::DataSpec;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -38,6 +40,14 @@ impl From<DType> for crate::model::precision::Precision {
             DType::Float32 => Self::Fp32,
         }
     }
+}
+
+/// `--lr-schedule` (the schedule's own parameters are separate options).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScheduleKind {
+    Cosine,
+    Linear,
+    Wsd,
 }
 
 /// How the loss of an accumulation window is normalised.
@@ -112,9 +122,25 @@ pub struct PretrainArgs {
     /// Seed of the weight init and of every epoch's data permutation.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Linear warmup micro-steps before the cosine schedule (0 = MiniMind's schedule).
+    /// Warmup: linear from 0 over this many micro-steps before the cosine (0 = MiniMind's
+    /// schedule), or optimizer steps with --lr-schedule linear / wsd (transformers' convention).
     #[arg(long, alias = "warmup_steps", default_value_t = 0)]
     pub warmup_steps: usize,
+    /// cosine: MiniMind's, to a tenth of the rate, per micro-step; linear: transformers'
+    /// get_linear_schedule_with_warmup, to 0, per optimizer step; wsd: warmup, stable, then a
+    /// linear decay over the last --decay-fraction of the optimizer steps to --min-lr-ratio.
+    #[arg(long, alias = "lr_schedule", value_enum, default_value_t = ScheduleKind::Cosine)]
+    pub lr_schedule: ScheduleKind,
+    /// wsd: the fraction of the optimizer steps spent decaying.
+    #[arg(long, alias = "decay_fraction", default_value_t = 0.2)]
+    pub decay_fraction: f64,
+    /// wsd: the rate at the end, as a fraction of --learning-rate.
+    #[arg(long, alias = "min_lr_ratio", default_value_t = 0.0)]
+    pub min_lr_ratio: f64,
+    /// clm: causal LM (MiniMind); mlm: masked LM (bidirectional attention, the loss over masked
+    /// positions only, unshifted).
+    #[arg(long, value_enum, default_value_t = Objective::CausalLm)]
+    pub objective: Objective,
     /// AdamW decoupled weight decay (torch's default).
     #[arg(long, alias = "weight_decay", default_value_t = 0.01)]
     pub weight_decay: f64,
@@ -215,6 +241,10 @@ pub struct RunConfig {
     pub from_resume: bool,
     pub seed: u64,
     pub warmup_steps: usize,
+    #[serde(default)]
+    pub lr_schedule: Schedule,
+    #[serde(default)]
+    pub objective: Objective,
     pub weight_decay: f64,
     pub data_mode: DataMode,
     pub loss_normalization: LossNormalization,
@@ -387,6 +417,15 @@ impl PretrainArgs {
             from_resume: self.from_resume == 1,
             seed: self.seed,
             warmup_steps: self.warmup_steps,
+            lr_schedule: match self.lr_schedule {
+                ScheduleKind::Cosine => Schedule::Cosine,
+                ScheduleKind::Linear => Schedule::Linear,
+                ScheduleKind::Wsd => Schedule::Wsd {
+                    decay_fraction: self.decay_fraction,
+                    min_ratio: self.min_lr_ratio,
+                },
+            },
+            objective: self.objective,
             weight_decay: self.weight_decay,
             data_mode: self.data_mode,
             loss_normalization: self.loss_normalization,
@@ -458,6 +497,18 @@ impl RunConfig {
             );
         }
         crate::model::presets::check(&self.model)?;
+        if let Schedule::Wsd {
+            decay_fraction,
+            min_ratio,
+        } = self.lr_schedule
+        {
+            if !(0.0..=1.0).contains(&decay_fraction) {
+                bail!("--decay-fraction must be between 0 and 1 (got {decay_fraction})");
+            }
+            if !(0.0..=1.0).contains(&min_ratio) {
+                bail!("--min-lr-ratio must be between 0 and 1 (got {min_ratio})");
+            }
+        }
         if self.save_weight.is_empty() || self.save_weight.contains(['/', '\\']) {
             bail!(
                 "--save-weight must be a plain file-name prefix (got {:?})",
@@ -520,11 +571,13 @@ impl RunConfig {
         }
     }
 
-    /// The learning rate of micro-step `global` (1-based) of `total`.
-    pub fn lr_at(&self, global: usize, total: usize) -> f64 {
-        crate::optim::schedule::lr_at(
+    /// The learning rate of micro-step `global` (1-based) of a run of `iters` micro-steps an epoch.
+    pub fn lr_at(&self, global: usize, iters: usize) -> f64 {
+        self.lr_schedule.lr(
             global as u64,
-            total as u64,
+            iters as u64,
+            self.epochs as u64,
+            self.accumulation_steps as u64,
             self.learning_rate,
             self.warmup_steps as u64,
         )

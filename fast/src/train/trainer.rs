@@ -31,6 +31,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::kernels::{ops, KernelConfig, Kernels};
+use crate::model::loss::Objective;
 use crate::model::precision::Precision;
 use crate::model::{load_named, named_parameters, MiniMindForCausalLM, ModelConfig};
 use crate::optim::adamw::{AdamW, AdamWConfig, AdamWImpl};
@@ -47,6 +48,9 @@ pub struct TrainerConfig {
     pub adamw: AdamWConfig,
     pub adamw_impl: AdamWImpl,
     pub kernels: KernelConfig,
+    /// Causal LM (shifted loss, causal attention) or masked LM (unshifted loss over the masked
+    /// positions, bidirectional attention).
+    pub objective: Objective,
 }
 
 impl Default for TrainerConfig {
@@ -58,6 +62,7 @@ impl Default for TrainerConfig {
             adamw: AdamWConfig::default(),
             adamw_impl: AdamWImpl::Fused,
             kernels: KernelConfig::default(),
+            objective: Objective::CausalLm,
         }
     }
 }
@@ -88,6 +93,7 @@ pub struct Trainer {
     flat_grads: Tensor,
     /// Data parallel: the all-reduce overlapped with backward ([`Trainer::enable_overlap`]).
     overlap: Option<Overlap>,
+    objective: Objective,
 }
 
 impl Trainer {
@@ -101,6 +107,7 @@ impl Trainer {
         }
         model.set_compute_kind(tc.precision.compute_kind());
         model.kernels = Kernels::new(tc.kernels);
+        model.causal = tc.objective == Objective::CausalLm;
         let params = named_parameters(&vs);
         // Every .grad a zeroed view into one flat buffer (all parameters share one kind).
         let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
@@ -129,6 +136,7 @@ impl Trainer {
             nonfinite: None,
             flat_grads,
             overlap: None,
+            objective: tc.objective,
         })
     }
 
@@ -287,14 +295,32 @@ impl Trainer {
         labels: &Tensor,
         weight: &Tensor,
     ) -> Result<MicroStep> {
+        self.micro_step_on(input_ids, labels, None, weight)
+    }
+
+    /// [`Trainer::micro_step_weighted`] over packed rows whose documents `seg_start` (int32
+    /// `[B, T]`: every token's document start) keeps apart.
+    pub fn micro_step_on(
+        &mut self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        seg_start: Option<&Tensor>,
+        weight: &Tensor,
+    ) -> Result<MicroStep> {
         let (h, aux) = match &self.overlap {
             Some(o) => self
                 .model
-                .forward_hidden_marked(input_ids, &|i, f| o.mark(i, f))?,
-            None => self.model.forward_hidden(input_ids),
+                .forward_hidden_with(input_ids, seg_start, &|i, f| o.mark(i, f))?,
+            None => self
+                .model
+                .forward_hidden_with(input_ids, seg_start, &|_, _| Ok(()))?,
         };
         let aux = aux.to_kind(crate::model::upcast_kind(h.kind()));
         super::head::backward(self, &h, aux, labels, weight)
+    }
+
+    pub fn objective(&self) -> Objective {
+        self.objective
     }
 
     /// Pieces the chunked lm_head + loss of `train/head.rs` needs.
