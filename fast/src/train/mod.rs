@@ -23,6 +23,7 @@ mod epoch;
 pub mod graph;
 mod guard;
 mod head;
+mod held_out;
 pub mod metrics;
 pub mod options;
 mod profile;
@@ -48,6 +49,7 @@ use crate::model::ModelConfig;
 use crate::optim::adamw::{AdamWConfig, AdamWImpl};
 use console::{log_line, Console, Interval, IntervalEnd};
 use epoch::EpochBatches;
+use held_out::HeldOut;
 use metrics::MetricRow;
 use options::{PretrainArgs, RunConfig};
 use profile::ProfileWindow;
@@ -132,6 +134,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
         ));
     }
     let data = Data::load(&cfg.data_spec(), &|l| con.println(l))?;
+    let held_out = HeldOut::load(cfg, &|l| con.println(l))?;
     let mut tr = build_trainer(cfg, &data, &ranks, &con)?;
     let plan = Plan::new(cfg, data.dataset.len(), ranks.world);
     let mut p = resume::restore_or_start(cfg, &plan, &ranks, &mut tr, &con)?;
@@ -180,8 +183,9 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 p.useful_seen += hb.counted_labels as u64;
                 interval.add(&out.loss, hb.rows * hb.cols, hb.counted_labels);
 
-                // log line and metrics.jsonl
-                let logged = batches.step % cfg.log_interval == 0 || last;
+                // log line (with the held-out loss where due) and metrics.jsonl
+                let score = held_out.as_ref().filter(|h| h.due(p.global, run_end));
+                let logged = batches.step % cfg.log_interval == 0 || last || score.is_some();
                 if logged {
                     let end = IntervalEnd {
                         global: p.global,
@@ -197,6 +201,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                     let row = log_interval(
                         &mut interval,
                         end,
+                        score.map(|h| (h, &tr)),
                         hb.counted_labels,
                         &ranks,
                         &con,
@@ -304,12 +309,13 @@ fn build_trainer(cfg: &RunConfig, data: &Data, ranks: &Ranks, con: &Console) -> 
     Ok(tr)
 }
 
-/// The end of a log interval: its metric row (described over the global batch), the log line,
-/// the row appended to metrics.jsonl.
+/// The end of a log interval: its metric row (described over the global batch), the held-out
+/// loss where due, the log line, the row appended to metrics.jsonl.
 #[allow(clippy::too_many_arguments)]
 fn log_interval(
     interval: &mut Interval,
     end: IntervalEnd,
+    score: Option<(&HeldOut, &Trainer)>,
     counted: usize,
     ranks: &Ranks,
     con: &Console,
@@ -321,15 +327,21 @@ fn log_interval(
     let epoch = end.epoch;
     let mut row = interval.finish(end)?;
     crate::parallel::globalize_metric_row(&*ranks.comm, &mut row, counted)?;
+    // Scored after the interval's throughput is taken, and the next interval starts after it.
+    let scored = score.map(|(h, tr)| h.score(tr)).transpose()?;
+    if scored.is_some() {
+        interval.restart();
+    }
+    row.eval_loss = scored.as_ref().map(|s| s.loss);
     let eta = batches.eta_min();
-    con.println(log_line(
-        cfg.epochs,
-        plan.iters,
-        epoch,
-        batches.step,
-        eta,
-        &row,
-    ));
+    let mut line = log_line(cfg.epochs, plan.iters, epoch, batches.step, eta, &row);
+    if let Some(s) = &scored {
+        line += &format!(
+            " | held-out {:.4} ({} tokens, {:.1}s, at {:.1}s)",
+            s.loss, s.tokens, s.secs, row.elapsed_s
+        );
+    }
+    con.println(line);
     if ranks.main {
         metrics::append(metrics_path, &row)?;
     }

@@ -202,6 +202,20 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 5)]
     pub profile_steps: usize,
 
+    /// Held-out JSONL scored during training as `fast eval` scores it (one document per row from
+    /// bos, token-weighted): the loss goes into the log line, metrics.jsonl and the curve.
+    #[arg(long, alias = "eval_data")]
+    pub eval_data: Option<PathBuf>,
+    /// Score --eval-data every this many micro-steps (and at the end) [default: the save interval].
+    #[arg(long, alias = "eval_interval")]
+    pub eval_interval: Option<usize>,
+    /// Score only the first N documents of --eval-data [default: all].
+    #[arg(long, alias = "eval_docs")]
+    pub eval_docs: Option<usize>,
+    /// Rows per held-out batch.
+    #[arg(long, alias = "eval_batch_size", default_value_t = 64)]
+    pub eval_batch_size: usize,
+
     // ---- model ----
     #[command(flatten)]
     pub model: ModelArgs,
@@ -267,8 +281,21 @@ pub struct RunConfig {
     /// Which kernels run (`--kernels`, `--attention`, ...).
     #[serde(default)]
     pub kernels: KernelConfig,
+    /// `--eval-data` and how it is scored.
+    #[serde(default)]
+    pub eval_data: Option<PathBuf>,
+    #[serde(default = "one")]
+    pub eval_interval: usize,
+    #[serde(default)]
+    pub eval_docs: Option<usize>,
+    #[serde(default = "one")]
+    pub eval_batch_size: usize,
     /// Why defaults differ from MiniMind's (device-sized model, CPU subset, ...).
     pub notes: Vec<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// `--tokenizer`: a path, or the name of a built-in tokenizer when no such path exists.
@@ -445,6 +472,12 @@ impl PretrainArgs {
                 .clone()
                 .map(|d| (d, self.profile_at, self.profile_steps)),
             kernels: self.kernels,
+            eval_data: self.eval_data.clone(),
+            eval_interval: self
+                .eval_interval
+                .unwrap_or_else(|| pick(self.save_interval, 1000, 100)),
+            eval_docs: self.eval_docs,
+            eval_batch_size: self.eval_batch_size,
             notes,
         };
         cfg.validate()?;
@@ -468,6 +501,11 @@ impl RunConfig {
         at_least("save-interval", self.save_interval, 1)?;
         at_least("num-workers", self.num_workers, 1)?;
         at_least("max-seq-len", self.max_seq_len, 2)?;
+        at_least("eval-interval", self.eval_interval, 1)?;
+        at_least("eval-batch-size", self.eval_batch_size, 1)?;
+        if let Some(n) = self.eval_docs {
+            at_least("eval-docs", n, 1)?;
+        }
         if let Some(m) = self.max_steps {
             at_least("max-steps", m, 1)?;
         }
