@@ -487,6 +487,8 @@ pub struct Inventory {
     pub recipe: Option<PathBuf>,
     pub dataset_cases: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
+    /// `muon_cases.json` (golden/muon).
+    pub muon: Option<PathBuf>,
 }
 
 /// Lists the fixtures in `dir`, sorted by name.
@@ -504,6 +506,7 @@ pub fn discover(dir: &Path) -> Result<Inventory> {
             "components_seed004.json" => inv.recipe = Some(p.clone()),
             "dataset_cases.json" => inv.dataset_cases = Some(p.clone()),
             "tokenizer.json" => inv.tokenizer = Some(p.clone()),
+            "muon_cases.json" => inv.muon = Some(p.clone()),
             _ => {}
         }
         let Some(stem) = file.strip_suffix(".json") else {
@@ -523,4 +526,120 @@ pub fn discover(dir: &Path) -> Result<Inventory> {
         }
     }
     Ok(inv)
+}
+
+/// `torch.optim.Muon`'s options in a Muon case (golden/muon/README.md).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MuonOptions {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub ns_coefficients: (f64, f64, f64),
+    pub eps: f64,
+    pub ns_steps: usize,
+    /// null | "original" | "match_rms_adamw".
+    pub adjust_lr_fn: Option<String>,
+}
+
+impl MuonOptions {
+    /// Whether torch scaled the rate Moonshot's way (else Keller Jordan's, torch's default).
+    pub fn match_rms_adamw(&self) -> Result<bool> {
+        match self.adjust_lr_fn.as_deref() {
+            None | Some("original") => Ok(false),
+            Some("match_rms_adamw") => Ok(true),
+            Some(other) => bail!("unknown adjust_lr_fn {other:?}"),
+        }
+    }
+}
+
+/// One step of a Muon case: the gradients set before it and torch's weights after it.
+#[derive(Debug, Clone)]
+pub struct MuonStep {
+    pub grads: BTreeMap<String, Array2<f64>>,
+    pub after: BTreeMap<String, Array2<f64>>,
+}
+
+/// One case of `muon_cases.json`: torch's Muon over a few matrices for a few steps.
+#[derive(Debug, Clone)]
+pub struct MuonCase {
+    pub name: String,
+    /// "float64" (torch with Newton-Schulz kept in float64) or "bfloat16" (stock torch).
+    pub newton_schulz: String,
+    pub options: MuonOptions,
+    pub initial: BTreeMap<String, Array2<f64>>,
+    pub steps: Vec<MuonStep>,
+}
+
+/// Every case of a `muon_cases.json`; errors name the file and the case.
+pub fn load_muon_cases(path: &Path) -> Result<Vec<MuonCase>> {
+    let j = read_json(path)?;
+    let cases = j["cases"]
+        .as_array()
+        .with_context(|| format!("{}: no \"cases\" array", path.display()))?;
+    cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = c["name"].as_str().unwrap_or("?").to_string();
+            parse_muon_case(c, &name)
+                .with_context(|| format!("{}: case {i} ({name})", path.display()))
+        })
+        .collect()
+}
+
+fn parse_muon_case(c: &Value, name: &str) -> Result<MuonCase> {
+    let params = c["params"].as_object().context("no \"params\" object")?;
+    let shape = |k: &str| -> Result<(usize, usize)> {
+        let s: Vec<usize> = serde_json::from_value(params[k]["shape"].clone())
+            .with_context(|| format!("params.{k}.shape"))?;
+        match s.as_slice() {
+            [r, c] => Ok((*r, *c)),
+            _ => bail!("params.{k}.shape {s:?} is not a matrix"),
+        }
+    };
+    let matrices = |v: &Value, what: &str| -> Result<BTreeMap<String, Array2<f64>>> {
+        let o = v
+            .as_object()
+            .with_context(|| format!("{what} is not an object"))?;
+        o.iter()
+            .map(|(k, data)| {
+                let data: Vec<f64> =
+                    serde_json::from_value(data.clone()).with_context(|| format!("{what}.{k}"))?;
+                let m = Array2::from_shape_vec(shape(k)?, data)
+                    .with_context(|| format!("{what}.{k}: length does not match its shape"))?;
+                Ok((k.clone(), m))
+            })
+            .collect()
+    };
+    let initial = matrices(
+        &params
+            .iter()
+            .map(|(k, v)| (k.clone(), v["initial"].clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        "params.*.initial",
+    )?;
+    let steps = c["steps"]
+        .as_array()
+        .context("no \"steps\" array")?
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(MuonStep {
+                grads: matrices(&s["grads"], &format!("steps[{i}].grads"))?,
+                after: matrices(&s["after"], &format!("steps[{i}].after"))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(MuonCase {
+        name: name.to_string(),
+        newton_schulz: c["newton_schulz"]
+            .as_str()
+            .context("no \"newton_schulz\"")?
+            .to_string(),
+        options: serde_json::from_value(c["options"].clone()).context("options")?,
+        initial,
+        steps,
+    })
 }

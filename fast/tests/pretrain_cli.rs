@@ -265,6 +265,22 @@ fn packed_token_weighted_run_stopped_mid_window_resumes_bit_identically() {
     );
 }
 
+/// Muon's momentum buffers travel in the resume checkpoint with the WSD schedule's position.
+#[test]
+fn a_muon_wsd_run_stopped_mid_window_resumes_bit_identically() {
+    resumed_equals_uninterrupted(
+        &[
+            "--optimizer",
+            "muon",
+            "--lr-schedule",
+            "wsd",
+            "--warmup-steps",
+            "1",
+        ],
+        "8",
+    );
+}
+
 #[test]
 fn moe_runs_and_logs_its_aux_loss() {
     let dir = tempfile::tempdir().unwrap();

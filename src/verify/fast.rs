@@ -506,10 +506,81 @@ impl super::Checks for FastChecks {
         super::pth::check_fast(dir, self.device, self.precision)
     }
 
+    fn muon(&self, cases: &[fixtures::MuonCase]) -> Result<Vec<Row>> {
+        check_muon(cases, self.precision, self.device)
+    }
+
     fn recipe(&self, c: &RecipeComponents) -> Result<Vec<Row>> {
         Ok(crate::report::linear_schedule_rows(
             &c.linear_schedule_with_warmup,
             |k, warmup, total, base| fast::optim::schedule::linear_lr(k, total, base, warmup),
         ))
     }
+}
+
+/// torch.optim.Muon's steps (golden/muon) through the fast Muon on `device`: float64 weights,
+/// Newton-Schulz in `precision`'s compute kind. Tolerances, relative to torch's step: float64
+/// NS against torch's float64 NS, 1e-12 (the reference's bound: same operations, NS's quintic
+/// grows round-off ~450x); float32 NS, 1e-5 (2^-24 = 6e-8 per rounding, grown as above and by
+/// the step's cancellation: seen 1.1e-6 on the CPU); bfloat16 NS against torch's stock
+/// bfloat16 NS on the CPU, 1e-12 (the same products in the same kind on the same kernels:
+/// seen 2.9e-14); any other pairing with bfloat16 / float16 on either side, 0.1 (8 or 11
+/// significant bits over ~15 products, summed in another order on CUDA: a few %, as the
+/// reference sees between exact and torch's bfloat16).
+pub fn check_muon(
+    cases: &[fixtures::MuonCase],
+    precision: Precision,
+    device: Device,
+) -> Result<Vec<Row>> {
+    use fast::optim::muon::{AdjustLr, Muon, MuonConfig};
+    let ns_kind = precision.compute_kind();
+    crate::report::muon_rows(
+        cases,
+        |c| match (ns_kind, c.newton_schulz.as_str()) {
+            (Kind::Double, "float64") => 1e-12,
+            (Kind::Float, "float64") => 1e-5,
+            (Kind::BFloat16, "bfloat16") if device == Device::Cpu => 1e-12,
+            _ => 0.1,
+        },
+        |c| {
+            let o = &c.options;
+            let cfg = MuonConfig {
+                weight_decay: o.weight_decay,
+                momentum: o.momentum,
+                nesterov: o.nesterov,
+                ns_coefficients: o.ns_coefficients,
+                eps: o.eps,
+                ns_steps: o.ns_steps,
+                adjust_lr: if o.match_rms_adamw()? {
+                    AdjustLr::MatchRmsAdamw
+                } else {
+                    AdjustLr::Original
+                },
+            };
+            let names: Vec<String> = c.initial.keys().cloned().collect();
+            let to_device = |m: &ndarray::Array2<f64>| {
+                crate::convert::to_tensor(&m.clone().into_dyn()).to_device(device)
+            };
+            let params: Vec<Tensor> = names.iter().map(|k| to_device(&c.initial[k])).collect();
+            let all: Vec<usize> = (0..names.len()).collect();
+            let mut opt = Muon::new(&params, &all, cfg, ns_kind)?;
+            opt.set_lr(o.lr);
+            Ok(
+                move |before: &crate::report::Matrices, grads: &crate::report::Matrices| {
+                    let _guard = tch::no_grad_guard();
+                    let mut g = Vec::with_capacity(names.len());
+                    for (k, p) in names.iter().zip(&params) {
+                        p.shallow_clone().f_copy_(&to_device(&before[k]))?;
+                        g.push(to_device(&grads[k]));
+                    }
+                    opt.step(&params, &g, None)?;
+                    names
+                        .iter()
+                        .zip(&params)
+                        .map(|(k, p)| Ok((k.clone(), to_array(p).into_dimensionality()?)))
+                        .collect::<Result<crate::report::Matrices>>()
+                },
+            )
+        },
+    )
 }

@@ -52,6 +52,8 @@ pub trait Checks {
     fn recipe(&self, c: &RecipeComponents) -> Result<Vec<Row>>;
     /// MiniMind `.pth` weight files and the logits they give.
     fn pth(&self, dir: &Path) -> Result<Vec<Row>>;
+    /// torch.optim.Muon's steps (golden/muon).
+    fn muon(&self, cases: &[fixtures::MuonCase]) -> Result<Vec<Row>>;
 }
 
 /// `check`'s rows, or its error, or (a fixture this harness cannot read, past every check made
@@ -99,6 +101,10 @@ pub fn run(dir: &Path, target: &Target) -> Result<Vec<Row>> {
         rows.extend(guarded("dataset_cases.json", || {
             checks.dataset(cases, tok)
         })?);
+    }
+    if let Some(p) = &inv.muon {
+        let cases = fixtures::load_muon_cases(p)?;
+        rows.extend(guarded("muon_cases.json", || checks.muon(&cases))?);
     }
     rows.extend(guarded("the .pth weight files", || checks.pth(dir))?);
     anyhow::ensure!(!rows.is_empty(), "{}: no fixtures found", dir.display());

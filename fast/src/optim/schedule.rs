@@ -151,8 +151,8 @@ mod tests {
         // 5 micro-steps an epoch, accumulation 2: windows {1,2} {3,4} {5}, 3 optimizer steps.
         let lr = |g| Schedule::Linear.lr(g, 5, 2, 2, 1.0, 0);
         assert_eq!(lr(1), lr(2));
-        assert_eq!(lr(5), 1.0 - 2.0 / 6.0);
-        assert_eq!(lr(6), 1.0 - 3.0 / 6.0);
+        assert_eq!(lr(5), (6.0 - 2.0) / 6.0); // k = 2 of 6 optimizer steps
+        assert_eq!(lr(6), (6.0 - 3.0) / 6.0);
         assert_eq!(
             Schedule::Cosine.lr(7, 5, 2, 2, 1.0, 0),
             cosine_lr(7, 10, 1.0)

@@ -116,6 +116,7 @@ fn trainer_config(cfg: &RunConfig, device: Device) -> TrainerConfig {
             ..AdamWConfig::default()
         },
         adamw_impl: AdamWImpl::Fused,
+        muon: cfg.optimizer.muon_settings(cfg.learning_rate),
         kernels: cfg.kernels,
         objective: cfg.objective,
     }
@@ -303,6 +304,7 @@ fn build_trainer(cfg: &RunConfig, data: &Data, ranks: &Ranks, con: &Console) -> 
     let compute = tr.precision().compute_kind();
     con.println(describe_model(&model_cfg, cfg, tr.precision()));
     con.println(tr.kernels().describe(ranks.device.is_cuda(), compute));
+    con.println(tr.describe_optimizer());
     if cfg.from_weight != "none" {
         con.println(resume::load_from_weight(cfg, &mut tr)?);
     }

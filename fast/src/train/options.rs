@@ -19,6 +19,7 @@ use crate::model::presets::ModelArgs;
 use crate::model::ModelConfig;
 use crate::optim::accumulation::Normalisation;
 use crate::optim::schedule::Schedule;
+use crate::optim::OptimizerConfig;
 use crate::train::setup::DataSpec;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -216,6 +217,10 @@ pub struct PretrainArgs {
     #[arg(long, alias = "eval_batch_size", default_value_t = 64)]
     pub eval_batch_size: usize,
 
+    // ---- optimizer ----
+    #[command(flatten)]
+    pub optimizer: OptimizerConfig,
+
     // ---- model ----
     #[command(flatten)]
     pub model: ModelArgs,
@@ -260,6 +265,9 @@ pub struct RunConfig {
     #[serde(default)]
     pub objective: Objective,
     pub weight_decay: f64,
+    /// `--optimizer` and Muon's hyper-parameters.
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
     pub data_mode: DataMode,
     pub loss_normalization: LossNormalization,
     pub max_steps: Option<usize>,
@@ -454,6 +462,7 @@ impl PretrainArgs {
             },
             objective: self.objective,
             weight_decay: self.weight_decay,
+            optimizer: self.optimizer,
             data_mode: self.data_mode,
             loss_normalization: self.loss_normalization,
             max_steps: self.max_steps,
@@ -535,6 +544,7 @@ impl RunConfig {
             );
         }
         crate::model::presets::check(&self.model)?;
+        self.optimizer.validate()?;
         if let Schedule::Wsd {
             decay_fraction,
             min_ratio,
@@ -647,10 +657,10 @@ impl RunConfig {
                     // The kernel choices, one per line.
                     serde_json::Value::Object(inner) => {
                         for (sub, v) in inner {
-                            println!("  {:<20} {}", format!("{k}.{sub}"), shown(v));
+                            println!("  {:<28} {}", format!("{k}.{sub}"), shown(v));
                         }
                     }
-                    _ => println!("  {k:<20} {}", shown(&v)),
+                    _ => println!("  {k:<28} {}", shown(&v)),
                 }
             }
         }
