@@ -97,7 +97,10 @@ impl Attention {
         let w_qkv = bf16_operand(&[&self.q_proj, &self.k_proj, &self.v_proj], k);
         let qkv = x.linear::<Tensor>(&w_qkv, None);
         if path == AttentionPath::Own {
-            let o = expect("qkv_attention", fused::qkv_attention(&qkv, cos, sin, h, kv));
+            let o = expect(
+                "qkv_attention",
+                fused::qkv_attention(&qkv, cos, sin, h, kv, None, fused::AttnMask::Causal),
+            );
             return o.linear::<Tensor>(&bf16_operand(&[&self.o_proj], k), None);
         }
         // [B, T, heads, hd] each from the kernel, read as [B, heads, T, hd] views: SDPA (cuDNN)

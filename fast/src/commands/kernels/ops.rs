@@ -130,7 +130,17 @@ pub(super) fn check_attention(args: &KernelsArgs, device: Device) -> Result<bool
             &["o"],
             &["qkv"],
             std::slice::from_ref(&qkv),
-            &|l| Ok(vec![fused::qkv_attention(&l[0], &cos, &sin, h, kv)?]),
+            &|l| {
+                Ok(vec![fused::qkv_attention(
+                    &l[0],
+                    &cos,
+                    &sin,
+                    h,
+                    kv,
+                    None,
+                    fused::AttnMask::Causal,
+                )?])
+            },
             &|l| {
                 let bf = Kind::BFloat16;
                 let p = l[0].split_with_sizes([h * hd, kv * hd, kv * hd], -1);
@@ -151,7 +161,8 @@ pub(super) fn check_attention(args: &KernelsArgs, device: Device) -> Result<bool
             let g = Tensor::randn([b, t, h * hd], (Kind::BFloat16, device));
             let leaves = std::slice::from_ref(&qkv);
             let ours = time_ms(device, args.warmup, args.iters, || {
-                let o = fused::qkv_attention(&qkv, &cos, &sin, h, kv)?;
+                let o =
+                    fused::qkv_attention(&qkv, &cos, &sin, h, kv, None, fused::AttnMask::Causal)?;
                 grads(&[o], std::slice::from_ref(&g), leaves);
                 Ok(())
             })?;
