@@ -223,7 +223,10 @@ impl Kernels {
             return AttentionPath::Libtorch;
         }
         let batch = x.size().first().copied().unwrap_or(0);
-        if head_dim == 64 && batch <= 65_535 && self.config.attention == AttentionChoice::Fused {
+        if matches!(head_dim, 64 | 96 | 128)
+            && batch <= 65_535
+            && self.config.attention == AttentionChoice::Fused
+        {
             AttentionPath::Own
         } else {
             AttentionPath::MergedSdpa
