@@ -341,7 +341,8 @@ mod tests {
     /// metadata's keys are written in one order), and the file loads back.
     #[test]
     fn a_checkpoint_of_the_same_state_has_the_same_bytes() {
-        let args = Cli::parse_from(["x", "--data-path", "c.jsonl", "--tokenizer", "minimind2"]).args;
+        let args =
+            Cli::parse_from(["x", "--data-path", "c.jsonl", "--tokenizer", "minimind2"]).args;
         let cfg = args
             .resolve(tch::Device::Cpu, || unreachable!("paths given"))
             .unwrap();

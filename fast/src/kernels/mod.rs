@@ -92,8 +92,9 @@ pub struct KernelConfig {
     /// libtorch: libtorch's ops only.
     #[arg(long, value_enum, default_value_t = KernelChoice::Fused)]
     pub kernels: KernelChoice,
-    /// With --kernels fused: fused = our attention kernels (head dim 64), sdpa = our RoPE
-    /// layout kernel then libtorch's SDPA.
+    /// With --kernels fused: fused = our attention kernels (head dims 64, 96, 128; causal,
+    /// packed documents or bidirectional; qk-norm fused), sdpa = our RoPE layout kernel then
+    /// libtorch's SDPA (causal without qk-norm; libtorch's ops otherwise).
     #[arg(long, value_enum, default_value_t = AttentionChoice::Fused)]
     pub attention: AttentionChoice,
     /// With --kernels fused: how the fp32 weights become the projections' bf16 operands.
@@ -227,17 +228,18 @@ impl Kernels {
         mask: MaskKind,
         compute: Kind,
     ) -> AttentionPath {
-        if qk_norm
-            || mask != MaskKind::Causal
-            || !self.bf16_cuda(x, compute)
-            || cos.kind() != Kind::Float
-            || head_dim % 16 != 0
-        {
+        if !self.bf16_cuda(x, compute) || cos.kind() != Kind::Float || head_dim % 16 != 0 {
             return AttentionPath::Libtorch;
         }
         let batch = x.size().first().copied().unwrap_or(0);
-        if head_dim == 64 && batch <= 65_535 && self.config.attention == AttentionChoice::Fused {
+        if matches!(head_dim, 64 | 96 | 128)
+            && batch <= 65_535
+            && self.config.attention == AttentionChoice::Fused
+        {
+            // Every mask and the qk-norm run inside our kernels.
             AttentionPath::Own
+        } else if qk_norm || mask != MaskKind::Causal {
+            AttentionPath::Libtorch
         } else {
             AttentionPath::MergedSdpa
         }
@@ -290,7 +292,8 @@ impl Kernels {
             format!(
                 "fused (ours: RMSNorm, SwiGLU; attention {}; weight cast {}; cross-entropy {})",
                 match c.attention {
-                    AttentionChoice::Fused => "ours for head dim 64, else SDPA",
+                    AttentionChoice::Fused =>
+                        "ours for head dims 64/96/128 (every mask, qk-norm fused), else SDPA",
                     AttentionChoice::Sdpa => "SDPA",
                 },
                 match c.weight_cast {

@@ -1,6 +1,7 @@
-//! Causal grouped-query self-attention with RoPE (rotate-half) and optional qk-norm, through
-//! libtorch's `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA), or, on
-//! the fused bf16 CUDA path, our own kernels (fast/csrc/attention.cu for head dim 64).
+//! Grouped-query self-attention with RoPE (rotate-half) and optional qk-norm, causal, causal
+//! within packed documents, or bidirectional, through libtorch's `scaled_dot_product_attention`
+//! (flash / memory-efficient kernels on CUDA), or, on the fused bf16 CUDA path, our own kernels
+//! (fast/csrc/attention.cu: head dims 64, 96 and 128, every mask, the qk-norm fused).
 
 use tch::{Kind, Tensor};
 
@@ -92,7 +93,7 @@ impl Attention {
             };
             match k.attention_path(x, cos, hd, self.q_norm.is_some(), kind, compute) {
                 AttentionPath::Libtorch => {}
-                path => return self.forward_merged(x, cos, sin, path, k),
+                path => return self.forward_merged(x, cos, sin, pos.mask, path, k),
             }
         }
         // Segments: RoPE rows per token and the block-diagonal causal mask.
@@ -148,16 +149,17 @@ impl Attention {
         linear(&o, &self.o_proj, compute)
     }
 
-    /// The bf16 CUDA path with the fused kernels (no qk-norm): q, k and v from one matmul
-    /// against `cat([q_proj, k_proj, v_proj])`, then either our attention over that projection
-    /// (`qkv_attention`: RoPE, GQA and the causal softmax in one node) or one autograd node
-    /// (`qkv_heads`) for RoPE (q, k) and repeat_kv (k, v), whose backward writes the merged
-    /// projection's gradient directly, and cuDNN's SDPA.
+    /// The bf16 CUDA path with the fused kernels: q, k and v from one matmul against
+    /// `cat([q_proj, k_proj, v_proj])`, then either our attention over that projection
+    /// (`qkv_attention`: qk-norm, RoPE, GQA and the masked softmax in one node) or (causal, no
+    /// qk-norm) one autograd node (`qkv_heads`) for RoPE (q, k) and repeat_kv (k, v), whose
+    /// backward writes the merged projection's gradient directly, and cuDNN's SDPA.
     fn forward_merged(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        mask: Mask,
         path: AttentionPath,
         k: &Kernels,
     ) -> Tensor {
@@ -167,7 +169,23 @@ impl Attention {
         let w_qkv = bf16_operand(&[&self.q_proj, &self.k_proj, &self.v_proj], k);
         let qkv = x.linear::<Tensor>(&w_qkv, None);
         if path == AttentionPath::Own {
-            let o = expect("qkv_attention", fused::qkv_attention(&qkv, cos, sin, h, kv));
+            let qk_norm = match (&self.q_norm, &self.k_norm) {
+                (Some(q), Some(kn)) => Some(fused::QkNorm {
+                    q: &q.weight,
+                    k: &kn.weight,
+                    eps: q.eps,
+                }),
+                _ => None,
+            };
+            let mask = match mask {
+                Mask::Causal => fused::AttnMask::Causal,
+                Mask::Segments(s) => fused::AttnMask::Segments(s),
+                Mask::Bidirectional => fused::AttnMask::Bidirectional,
+            };
+            let o = expect(
+                "qkv_attention",
+                fused::qkv_attention(&qkv, cos, sin, h, kv, qk_norm, mask),
+            );
             return o.linear::<Tensor>(&bf16_operand(&[&self.o_proj], k), None);
         }
         // [B, T, heads, hd] each from the kernel, read as [B, heads, T, hd] views: SDPA (cuDNN)
