@@ -116,3 +116,43 @@ fn seed004_fixtures_pass_on_the_cpu() {
         }
     }
 }
+
+/// `verify`'s fast path runs MoE's grouped experts (the default, for fp32 and bf16) on the MoE
+/// fixtures of both folders (golden/minimind's moe_tiny: MiniMind2's MoE, shared expert and seq
+/// aux; golden/minimind3's moe3_tiny and minimind3_moe_48.pth: MiniMind-3's top-1 MoE) in the
+/// tests above; with `--moe-experts loop` the same fixtures pass within the same tolerances.
+#[test]
+fn moe_fixtures_pass_with_grouped_and_with_looped_experts() {
+    use fast::kernels::{KernelConfig, Kernels, MoeExperts};
+    let x = tch::Tensor::zeros([1, 1, 8], (tch::Kind::Float, tch::Device::Cpu));
+    for kind in [tch::Kind::Float, tch::Kind::BFloat16] {
+        assert!(Kernels::default().moe_grouped_applies(&x, kind, 64, 192));
+    }
+    let looped = KernelConfig {
+        moe_experts: MoeExperts::Loop,
+        ..KernelConfig::default()
+    };
+    for (dir, names) in [
+        (golden(), &["moe_tiny"][..]),
+        (minimind3(), &["moe3_tiny", "minimind3_moe_48"][..]),
+    ] {
+        for precision in ["fp32", "bf16"] {
+            let checks = FastChecks::new("cpu", precision)
+                .unwrap()
+                .with_kernels(looped);
+            let rows = verify::run(dir, &Target::Fast(checks)).expect("fast verification runs");
+            let table = format_table(&rows);
+            assert!(
+                rows.iter().all(|r| r.ok),
+                "{}, --moe-experts loop, {precision}:\n{table}",
+                dir.display()
+            );
+            for name in names {
+                assert!(
+                    rows.iter().any(|r| r.fixture.starts_with(name)),
+                    "{name} not checked"
+                );
+            }
+        }
+    }
+}

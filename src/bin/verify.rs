@@ -28,13 +28,18 @@ struct Args {
     /// Fast path only: fp32, bf16, fp16 or fp64.
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// Fast path only: the kernel choices (`--moe-experts loop` checks MoE's per-expert loop
+    /// instead of its grouped experts).
+    #[command(flatten)]
+    kernels: fast::kernels::KernelConfig,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let target = match args.path {
         PathKind::Reference => Ok(Target::Reference),
-        PathKind::Fast => FastChecks::new(&args.device, &args.precision).map(Target::Fast),
+        PathKind::Fast => FastChecks::new(&args.device, &args.precision)
+            .map(|f| Target::Fast(f.with_kernels(args.kernels))),
     };
     let rows = target.and_then(|t| harness::verify::run(&args.fixtures, &t));
     match rows {

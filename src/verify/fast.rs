@@ -27,6 +27,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use fast::kernels::KernelConfig;
 use fast::model::loss::Objective;
 use fast::model::precision::{parse_device, Precision};
 use fast::train::trainer::{Trainer, TrainerConfig};
@@ -98,10 +99,30 @@ pub fn trainer(
     precision: Precision,
     device: Device,
 ) -> Result<Trainer> {
+    trainer_with(
+        cfg,
+        params,
+        adamw,
+        precision,
+        device,
+        KernelConfig::default(),
+    )
+}
+
+/// [`trainer`] with the kernel choices `kernels`.
+pub fn trainer_with(
+    cfg: &reference::ModelConfig,
+    params: &reference::Params,
+    adamw: fast::optim::adamw::AdamWConfig,
+    precision: Precision,
+    device: Device,
+    kernels: KernelConfig,
+) -> Result<Trainer> {
     let tc = TrainerConfig {
         precision,
         device,
         adamw,
+        kernels,
         ..Default::default()
     };
     Trainer::from_named(&fast_config(cfg), tc, to_named(params), "fixture params")
@@ -117,14 +138,16 @@ pub fn adamw_config(a: &fixtures::AdamWJson) -> fast::optim::adamw::AdamWConfig 
 
 /// Forward, losses, every gradient, grad norm, weights after clip + one AdamW step.
 pub fn check_model(fx: &ModelFixture, precision: Precision, device: Device) -> Result<Vec<Row>> {
-    check_model_with(fx, precision, device, tolerances_on(precision, device))
+    let tol = tolerances_on(precision, device);
+    check_model_with(fx, precision, device, KernelConfig::default(), tol)
 }
 
-/// [`check_model`] under given tolerances.
+/// [`check_model`] with the kernel choices `kernels`, under given tolerances.
 pub fn check_model_with(
     fx: &ModelFixture,
     precision: Precision,
     device: Device,
+    kernels: KernelConfig,
     tol: Tolerances,
 ) -> Result<Vec<Row>> {
     let name = fx.name.as_str();
@@ -139,6 +162,7 @@ pub fn check_model_with(
         device,
         adamw: adamw_config(&fx.adamw),
         objective,
+        kernels,
         ..Default::default()
     };
     let mut tr = Trainer::from_named(
@@ -268,15 +292,17 @@ pub fn check_trajectory(
     fx: &TrainFixture,
     precision: Precision,
     device: Device,
+    kernels: KernelConfig,
 ) -> Result<Vec<Row>> {
     let name = fx.name.as_str();
     let tol = tolerances_on(precision, device);
-    let mut tr = trainer(
+    let mut tr = trainer_with(
         &fx.config,
         &fx.params,
         adamw_config(&fx.adamw),
         precision,
         device,
+        kernels,
     )?;
     let batches: Vec<(Tensor, Tensor)> = fx
         .batches
@@ -457,10 +483,12 @@ pub fn check_dataset(cases_path: &Path, tokenizer_path: &Path) -> Result<Vec<Row
     )])
 }
 
-/// The fast path's checks on one device in one precision.
+/// The fast path's checks on one device in one precision with one choice of kernels (the
+/// default: what `pretrain` runs, so MoE's grouped experts in bf16 and fp32).
 pub struct FastChecks {
     pub device: Device,
     pub precision: Precision,
+    pub kernels: KernelConfig,
 }
 
 impl FastChecks {
@@ -469,13 +497,20 @@ impl FastChecks {
         Ok(FastChecks {
             device: parse_device(device)?,
             precision: precision.parse()?,
+            kernels: KernelConfig::default(),
         })
+    }
+
+    /// The same checks with the kernel choices `kernels`.
+    pub fn with_kernels(self, kernels: KernelConfig) -> Self {
+        FastChecks { kernels, ..self }
     }
 }
 
 impl super::Checks for FastChecks {
     fn model(&self, fx: &ModelFixture) -> Result<Vec<Row>> {
-        check_model(fx, self.precision, self.device)
+        let tol = tolerances_on(self.precision, self.device);
+        check_model_with(fx, self.precision, self.device, self.kernels, tol)
     }
 
     /// Cases made by the reference (head dim 64: our attention kernels on the bf16 CUDA path).
@@ -487,11 +522,11 @@ impl super::Checks for FastChecks {
             Precision::Fp64 => tolerances(Precision::Fp32),
             p => tolerances_on(p, self.device),
         };
-        check_model_with(fx, self.precision, self.device, tol)
+        check_model_with(fx, self.precision, self.device, self.kernels, tol)
     }
 
     fn trajectory(&self, fx: &TrainFixture) -> Result<Vec<Row>> {
-        check_trajectory(fx, self.precision, self.device)
+        check_trajectory(fx, self.precision, self.device, self.kernels)
     }
 
     fn components(&self, c: &Components) -> Result<Vec<Row>> {
@@ -503,7 +538,7 @@ impl super::Checks for FastChecks {
     }
 
     fn pth(&self, dir: &Path) -> Result<Vec<Row>> {
-        super::pth::check_fast(dir, self.device, self.precision)
+        super::pth::check_fast_with(dir, self.device, self.precision, self.kernels)
     }
 
     fn muon(&self, cases: &[fixtures::MuonCase]) -> Result<Vec<Row>> {

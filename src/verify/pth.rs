@@ -24,6 +24,21 @@ use crate::report::Row;
 /// The fast path: the weights imported in `precision`'s kind (fp16 is checked as bf16) on
 /// `device`, the model's forward.
 pub fn check_fast(dir: &Path, device: Device, precision: Precision) -> Result<Vec<Row>> {
+    check_fast_with(
+        dir,
+        device,
+        precision,
+        fast::kernels::KernelConfig::default(),
+    )
+}
+
+/// [`check_fast`] with the kernel choices `kernels`.
+pub fn check_fast_with(
+    dir: &Path,
+    device: Device,
+    precision: Precision,
+    kernels: fast::kernels::KernelConfig,
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let (kind, tol) = match precision {
         Precision::Fp64 => (Kind::Double, 1e-9),
@@ -39,6 +54,7 @@ pub fn check_fast(dir: &Path, device: Device, precision: Precision) -> Result<Ve
         };
         let (mut m, _) = fast::io::weights::load_model(&pth, None, weights_kind, device)?;
         m.set_compute_kind(kind);
+        m.kernels = fast::kernels::Kernels::new(kernels);
         let _g = tch::no_grad_guard();
         let got = m
             .forward(&ids.to_device(device), None)

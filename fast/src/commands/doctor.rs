@@ -186,7 +186,7 @@ fn libtorch_location() -> (String, String) {
 }
 
 /// Device facts from the CUDA driver API (stable across CUDA versions, unlike cudaDeviceProp).
-mod cuda_driver {
+pub(crate) mod cuda_driver {
     use anyhow::{bail, Context, Result};
     use std::ffi::{c_char, c_int, c_uint, CStr};
 

@@ -10,9 +10,9 @@
 //! | [`profiler`] | `csrc/profiler.cpp`: libtorch's Kineto profiler | always built |
 //!
 //! [`KernelConfig`] is what a user chooses (`--kernels`, `--attention`, `--weight-cast`,
-//! `--cross-entropy`, `--rms-norm`, `--loss-chunk-rows`, `--dp-overlap`, `--dp-bucket-layers`); it is part of every
-//! run configuration, printed at start and saved with the checkpoints. [`Kernels`] is that choice
-//! applied to this build: each `*_applies` method below is the only test in the crate of whether
+//! `--cross-entropy`, `--rms-norm`, `--loss-chunk-rows`, `--dp-overlap`, `--dp-bucket-layers`,
+//! `--moe-experts`); it is part of every run configuration, printed at start and saved with the
+//! checkpoints. [`Kernels`] is that choice applied to this build: each `*_applies` method below is the only test in the crate of whether
 //! a fused kernel runs for given tensors.
 
 pub mod ops;
@@ -83,6 +83,18 @@ pub enum OnOff {
     Off,
 }
 
+/// How a MoE layer runs its routed experts (see [`Kernels::moe_experts_path`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MoeExperts {
+    /// Every expert at once: grouped matmuls (`torch._grouped_mm`) over the tokens sorted by
+    /// expert, no host read, capturable in a CUDA graph (bf16 and fp32).
+    Grouped,
+    /// One expert after another, each on its slice of the sorted tokens (its size read on the
+    /// host once per layer).
+    Loop,
+}
+
 /// The kernel choices of a run. Every field changes what the GPU executes (never the formula:
 /// the results agree within the tolerances `fast kernels` and `verify` check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
@@ -120,6 +132,10 @@ pub struct KernelConfig {
     /// 25 MB of torch DDP's default bucket).
     #[arg(long, alias = "dp_bucket_layers", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     pub dp_bucket_layers: u64,
+    /// MoE: the routed experts as grouped matmuls where they apply (bf16, fp32), or one expert
+    /// after another (always the case in fp64).
+    #[arg(long, alias = "moe_experts", value_enum, default_value_t = MoeExperts::Grouped)]
+    pub moe_experts: MoeExperts,
 }
 
 impl Default for KernelConfig {
@@ -133,6 +149,7 @@ impl Default for KernelConfig {
             loss_chunk_rows: 8192,
             dp_overlap: OnOff::On,
             dp_bucket_layers: 2,
+            moe_experts: MoeExperts::Grouped,
         }
     }
 }
@@ -279,6 +296,51 @@ impl Kernels {
         }
     }
 
+    /// A MoE layer's routed experts as grouped matmuls (`torch._grouped_mm`, libtorch's own op,
+    /// whatever `--kernels` says) for activations `x` in `compute`, model width `hidden`, expert
+    /// width `width`: chosen (`--moe-experts grouped`), bf16 or fp32 compute (libtorch has no
+    /// fp64 grouped matmul), and on CUDA both widths multiples of 8 (its bf16 kernel needs
+    /// 16-byte strides). Otherwise the per-expert loop.
+    pub fn moe_grouped_applies(&self, x: &Tensor, compute: Kind, hidden: i64, width: i64) -> bool {
+        self.config.moe_experts == MoeExperts::Grouped
+            && matches!(compute, Kind::BFloat16 | Kind::Float)
+            && (!x.device().is_cuda() || (hidden % 8 == 0 && width % 8 == 0))
+    }
+
+    /// Why a CUDA graph cannot capture a MoE layer of these widths in `compute`, if it cannot.
+    /// Only the grouped path in bf16 reads nothing on the host: the loop reads each expert's
+    /// token count, and libtorch's grouped matmul on CUDA outside bf16 loops over the groups
+    /// with their sizes read on the host. (Its bf16 kernel also needs an sm90/sm100 GPU, which
+    /// `train::graph` checks.)
+    pub fn moe_graph_refusal(
+        &self,
+        compute: Kind,
+        hidden: i64,
+        width: i64,
+    ) -> Option<&'static str> {
+        if self.config.moe_experts == MoeExperts::Loop {
+            return Some(
+                "MoE with --moe-experts loop reads each expert's token count on the host, which \
+                 a graph cannot capture; use --moe-experts grouped",
+            );
+        }
+        if compute != Kind::BFloat16 {
+            return Some(
+                "MoE's grouped expert matmuls run without a host read only in bf16 (in fp32 \
+                 libtorch reads the group sizes on the host; fp64 runs the per-expert loop); use \
+                 --dtype bfloat16",
+            );
+        }
+        if hidden % 8 != 0 || width % 8 != 0 {
+            return Some(
+                "MoE's grouped expert matmuls need --hidden-size and the expert width to be \
+                 multiples of 8 on CUDA (otherwise the experts run as --moe-experts loop, which \
+                 reads the host)",
+            );
+        }
+        None
+    }
+
     /// One line for the start of a run: the choices and what this build and device make of them.
     pub fn describe(&self, cuda: bool, compute: Kind) -> String {
         let c = &self.config;
@@ -307,7 +369,8 @@ impl Kernels {
             )
         };
         format!(
-            "kernels: {ours}; rms-norm {}; loss chunks of {}; dp overlap {} ({} layers per bucket)",
+            "kernels: {ours}; rms-norm {}; loss chunks of {}; dp overlap {} ({} layers per bucket); \
+             MoE experts {}",
             match c.rms_norm {
                 RmsNormChoice::Fused => "fused",
                 RmsNormChoice::Composed => "composed",
@@ -320,7 +383,11 @@ impl Kernels {
                 OnOff::On => "on",
                 OnOff::Off => "off",
             },
-            c.dp_bucket_layers
+            c.dp_bucket_layers,
+            match c.moe_experts {
+                MoeExperts::Grouped => "grouped (bf16/fp32; fp64 loops)",
+                MoeExperts::Loop => "loop",
+            }
         )
     }
 }
@@ -355,6 +422,35 @@ mod tests {
         assert_eq!(Kernels::new(c).loss_chunk_rows(), Some(8192));
         c.loss_chunk_rows = 0;
         assert_eq!(Kernels::new(c).loss_chunk_rows(), None);
+    }
+
+    /// The grouped experts run for bf16 and fp32 (on the CPU too: libtorch's op, not ours) and
+    /// not for fp64 or `--moe-experts loop`; a graph is refused naming the option or the dtype.
+    #[test]
+    fn moe_experts_are_grouped_for_bf16_and_fp32_only() {
+        let x = Tensor::zeros([2, 3, 8], (Kind::Float, Device::Cpu));
+        let grouped = Kernels::default();
+        let looped = Kernels::new(KernelConfig {
+            moe_experts: MoeExperts::Loop,
+            ..KernelConfig::default()
+        });
+        for k in [grouped, Kernels::new(KernelConfig::libtorch())] {
+            assert!(k.moe_grouped_applies(&x, Kind::BFloat16, 8, 24));
+            assert!(k.moe_grouped_applies(&x, Kind::Float, 8, 24));
+            assert!(!k.moe_grouped_applies(&x, Kind::Double, 8, 24));
+        }
+        assert!(!looped.moe_grouped_applies(&x, Kind::BFloat16, 8, 24));
+        assert_eq!(grouped.moe_graph_refusal(Kind::BFloat16, 512, 1408), None);
+        let why = looped.moe_graph_refusal(Kind::BFloat16, 512, 1408).unwrap();
+        assert!(why.contains("--moe-experts"), "{why}");
+        for compute in [Kind::Float, Kind::Double] {
+            let why = grouped.moe_graph_refusal(compute, 512, 1408).unwrap();
+            assert!(why.contains("--dtype bfloat16"), "{why}");
+        }
+        let why = grouped
+            .moe_graph_refusal(Kind::BFloat16, 516, 1408)
+            .unwrap();
+        assert!(why.contains("multiples of 8"), "{why}");
     }
 
     /// Saved run configurations without the kernel fields read back as the defaults.

@@ -340,7 +340,7 @@ impl MiniMindForCausalLM {
                 }
                 FeedForward::Moe(m) => {
                     x = &x1 + a;
-                    let (f, layer_aux) = m.forward(&norm2.forward(&x, k), self.compute);
+                    let (f, layer_aux) = m.forward(&norm2.forward(&x, k), self.compute, k);
                     aux = aux + layer_aux;
                     f
                 }

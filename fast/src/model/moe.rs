@@ -13,14 +13,36 @@
 //! - MiniMind-3: `coef * E * sum_e (#(token, slot) routed to e / N) * mean_n score[n, e]` over all
 //!   N = B*T tokens (upstream's `(one_hot(topk_idx).mean(0) * scores.mean(0)).sum()`).
 //!
-//! Counts carry no gradient (as in MiniMind); pads are routed and counted. Dispatch: the N*k
-//! (token, slot) pairs are sorted by expert, each expert runs once on its contiguous slice, and
-//! `index_add` scatters the weighted outputs back. The per-expert sizes are read to the host once
-//! per layer (one sync per MoE layer).
+//! Counts carry no gradient (as in MiniMind); pads are routed and counted. No capacity limit: every
+//! (token, slot) pair reaches its expert. Dispatch: the N*k (token, slot) pairs are sorted by
+//! expert (stable, so each expert sees its tokens in order) into one buffer `[N*k, d]`; the
+//! experts run on their contiguous slices; `index_add` adds the weighted outputs back into
+//! `[N, d]` in one pass. Two ways to run the experts ([`Kernels::moe_grouped_applies`]):
+//! - grouped (`--moe-experts grouped`, bf16 and fp32): the experts' weights stacked `[E, in,
+//!   out]` at use time and each projection one `torch._grouped_mm` over the whole buffer, with
+//!   the per-expert row ranges given as a device tensor (`offs`, cumulative ends, int32) counted
+//!   by a scatter into a fixed `[E]`: static shapes, no host read, so a CUDA graph captures it.
+//!   On the fused bf16 CUDA path gate and up are one grouped matmul against `[gate_e; up_e]` and
+//!   our SwiGLU kernel follows, as in the dense MLP; elsewhere three grouped matmuls and
+//!   `silu(g) * u`, which on the CPU computes exactly the loop's numbers (the same per-group
+//!   matmuls). Autograd differentiates `_grouped_mm`.
+//! - loop (`--moe-experts loop`, and always in fp64, which `_grouped_mm` refuses): each expert
+//!   once on its slice, the slice sizes read to the host once per layer.
+//!
+//! Shared experts run as the dense MLP does (our fused SwiGLU where it applies), on both paths.
+//!
+//! The parameters stay one tensor per expert under MiniMind's names
+//! (`model.layers.{i}.mlp.experts.{j}.gate_proj.weight`): the grouped path stacks them per
+//! call. That stack is the copy a bf16 cast makes anyway (on the fused path one weight-cast
+//! node writes all experts' bf16 operand and adds their gradients into `.grad` in place), so a
+//! persistently stacked layout would save launches, not bytes; `fast kernels --only moe` times
+//! the grouped layer with the weights stacked per call against the same layer on pre-stacked
+//! weights.
 
 use tch::{Kind, Tensor};
 
-use super::{linear, Mlp, ModelConfig};
+use super::{bf16_operand, expect, linear, to_kind, Mlp, ModelConfig};
+use crate::kernels::{fused, Kernels};
 
 /// How a MoE layer weighs its experts and what aux loss it adds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,32 +92,180 @@ pub struct MoeFeedForward {
     pub routing: MoeRouting,
 }
 
+/// The routed experts' weights stacked for grouped matmuls, in the compute kind: gate and up as
+/// one `[E, 2F, d]` (`[gate_e; up_e]` per expert) or as two `[E, F, d]`, down `[E, d, F]`.
+pub struct StackedExperts {
+    gate_up: GateUp,
+    down: Tensor,
+}
+
+impl StackedExperts {
+    /// Detached copies that require grad (leaves of their own).
+    pub fn as_leaves(&self) -> StackedExperts {
+        let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);
+        StackedExperts {
+            gate_up: match &self.gate_up {
+                GateUp::Merged(gu) => GateUp::Merged(leaf(gu)),
+                GateUp::Split(g, u) => GateUp::Split(leaf(g), leaf(u)),
+            },
+            down: leaf(&self.down),
+        }
+    }
+
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let mut v = match &self.gate_up {
+            GateUp::Merged(gu) => vec![gu.shallow_clone()],
+            GateUp::Split(g, u) => vec![g.shallow_clone(), u.shallow_clone()],
+        };
+        v.push(self.down.shallow_clone());
+        v
+    }
+}
+
+enum GateUp {
+    Merged(Tensor),
+    Split(Tensor, Tensor),
+}
+
+/// The N*k (token, slot) pairs sorted by expert.
+struct Dispatch {
+    /// The sorted pairs' expert ids `[N*k]`.
+    expert: Tensor,
+    /// The sorted pairs' tokens `[N*k]` (row of `[N, d]`).
+    token: Tensor,
+    /// The sorted pairs' routing weights `[N*k, 1]` (router kind).
+    weight: Tensor,
+}
+
 impl MoeFeedForward {
-    /// x `[B, T, d]` -> (`[B, T, d]`, aux loss scalar fp32).
-    pub fn forward(&self, x: &Tensor, compute: Kind) -> (Tensor, Tensor) {
+    /// x `[B, T, d]` -> (`[B, T, d]` in x's kind, aux loss scalar fp32). The routed experts run
+    /// grouped where [`Kernels::moe_grouped_applies`], else one after another.
+    pub fn forward(&self, x: &Tensor, compute: Kind, k: &Kernels) -> (Tensor, Tensor) {
+        self.forward_with(x, compute, k, None)
+    }
+
+    /// [`Self::forward`], the grouped path on `stacked` weights when given (instead of
+    /// stacking the experts' own): what a persistently stacked layout would run.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        compute: Kind,
+        k: &Kernels,
+        stacked: Option<&StackedExperts>,
+    ) -> (Tensor, Tensor) {
         let (b, t, d) = x.size3().expect("MoE input must be [B, T, d]");
-        let n = b * t;
-        let e_n = self.experts.len() as i64;
+        let xf = x.reshape([b * t, d]);
+        let (topw, topi, aux) = self.route(&xf, b, t);
+        let disp = dispatch(&topw, &topi);
+        let ys = if k.moe_grouped_applies(x, compute, d, self.width()) {
+            // Gathered before the cast, as the loop does: the gather's backward then adds a
+            // token's k slot gradients in x's kind, not in bf16.
+            let xs = to_kind(&xf.index_select(0, &disp.token), compute);
+            let offs = self.offsets(&disp);
+            match stacked {
+                Some(w) => self.grouped_experts(&xs, &offs, w),
+                None => self.grouped_experts(&xs, &offs, &self.stacked(compute, &xs, k)),
+            }
+        } else {
+            self.looped_experts(&xf, &disp, compute)
+        };
+        let y = Tensor::zeros([b * t, d], (x.kind(), x.device())).index_add(
+            0,
+            &disp.token,
+            &(ys.to_kind(x.kind()) * disp.weight.to_kind(x.kind())),
+        );
+        let y = (self.shared_experts.iter()).fold(y.reshape([b, t, d]), |y, s| {
+            y + s.forward_fused(x, compute, k)
+        });
+        (y, aux)
+    }
+
+    /// Each expert's FFN width F.
+    pub fn width(&self) -> i64 {
+        self.experts.first().map_or(0, |e| e.gate_proj.size()[0])
+    }
+
+    /// Router on xf `[N, d]`: top-k weights `[N, k]` (fp32, renormalised as the variant does),
+    /// top-k expert ids `[N, k]`, aux loss.
+    fn route(&self, xf: &Tensor, b: i64, t: i64) -> (Tensor, Tensor, Tensor) {
         let k = self.top_k;
-        let xf = x.reshape([n, d]);
-        let sk = super::upcast_kind(x.kind());
+        let sk = super::upcast_kind(xf.kind());
         // The router in fp32 (its matmul is [N, d] x [d, E], a rounding error next to the
         // experts'): in bf16 a top-k choice between near-equal scores flips with round-off.
-        let scores = linear(&xf, &self.gate, sk).softmax(-1, sk); // [N, E]
+        let scores = linear(xf, &self.gate, sk).softmax(-1, sk); // [N, E]
         let (mut topw, topi) = scores.topk(k, -1, true, true); // [N, k]
         if self.routing.renormalises(k) {
             topw = &topw / (topw.sum_dim_intlist(-1, true, sk) + 1e-20);
         }
         let aux = self.aux_loss(&scores, &topi, b, t);
+        (topw, topi, aux)
+    }
 
-        // Dispatch (token, slot) pairs sorted by expert.
-        let flat = topi.reshape([n * k]);
-        let (_, order) = flat.sort_stable(true, 0, false);
-        let token = order.divide_scalar_mode(k, "floor");
+    /// Cumulative ends of the experts' row ranges in the sorted buffer, int32 `[E]` on the
+    /// device: counts scattered into a fixed `[E]` (bincount's shape would depend on the data).
+    fn offsets(&self, disp: &Dispatch) -> Tensor {
+        let e_n = self.experts.len() as i64;
+        let ones = disp.expert.ones_like();
+        Tensor::zeros([e_n], (Kind::Int64, disp.expert.device()))
+            .scatter_add(0, &disp.expert, &ones)
+            .cumsum(0, Kind::Int)
+    }
+
+    /// The experts' weights stacked for [`Self::grouped_experts`] on activations like `xs`:
+    /// merged gate/up where our SwiGLU kernel applies. On CUDA in bf16 the fp32 weights become
+    /// one bf16 operand through the weight-cast node where it applies; elsewhere cat (+ cast).
+    pub fn stacked(&self, compute: Kind, xs: &Tensor, k: &Kernels) -> StackedExperts {
+        let (e_n, f) = (self.experts.len() as i64, self.width());
+        let d = self.gate.size()[1];
+        let operand = |ws: &[&Tensor]| {
+            if compute == Kind::BFloat16 && xs.device().is_cuda() {
+                bf16_operand(ws, k)
+            } else {
+                to_kind(&Tensor::cat(ws, 0), compute)
+            }
+        };
+        let of = |w: fn(&Mlp) -> &Tensor| self.experts.iter().map(w).collect::<Vec<_>>();
+        let gate_up = if k.swiglu_applies(xs, f, compute) {
+            let ws: Vec<&Tensor> = self
+                .experts
+                .iter()
+                .flat_map(|e| [&e.gate_proj, &e.up_proj])
+                .collect();
+            GateUp::Merged(operand(&ws).view([e_n, 2 * f, d]))
+        } else {
+            GateUp::Split(
+                operand(&of(|e| &e.gate_proj)).view([e_n, f, d]),
+                operand(&of(|e| &e.up_proj)).view([e_n, f, d]),
+            )
+        };
+        StackedExperts {
+            gate_up,
+            down: operand(&of(|e| &e.down_proj)).view([e_n, d, f]),
+        }
+    }
+
+    /// Every routed expert at once on the sorted buffer xs `[N*k, d]` (compute kind), expert e
+    /// on rows `offs[e-1] .. offs[e]`: `down(silu(gate(x)) * up(x))` as grouped matmuls against
+    /// the stacked weights `w` -> `[N*k, d]` in compute kind.
+    fn grouped_experts(&self, xs: &Tensor, offs: &Tensor, w: &StackedExperts) -> Tensor {
+        // `_grouped_mm(a [M, K], b [E, K, N])`: the weights' transposed views, no copy.
+        let mm = |a: &Tensor, b: &Tensor| {
+            a.internal_grouped_mm(&b.transpose(1, 2), Some(offs), None::<&Tensor>, None)
+        };
+        let h = match &w.gate_up {
+            GateUp::Merged(gu) => expect("swiglu", fused::swiglu(&mm(xs, gu), self.width())),
+            GateUp::Split(g, u) => mm(xs, g).silu() * mm(xs, u),
+        };
+        mm(&h, &w.down)
+    }
+
+    /// Each expert once on its slice of the sorted pairs (sizes read on the host) -> `[N*k, d]`
+    /// in compute kind.
+    fn looped_experts(&self, xf: &Tensor, disp: &Dispatch, compute: Kind) -> Tensor {
+        let e_n = self.experts.len() as i64;
         let counts: Vec<i64> =
-            Vec::<i64>::try_from(flat.bincount::<Tensor>(None, e_n)).expect("expert counts");
-        let xs = xf.index_select(0, &token);
-        let ws = topw.reshape([n * k]).index_select(0, &order).unsqueeze(-1);
+            Vec::<i64>::try_from(disp.expert.bincount::<Tensor>(None, e_n)).expect("expert counts");
+        let xs = xf.index_select(0, &disp.token);
         let mut outs = Vec::with_capacity(self.experts.len());
         let mut start = 0;
         for (expert, &c) in self.experts.iter().zip(&counts) {
@@ -104,14 +274,7 @@ impl MoeFeedForward {
             }
             start += c;
         }
-        let ys = Tensor::cat(&outs, 0).to_kind(x.kind()) * ws.to_kind(x.kind());
-        let mut y = Tensor::zeros([n, d], (x.kind(), x.device())).index_add(0, &token, &ys);
-        let mut y3 = y.reshape([b, t, d]);
-        for s in &self.shared_experts {
-            y3 = y3 + s.forward(x, compute);
-        }
-        y = y3;
-        (y, aux)
+        Tensor::cat(&outs, 0)
     }
 
     fn aux_loss(&self, scores: &Tensor, topi: &Tensor, b: i64, t: i64) -> Tensor {
@@ -158,5 +321,17 @@ impl MoeFeedForward {
                 (load * pi).sum(sk) * (e_n as f64 * coef)
             }
         }
+    }
+}
+
+/// Sorts the (token, slot) pairs of top-k ids `[N, k]` by expert, stably.
+fn dispatch(topw: &Tensor, topi: &Tensor) -> Dispatch {
+    let k = topi.size()[1];
+    let flat = topi.reshape([-1]);
+    let (expert, order) = flat.sort_stable(true, 0, false);
+    Dispatch {
+        expert,
+        token: order.divide_scalar_mode(k, "floor"),
+        weight: topw.reshape([-1]).index_select(0, &order).unsqueeze(-1),
     }
 }

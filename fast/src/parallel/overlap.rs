@@ -336,6 +336,88 @@ mod tests {
         }
     }
 
+    /// Data parallel with MoE layers (MiniMind2's with a shared expert, MiniMind-3's top-1), the
+    /// experts grouped or looped, the all-reduce overlapped or in one piece: every rank ends with
+    /// exactly the mean of the gradients each rank's batch gives alone (the in-process reducer
+    /// sums in rank order, as the mean here does), and the grouped and looped runs agree within
+    /// fp32 round-off (1e-5 of the largest gradient element, the bound of fast/tests/moe.rs for
+    /// a whole step).
+    #[test]
+    fn moe_ranks_average_their_own_gradients_grouped_or_looped() {
+        use crate::kernels::{KernelConfig, MoeExperts};
+        for minimind3 in [false, true] {
+            let mut cfg = cfg(3, true);
+            if minimind3 {
+                cfg = ModelConfig {
+                    architecture: crate::model::config::Architecture::MiniMind3,
+                    qk_norm: true,
+                    ..cfg
+                };
+            }
+            // One set of weights for every rank and run, made here: rank threads that seeded
+            // and drew from libtorch's one global generator at once would interleave.
+            let init: Vec<(String, Vec<f32>, Vec<i64>)> =
+                Trainer::new(&cfg, TrainerConfig::default())
+                    .unwrap()
+                    .named_parameters()
+                    .iter()
+                    .map(|(n, p)| {
+                        let v = Vec::<f32>::try_from(p.detach().reshape([-1])).unwrap();
+                        (n.clone(), v, p.size())
+                    })
+                    .collect();
+            let mut averaged = Vec::new();
+            for experts in [MoeExperts::Grouped, MoeExperts::Loop] {
+                for overlap in [true, false] {
+                    let (cfg, init) = (cfg.clone(), &init);
+                    let outs = run_ranks(2, Duration::from_secs(60), move |c| {
+                        let tc = TrainerConfig {
+                            kernels: KernelConfig {
+                                moe_experts: experts,
+                                ..KernelConfig::default()
+                            },
+                            ..TrainerConfig::default()
+                        };
+                        let named = init
+                            .iter()
+                            .map(|(n, v, s)| (n.clone(), Tensor::from_slice(v).reshape(s)))
+                            .collect();
+                        let mut tr = Trainer::from_named(&cfg, tc, named, "the test's weights")?;
+                        if overlap {
+                            assert!(tr.enable_overlap(1)?);
+                        }
+                        let r = c.rank() as i64;
+                        let ids = (Tensor::arange(10, (tch::Kind::Int64, Device::Cpu)) * (3 + r)
+                            + 7 * r)
+                            .remainder(32)
+                            .reshape([2, 5]);
+                        tr.micro_step(&ids, &ids, 1.0)?;
+                        let own = tr.flat_grads().copy();
+                        tr.average_gradients(c, GradAverage::RankMean)?;
+                        Ok((own, tr.flat_grads().copy()))
+                    });
+                    let outs: Vec<(Tensor, Tensor)> =
+                        outs.into_iter().map(|o| o.unwrap()).collect();
+                    let mean = (&outs[0].0 + &outs[1].0) / 2.0;
+                    for (_, avg) in &outs {
+                        let d = f64::try_from((avg - &mean).abs().max()).unwrap();
+                        assert_eq!(d, 0.0, "{experts:?} overlap {overlap}");
+                    }
+                    assert!(f64::try_from(mean.abs().max()).unwrap() > 0.0);
+                    averaged.push(mean);
+                }
+            }
+            let (g, l) = (&averaged[0], &averaged[2]);
+            let scale = f64::try_from(l.abs().max()).unwrap();
+            let d = f64::try_from((g - l).abs().max()).unwrap();
+            println!("minimind3 {minimind3}: grouped - looped {d:.3e} (scale {scale:.3e})");
+            assert!(
+                d <= 1e-5 * scale,
+                "grouped and looped differ by {d:e} (scale {scale:e})"
+            );
+        }
+    }
+
     /// The forward marks layer 0 with the embedding's output and layers 1.. with the tensor each
     /// one's input norm adds (the previous layer's feed-forward output), and a marked forward
     /// computes what an unmarked one does.

@@ -43,12 +43,33 @@ pub fn unsupported(tr: &Trainer) -> Option<&'static str> {
         return Some("it needs a CUDA device");
     }
     if tr.config().use_moe {
-        return Some("MoE dispatch reads expert sizes on the host, which a graph cannot capture");
+        let (cfg, compute) = (tr.config(), tr.precision().compute_kind());
+        let (d, f) = (cfg.hidden_size as i64, cfg.expert_width() as i64);
+        if let Some(why) = tr.kernels().moe_graph_refusal(compute, d, f) {
+            return Some(why);
+        }
+        if !grouped_mm_reads_no_host(tr.device()) {
+            return Some(
+                "MoE's grouped expert matmuls run without a host read on sm90/sm100 GPUs only \
+                 (libtorch's bf16 grouped kernel); elsewhere they loop over the experts",
+            );
+        }
     }
     if tr.scaler().is_some() {
         return Some("fp16's GradScaler updates its scale on the host; use bfloat16 or float32");
     }
     None
+}
+
+/// Whether libtorch's bf16 `_grouped_mm` on this device is its CUTLASS kernel (compute
+/// capability 9.x or 10.x), which reads the group offsets on the device; on other GPUs it falls
+/// back to a loop that reads them on the host.
+fn grouped_mm_reads_no_host(device: Device) -> bool {
+    match device {
+        Device::Cuda(i) => crate::commands::doctor::cuda_driver::properties(i)
+            .is_ok_and(|p| matches!(p.major, 9 | 10)),
+        _ => false,
+    }
 }
 
 impl GraphedStep {

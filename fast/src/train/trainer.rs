@@ -21,7 +21,8 @@
 //! (with `--optimizer muon`: Muon on the block matrices, AdamW on the rest, on the averaged
 //! and accumulated gradients) and zeroes them. Gradients are defined (zero) from construction on, so parameters a
 //! micro-batch never reaches (an MoE expert that got no token) still have a gradient tensor for
-//! the multi-tensor kernels and collectives. Only MoE dispatch reads the host (expert sizes).
+//! the multi-tensor kernels and collectives. Only MoE's per-expert loop (`--moe-experts loop`,
+//! fp64) reads the host (expert sizes); its grouped experts do not.
 //! [`Trainer::state_dict`] / [`Trainer::load_state_dict`] are everything a resume needs.
 
 use std::collections::HashMap;

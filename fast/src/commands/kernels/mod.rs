@@ -1,5 +1,7 @@
 //! `fast kernels`: checks our fused CUDA kernels (`kernels::fused`) against the unfused libtorch
 //! ops they replace and times both.
+//! `--only moe`: the MoE layer's grouped experts against the per-expert loop (`moe.rs`), which
+//! runs on the CPU too (`--device cpu`, small `--moe-*` shapes).
 //!
 //! For each op, random inputs at the b128 training shape (26M model: `--rows` = 128 x 340
 //! positions, d 512, 8 heads / 2 kv heads of 64, FFN 1408): the forward outputs and the
@@ -30,6 +32,7 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
+mod moe;
 mod ops;
 mod step;
 
@@ -61,6 +64,27 @@ pub struct KernelsArgs {
     /// The fused side of the model and step comparisons (the other side: `--kernels libtorch`).
     #[command(flatten)]
     pub kernels: crate::kernels::KernelConfig,
+    /// Only this group of checks: ops (each fused op), model (the whole model and training
+    /// step), moe (grouped MoE experts against the loop; the one group that runs on the CPU).
+    #[arg(long, value_enum)]
+    pub only: Option<Only>,
+    /// MoE check: batch sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [32i64, 128])]
+    pub moe_batches: Vec<i64>,
+    /// MoE check: sequence length.
+    #[arg(long, default_value_t = SEQ)]
+    pub moe_seq: i64,
+    /// MoE check: model width (the expert width follows each variant's FFN rule).
+    #[arg(long, default_value_t = 512)]
+    pub moe_hidden: usize,
+}
+
+/// A group of checks (`--only`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    Ops,
+    Model,
+    Moe,
 }
 
 const SEQ: i64 = 340;
@@ -136,19 +160,20 @@ fn time_ms(
     iters: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
-    let idx = match device {
-        Device::Cuda(i) => i as i64,
-        _ => 0,
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
     };
     for _ in 0..warmup {
         f()?;
     }
-    tch::Cuda::synchronize(idx);
+    sync();
     let t0 = Instant::now();
     for _ in 0..iters {
         f()?;
     }
-    tch::Cuda::synchronize(idx);
+    sync();
     Ok(t0.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
 }
 
@@ -279,23 +304,33 @@ fn worst_grad(names: &[String], a: &[Tensor], b: &[Tensor]) -> (String, f64) {
 }
 
 pub fn run(args: &KernelsArgs) -> Result<()> {
-    if !crate::kernels::BUILT_WITH_CUDA {
-        eprintln!("fast kernels: this binary was built without --features cuda (no fused kernels)");
+    let moe_only = args.only == Some(Only::Moe);
+    if !crate::kernels::BUILT_WITH_CUDA && !moe_only {
+        eprintln!(
+            "fast kernels: this binary was built without --features cuda (no fused kernels; \
+             --only moe runs without them)"
+        );
         std::process::exit(2);
     }
     let device = crate::model::precision::parse_device(&args.device)?;
     let available = match device {
         Device::Cuda(i) => tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count(),
+        Device::Cpu => moe_only,
         _ => false,
     };
     if !available {
         eprintln!(
-            "fast kernels: needs a CUDA device (--device cuda or cuda:N); {} is not available",
+            "fast kernels: needs a CUDA device (--device cuda or cuda:N; on the CPU only \
+             --only moe runs); {} is not available",
             args.device
         );
         std::process::exit(2);
     }
     anyhow::ensure!(args.rows > 0, "--rows must be positive");
+    anyhow::ensure!(
+        args.moe_seq > 0 && args.moe_hidden > 0 && args.moe_batches.iter().all(|&b| b > 0),
+        "--moe-batches, --moe-seq and --moe-hidden must be positive"
+    );
     tch::manual_seed(args.seed);
     println!(
         "fast kernels: rows {}, iters {} (+{} warm-up), device {}",
@@ -305,16 +340,22 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
         crate::model::precision::device_name(device)
     );
     let mut ok = true;
-    ok &= check_rms_norm(args, device)?;
-    ok &= check_add_rms_norm(args, device)?;
-    ok &= check_rope(args, device)?;
-    ok &= check_attention(args, device)?;
-    ok &= check_add_bf16(args, device)?;
-    ok &= check_swiglu(args, device)?;
-    ok &= check_cross_entropy(args, device)?;
-    if !args.skip_model {
+    let runs = |g: Only| args.only.is_none_or(|o| o == g);
+    if runs(Only::Ops) {
+        ok &= check_rms_norm(args, device)?;
+        ok &= check_add_rms_norm(args, device)?;
+        ok &= check_rope(args, device)?;
+        ok &= check_attention(args, device)?;
+        ok &= check_add_bf16(args, device)?;
+        ok &= check_swiglu(args, device)?;
+        ok &= check_cross_entropy(args, device)?;
+    }
+    if runs(Only::Model) && !args.skip_model {
         ok &= check_model(args, device)?;
         ok &= check_step(args, device)?;
+    }
+    if runs(Only::Moe) {
+        ok &= moe::check_moe(args, device)?;
     }
     if !ok {
         println!("fast kernels: FAILED");

@@ -1,0 +1,287 @@
+//! MoE's grouped experts (`--moe-experts grouped`: `torch._grouped_mm` over the tokens sorted by
+//! expert) compute what the per-expert loop computes, on the CPU, for MiniMind2's MoE (top-2
+//! renormalised, a shared expert, seq aux) and MiniMind-3's (top-1, its aux), including an
+//! expert that gets no token, in fp32 and bf16 compute; and the training step with either path
+//! gives the same loss and gradients.
+//!
+//! Tolerances (both paths share the router, so they route every token alike):
+//! - fp32: max |grouped - loop| <= 1e-6 * max |loop| per tensor. The same per-expert products of
+//!   the same fp32 operands; libtorch may block a GEMM differently for another row count, which
+//!   reorders a sum of d..F products: a few fp32 ulps (6e-8) of the largest term. (Measured: 0
+//!   on these layers; on the CPU the grouped op runs the same matmuls.)
+//! - bf16: ||grouped - loop|| / ||loop|| <= 1e-2, the bf16 tolerance of `fast kernels`: an
+//!   element rounded differently once is off by a bf16 ulp (3.9e-3 relative), norm-wise far less.
+//!   (Measured: 0 on the CPU.)
+//! - The aux loss: the same router ops on the same input in both paths: exactly equal.
+mod common;
+
+use fast::kernels::{KernelConfig, Kernels, MoeExperts};
+use fast::model::precision::Precision;
+use fast::model::{Mlp, ModelConfig, MoeFeedForward, MoeRouting};
+use fast::train::trainer::{Trainer, TrainerConfig};
+use tch::{Device, Kind, Tensor};
+
+fn minimind2_moe(d: usize) -> ModelConfig {
+    ModelConfig {
+        hidden_size: d,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        vocab_size: 64,
+        intermediate_size: Some(48),
+        use_moe: true,
+        ..ModelConfig::default()
+    }
+}
+
+fn minimind3_moe(d: usize) -> ModelConfig {
+    ModelConfig {
+        hidden_size: d,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        vocab_size: 64,
+        moe_intermediate_size: Some(40),
+        use_moe: true,
+        ..ModelConfig::minimind3()
+    }
+}
+
+fn kernels(e: MoeExperts) -> Kernels {
+    Kernels::new(KernelConfig {
+        moe_experts: e,
+        ..KernelConfig::default()
+    })
+}
+
+/// A layer of `cfg` with N(0, 0.1) fp32 weights requiring grad; with `starve`, the last expert's
+/// router row is -e_0 (paired with inputs whose feature 0 is 4, it never makes the top k).
+fn layer(cfg: &ModelConfig, starve: bool) -> MoeFeedForward {
+    let (d, f) = (cfg.hidden_size as i64, cfg.expert_width() as i64);
+    let w = |o: i64, i: i64| Tensor::randn([o, i], (Kind::Float, Device::Cpu)) * 0.1;
+    let mlp = || Mlp {
+        gate_proj: w(f, d).set_requires_grad(true),
+        up_proj: w(f, d).set_requires_grad(true),
+        down_proj: w(d, f).set_requires_grad(true),
+    };
+    let e = cfg.routed_experts() as i64;
+    let gate = w(e, d);
+    if starve {
+        let row = gate.get(e - 1);
+        let _ = row.shallow_clone().zero_();
+        let _ = row.get(0).fill_(-1.0);
+    }
+    MoeFeedForward {
+        gate: gate.set_requires_grad(true),
+        experts: (0..e).map(|_| mlp()).collect(),
+        shared_experts: (0..cfg.shared_experts()).map(|_| mlp()).collect(),
+        top_k: cfg.num_experts_per_tok as i64,
+        routing: MoeRouting::of(cfg),
+    }
+}
+
+fn leaves(m: &MoeFeedForward) -> Vec<Tensor> {
+    let mut v = vec![m.gate.shallow_clone()];
+    for e in m.experts.iter().chain(&m.shared_experts) {
+        v.extend(e.parameters().iter().map(|p| p.shallow_clone()));
+    }
+    v
+}
+
+/// y, aux and the gradients of [x, router, experts..., shared...] (undefined as zeros) of
+/// `sum(y * gy) + aux`.
+fn run(
+    m: &MoeFeedForward,
+    x: &Tensor,
+    gy: &Tensor,
+    compute: Kind,
+    e: MoeExperts,
+) -> (Tensor, f64, Vec<Tensor>) {
+    let (y, aux) = m.forward(x, compute, &kernels(e));
+    let s = (&y * gy).sum(Kind::Float) + &aux;
+    let mut all = vec![x.shallow_clone()];
+    all.extend(leaves(m));
+    let g = Tensor::run_backward(&[s], &all, false, false)
+        .into_iter()
+        .zip(&all)
+        .map(|(g, p)| if g.defined() { g } else { p.zeros_like() })
+        .collect();
+    (y.detach(), f64::try_from(&aux).unwrap(), g)
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let scale = f64::try_from(b.abs().max()).unwrap().max(f64::MIN_POSITIVE);
+    f64::try_from((a - &b).abs().max()).unwrap() / scale
+}
+
+fn norm_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let scale = f64::try_from(b.norm()).unwrap().max(f64::MIN_POSITIVE);
+    f64::try_from((a - &b).norm()).unwrap() / scale
+}
+
+#[test]
+fn grouped_experts_equal_the_loop_on_the_cpu() {
+    tch::manual_seed(7);
+    for (name, cfg) in [
+        ("minimind2", minimind2_moe(32)),
+        ("minimind3", minimind3_moe(24)),
+    ] {
+        for (compute, tol) in [(Kind::Float, 1e-6), (Kind::BFloat16, 1e-2)] {
+            for starve in [false, true] {
+                let m = layer(&cfg, starve);
+                let d = cfg.hidden_size as i64;
+                let x = Tensor::randn([3, 7, d], (Kind::Float, Device::Cpu));
+                if starve {
+                    let _ = x.narrow(2, 0, 1).fill_(4.0);
+                }
+                let x = x.set_requires_grad(true);
+                let gy = Tensor::randn([3, 7, d], (Kind::Float, Device::Cpu));
+                assert!(kernels(MoeExperts::Grouped).moe_grouped_applies(
+                    &x,
+                    compute,
+                    d,
+                    m.width()
+                ));
+                let (yg, auxg, gg) = run(&m, &x, &gy, compute, MoeExperts::Grouped);
+                let (yl, auxl, gl) = run(&m, &x, &gy, compute, MoeExperts::Loop);
+                let what = format!("{name} {compute:?} starve {starve}");
+                assert_eq!(auxg, auxl, "{what}: aux");
+                let err = |a: &Tensor, b: &Tensor| {
+                    if compute == Kind::Float {
+                        max_rel(a, b)
+                    } else {
+                        norm_rel(a, b)
+                    }
+                };
+                let mut worst = ("y".to_string(), err(&yg, &yl));
+                for (i, (a, b)) in gg.iter().zip(&gl).enumerate() {
+                    let e = err(a, b);
+                    if e > worst.1 || e.is_nan() {
+                        worst = (format!("gradient {i}"), e);
+                    }
+                }
+                println!("{what}: worst {} {:.3e} (tol {tol:e})", worst.0, worst.1);
+                assert!(
+                    worst.1 <= tol,
+                    "{what}: {} differs by {:e}",
+                    worst.0,
+                    worst.1
+                );
+                if starve {
+                    // [x, router, then 3 per expert]: the last expert's gradients are exactly 0.
+                    let e = m.experts.len() - 1;
+                    for g in &gg[2 + 3 * e..5 + 3 * e] {
+                        assert_eq!(f64::try_from(g.abs().max()).unwrap(), 0.0, "{what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The training step (`Trainer::micro_step`, the model's own MoE layers, chunked lm_head) with
+/// the experts grouped and looped: same loss, same gradient for every parameter. fp32: loss 1e-6
+/// relative; gradients max-relative 1e-5, ten times the layer bound, since one layer's round-off
+/// reaches every layer below and the MiniMind-3 router's gradient (top-1 renormalised: the
+/// weight is 1, so its gradient is the aux loss's plus a sum that cancels) is small against the
+/// sums it comes from (measured 3.5e-7 there, 1e-7 elsewhere; verify holds fp32 gradients to
+/// 1e-4). bf16 mixed precision: the loss 1e-2 and gradients 5e-2 norm-wise, verify's bf16
+/// bounds (two bf16 runs that round in different places drift apart through the layers;
+/// measured 0 on the CPU).
+#[test]
+fn a_training_step_is_the_same_with_grouped_and_looped_experts() {
+    for cfg in [minimind2_moe(32), minimind3_moe(24)] {
+        for (precision, loss_tol, grad_tol) in
+            [(Precision::Fp32, 1e-6, 1e-5), (Precision::Bf16, 1e-2, 5e-2)]
+        {
+            let tc = TrainerConfig {
+                precision,
+                seed: 3,
+                ..Default::default()
+            };
+            let mut tr = Trainer::new(&cfg, tc).unwrap();
+            let ids = Tensor::randint(64, [4, 9], (Kind::Int64, Device::Cpu));
+            let mut step = |e: MoeExperts| {
+                tr.set_kernels(KernelConfig {
+                    moe_experts: e,
+                    ..KernelConfig::default()
+                });
+                tr.zero_grad().unwrap();
+                let out = tr.micro_step(&ids, &ids, 1.0).unwrap();
+                let grads: Vec<Tensor> = tr.grads().iter().map(|g| g.copy()).collect();
+                (f64::try_from(&out.loss).unwrap(), grads)
+            };
+            let (lg, gg) = step(MoeExperts::Grouped);
+            let (ll, gl) = step(MoeExperts::Loop);
+            let rel = (lg - ll).abs() / ll.abs();
+            let worst = gg
+                .iter()
+                .zip(&gl)
+                .map(|(a, b)| {
+                    if precision == Precision::Fp32 {
+                        max_rel(a, b)
+                    } else {
+                        norm_rel(a, b)
+                    }
+                })
+                .fold(0.0f64, f64::max);
+            println!(
+                "{:?} {precision:?}: loss rel {rel:.3e}, worst grad {worst:.3e}",
+                cfg.architecture
+            );
+            assert!(rel <= loss_tol, "loss {lg} vs {ll}");
+            assert!(worst <= grad_tol, "gradients differ by {worst:e}");
+        }
+    }
+}
+
+/// `fast kernels --only moe` runs on the CPU: both variants, both kinds, the starved expert,
+/// every comparison within its tolerance, and the timings printed.
+#[test]
+fn fast_kernels_checks_the_grouped_experts_on_the_cpu() {
+    let out = common::fast()
+        .args([
+            "kernels",
+            "--device",
+            "cpu",
+            "--only",
+            "moe",
+            "--moe-batches",
+            "2",
+            "--moe-seq",
+            "8",
+            "--moe-hidden",
+            "32",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for v in ["moe2", "moe3"] {
+        for k in ["bf16", "fp32"] {
+            for what in ["y", "aux", "dx", "dgate", "grads"] {
+                let line = format!("{v}_b2_{k} {what}");
+                assert!(stdout.contains(&line), "no `{line}` in:\n{stdout}");
+            }
+            assert!(stdout.contains(&format!(
+                "{v}_starved_{k} expert 3 got no token: its gradients are zero  ok"
+            )));
+            assert!(stdout.contains(&format!("{v}_b2_{k} grouped ")), "{stdout}");
+        }
+    }
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert!(
+        stdout.contains("fast kernels: all checks passed"),
+        "{stdout}"
+    );
+}
