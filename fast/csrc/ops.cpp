@@ -69,6 +69,16 @@ char *mm_clip_grad_norm(at::Tensor **grads, int64_t n, double max_norm, at::Tens
   });
 }
 
+// Muon's weight update: params[i] *= factor; params[i] -= updates[i] (factor a one-element
+// tensor on the params' device). Two multi-tensor launches for any number of matrices.
+char *mm_foreach_scale_sub(at::Tensor **params, at::Tensor **updates, int64_t n, at::Tensor *factor) {
+  return guard([&] {
+    auto ps = list(params, n);
+    at::_foreach_mul_(ps, factor->reshape({}));
+    at::_foreach_sub_(ps, list(updates, n), 1);
+  });
+}
+
 // GradScaler.unscale_: grads *= inv_scale; found_inf = 1 if any grad is non-finite.
 char *mm_unscale(at::Tensor **grads, int64_t n, at::Tensor *found_inf, at::Tensor *inv_scale) {
   return guard([&] {

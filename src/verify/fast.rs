@@ -556,8 +556,9 @@ impl super::Checks for FastChecks {
 /// torch.optim.Muon's steps (golden/muon) through the fast Muon on `device`: float64 weights,
 /// Newton-Schulz in `precision`'s compute kind. Tolerances, relative to torch's step: float64
 /// NS against torch's float64 NS, 1e-12 (the reference's bound: same operations, NS's quintic
-/// grows round-off ~450x); float32 NS, 1e-5 (2^-24 = 6e-8 per rounding, grown as above and by
-/// the step's cancellation: seen 1.1e-6 on the CPU); bfloat16 NS against torch's stock
+/// grows round-off ~450x); float32 NS, 1e-4 (2^-24 = 6e-8 per rounding, grown ~450x as above
+/// to 2.7e-5, then by the step's cancellation: seen 1.1e-6 on the CPU, 1.3e-5 with CUDA's
+/// fp32 GEMMs, which sum in another order); bfloat16 NS against torch's stock
 /// bfloat16 NS on the CPU, 1e-12 (the same products in the same kind on the same kernels:
 /// seen 2.9e-14); any other pairing with bfloat16 / float16 on either side, 0.1 (8 or 11
 /// significant bits over ~15 products, summed in another order on CUDA: a few %, as the
@@ -573,7 +574,7 @@ pub fn check_muon(
         cases,
         |c| match (ns_kind, c.newton_schulz.as_str()) {
             (Kind::Double, "float64") => 1e-12,
-            (Kind::Float, "float64") => 1e-5,
+            (Kind::Float, "float64") => 1e-4,
             (Kind::BFloat16, "bfloat16") if device == Device::Cpu => 1e-12,
             _ => 0.1,
         },

@@ -30,6 +30,12 @@ extern "C" {
         max_norm: f64,
         total_out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn mm_foreach_scale_sub(
+        params: *const *mut C_tensor,
+        updates: *const *mut C_tensor,
+        n: i64,
+        factor: *mut C_tensor,
+    ) -> *mut c_char;
     fn mm_unscale(
         grads: *const *mut C_tensor,
         n: i64,
@@ -218,6 +224,25 @@ pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<Tensor> {
     let err = unsafe { mm_clip_grad_norm(g.as_ptr(), grads.len() as i64, max_norm, &mut out) };
     check("clip_grad_norm", err)?;
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `p *= factor; p -= u` for every pair (Muon's update): `factor` a one-element tensor; each
+/// update of its parameter's shape, kind and device.
+pub fn foreach_scale_sub(params: &[Tensor], updates: &[Tensor], factor: &Tensor) -> Result<()> {
+    anyhow::ensure!(
+        params.len() == updates.len(),
+        "foreach_scale_sub: one update per tensor"
+    );
+    let (p, u) = (ptrs(params), ptrs(updates));
+    let err = unsafe {
+        mm_foreach_scale_sub(
+            p.as_ptr(),
+            u.as_ptr(),
+            params.len() as i64,
+            factor.as_ptr() as *mut C_tensor,
+        )
+    };
+    check("foreach_scale_sub", err)
 }
 
 /// GradScaler.unscale_: grads *= inv_scale, found_inf set to 1 if any element is not finite.

@@ -99,13 +99,22 @@ pub fn newton_schulz(x: &Tensor, (a, b, c): (f64, f64, f64), steps: usize, eps: 
 
 /// Matrices of one shape up to transposition.
 struct Group {
-    /// Indices into the parameter list the optimizer was built on, and whether each is stored
-    /// transposed (its rows > cols).
-    members: Vec<(usize, bool)>,
+    /// Indices into the parameter list the optimizer was built on: the wide ones (rows <=
+    /// cols, stored as they are) first in the buffers, then the tall ones (stored transposed).
+    wide: Vec<usize>,
+    tall: Vec<usize>,
     /// `[n, r, c]`, r <= c, the parameters' kind.
     momentum: Tensor,
-    /// Per member: `ratio` of [`MuonConfig::lr_ratio`] for its own shape.
-    ratios: Vec<f64>,
+    /// `[n, 1, 1]`, the lr's kind: each member's `ratio` ([`MuonConfig::lr_ratio`] for its own
+    /// shape).
+    ratios: Tensor,
+}
+
+impl Group {
+    fn members(&self) -> impl Iterator<Item = (usize, bool)> + '_ {
+        let wide = self.wide.iter().map(|&i| (i, false));
+        wide.chain(self.tall.iter().map(|&i| (i, true)))
+    }
 }
 
 pub struct Muon {
@@ -124,7 +133,8 @@ impl Muon {
         cfg: MuonConfig,
         ns_kind: Kind,
     ) -> Result<Self> {
-        let mut groups: Vec<((i64, i64), Group)> = Vec::new();
+        let mut keys: Vec<(i64, i64)> = Vec::new();
+        let mut members: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
         let mut device = Device::Cpu;
         let mut kind = Kind::Float;
         for &i in indices {
@@ -137,36 +147,50 @@ impl Muon {
             };
             device = p.device();
             kind = p.kind();
-            let tall = rows > cols;
             let key = (rows.min(cols), rows.max(cols));
-            let ratio = cfg.lr_ratio(rows, cols);
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, g)) => {
-                    g.members.push((i, tall));
-                    g.ratios.push(ratio);
+            let g = match keys.iter().position(|k| *k == key) {
+                Some(g) => g,
+                None => {
+                    keys.push(key);
+                    members.push((Vec::new(), Vec::new()));
+                    keys.len() - 1
                 }
-                None => groups.push((
-                    key,
-                    Group {
-                        members: vec![(i, tall)],
-                        momentum: Tensor::new(),
-                        ratios: vec![ratio],
-                    },
-                )),
+            };
+            if rows > cols {
+                members[g].1.push(i);
+            } else {
+                members[g].0.push(i);
             }
         }
-        let groups = groups
-            .into_iter()
-            .map(|((r, c), mut g)| {
-                g.momentum = Tensor::zeros([g.members.len() as i64, r, c], (kind, device));
-                g
-            })
-            .collect();
         let lr_kind = if kind == Kind::Double && device == Device::Cpu {
             Kind::Double
         } else {
             Kind::Float
         };
+        let groups = keys
+            .into_iter()
+            .zip(members)
+            .map(|((r, c), (wide, tall))| {
+                let n = (wide.len() + tall.len()) as i64;
+                let ratios: Vec<f64> = wide
+                    .iter()
+                    .chain(&tall)
+                    .map(|&i| {
+                        let s = params[i].size();
+                        cfg.lr_ratio(s[0], s[1])
+                    })
+                    .collect();
+                Group {
+                    wide,
+                    tall,
+                    momentum: Tensor::zeros([n, r, c], (kind, device)),
+                    ratios: Tensor::from_slice(&ratios)
+                        .to_kind(lr_kind)
+                        .to_device(device)
+                        .view([n, 1, 1]),
+                }
+            })
+            .collect();
         Ok(Muon {
             cfg,
             groups,
@@ -182,22 +206,23 @@ impl Muon {
     }
 
     /// One step at the rate last set; `found` (a one-element device flag, non-zero = skip)
-    /// leaves weights and momentum untouched when set.
+    /// leaves weights and momentum untouched when set. Per group of matrices: one stack of the
+    /// gradients, the momentum and Newton-Schulz as batched ops, then two multi-tensor launches
+    /// for every weight of the group (`p *= 1 - lr * wd; p -= lr * ratio * O`).
     pub fn step(&self, params: &[Tensor], grads: &[Tensor], found: Option<&Tensor>) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let c = self.cfg;
         let skip = found.map(|f| f.reshape([1, 1, 1]).ne(0.0));
-        // Skipped: lr 0, so the decay factor is 1 and the update is 0 * 0.
+        // Skipped: lr 0, so the decay factor is 1 and the update is 0 (NaN replaced below).
         let lr = match found {
             Some(f) => &self.lr * (1.0 - f.to_kind(self.lr.kind()).reshape([1])),
             None => self.lr.shallow_clone(),
         };
-        let decay = 1.0 - &lr * c.weight_decay;
+        let decay = &lr * (-c.weight_decay) + 1.0;
         for g in &self.groups {
             let stacked: Vec<Tensor> = g
-                .members
-                .iter()
-                .map(|&(i, tall)| {
+                .members()
+                .map(|(i, tall)| {
                     if tall {
                         grads[i].tr()
                     } else {
@@ -212,29 +237,42 @@ impl Muon {
             } else {
                 buf.shallow_clone()
             };
-            let mut o = newton_schulz(
+            let o = newton_schulz(
                 &update.to_kind(self.ns_kind),
                 c.ns_coefficients,
                 c.ns_steps,
                 c.eps,
             );
+            let pk = params[g.members().next().expect("a group has members").0].kind();
+            let mut scaled = o.to_kind(pk) * (&g.ratios * &lr).to_kind(pk);
             let mut momentum = g.momentum.shallow_clone();
             match &skip {
                 Some(s) => {
                     momentum.f_copy_(&g.momentum.where_self(s, &buf))?;
-                    o = o.zeros_like().where_self(s, &o);
+                    scaled = scaled.zeros_like().where_self(s, &scaled);
                 }
                 None => {
                     momentum.f_copy_(&buf)?;
                 }
             }
-            for (j, (&(i, tall), &ratio)) in g.members.iter().zip(&g.ratios).enumerate() {
-                let oj = o.select(0, j as i64);
-                let oj = if tall { oj.tr() } else { oj };
-                let mut p = params[i].detach();
-                let _ = p.f_mul_(&decay)?;
-                let _ = p.f_sub_(&(oj.to_kind(p.kind()) * (&lr * ratio).to_kind(p.kind())))?;
+            let nw = g.wide.len() as i64;
+            let mut targets = Vec::with_capacity(g.wide.len() + g.tall.len());
+            let mut updates = Vec::with_capacity(targets.capacity());
+            for (j, &i) in g.wide.iter().enumerate() {
+                targets.push(params[i].detach());
+                updates.push(scaled.select(0, j as i64));
             }
+            if !g.tall.is_empty() {
+                let back = scaled
+                    .narrow(0, nw, g.tall.len() as i64)
+                    .transpose(-2, -1)
+                    .contiguous();
+                for (j, &i) in g.tall.iter().enumerate() {
+                    targets.push(params[i].detach());
+                    updates.push(back.select(0, j as i64));
+                }
+            }
+            crate::kernels::ops::foreach_scale_sub(&targets, &updates, &decay.to_kind(pk))?;
         }
         Ok(())
     }
@@ -243,9 +281,9 @@ impl Muon {
     /// group's buffer: copying into it restores the state).
     pub fn momentum_of(&self, index: usize) -> Option<Tensor> {
         self.groups.iter().find_map(|g| {
-            g.members.iter().position(|&(i, _)| i == index).map(|j| {
+            g.members().position(|(i, _)| i == index).map(|j| {
                 let b = g.momentum.select(0, j as i64);
-                if g.members[j].1 {
+                if j >= g.wide.len() {
                     b.tr()
                 } else {
                     b
@@ -262,16 +300,19 @@ impl Muon {
             .collect()
     }
 
-    /// The kind Newton-Schulz runs in.
-    pub fn ns_kind(&self) -> Kind {
-        self.ns_kind
-    }
-
     /// (matrices, groups): how the step is batched.
     pub fn layout(&self) -> (usize, usize) {
         (
-            self.groups.iter().map(|g| g.members.len()).sum(),
+            self.groups
+                .iter()
+                .map(|g| g.wide.len() + g.tall.len())
+                .sum(),
             self.groups.len(),
         )
+    }
+
+    /// The kind Newton-Schulz runs in.
+    pub fn ns_kind(&self) -> Kind {
+        self.ns_kind
     }
 }
