@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 TORCH_VERSION := 2.11.0
 # Stamp files record what is installed, so re-running set-up costs nothing.
 TORCH_STAMP := $(VENV)/.stamp-torch-$(TORCH_VERSION)
-EXTRAS_STAMP := $(VENV)/.stamp-extras-2
+EXTRAS_STAMP := $(VENV)/.stamp-extras-3
 CUDA_STAMP   := $(VENV)/.stamp-cuda-toolkit-13.0.2
 
 .PHONY: setup setup-cuda test pretrain release release-cuda doctor verify bench clean-venv
@@ -24,8 +24,10 @@ $(TORCH_STAMP):
 
 # Python packages used only by tests that compare against the Python ecosystem.
 $(EXTRAS_STAMP): $(TORCH_STAMP)
-	# numpy: fixture scripts; transformers: the test that loads our exported folder in Hugging Face.
-	$(PY) -m pip install --disable-pip-version-check --quiet numpy "transformers==5.23.0"
+	# numpy: fixture scripts; transformers: the test that loads our exported folder in Hugging Face;
+	# tensorboard and gguf: tests/outputs.rs reads our event files and GGUF exports back with them.
+	$(PY) -m pip install --disable-pip-version-check --quiet numpy "transformers==5.23.0" \
+		"tensorboard==2.21.0" "gguf==0.19.0"
 	touch $@
 
 # CUDA 13.0 headers and nvcc (cccl for at::cuda::CUDAGraph's headers), needed only to build

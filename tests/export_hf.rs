@@ -32,6 +32,7 @@ fn export(weights: &Path, out: &Path, dtype: &str) {
         tokenizer: Some(golden("")),
         config: None,
         dtype: dtype.into(),
+        format: Default::default(),
     })
     .unwrap();
 }

@@ -9,6 +9,9 @@
 //!   gradients of a half-finished accumulation window) plus, in its metadata, the run state as JSON
 //!   (config, epoch and step, world size, optimizer step count, scaler, seed, metric history) and
 //!   a SHA-256 over the state and every tensor, verified on load.
+//! - The run's tokenizer, copied into `{stem}.tokenizer/` beside the weights and recorded (folder
+//!   and SHA-256) in their config JSON, so `fast export` finds the tokenizer the weights were
+//!   trained with.
 //!
 //! Every file is written atomically: a temp file in the same directory, fsync, rename, fsync of the
 //! directory. A crash leaves either the old file or the new one, never a torn one.
@@ -105,6 +108,140 @@ pub fn save_weights_f16(
     write_atomic(path, &bytes).with_context(|| format!("saving weights {}", path.display()))?;
     write_atomic(&path.with_extension("json"), (config + "\n").as_bytes())?;
     Ok(())
+}
+
+// ---- the tokenizer beside the weights ----
+
+/// The files of a tokenizer folder that travel with the weights (the first is required).
+pub const TOKENIZER_FILES: [&str; 3] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// `{stem}.tokenizer/` beside `{stem}.safetensors`: one folder per weights file, so runs that
+/// share a save directory with different tokenizers do not overwrite each other's.
+pub fn tokenizer_dir_beside(weights: &Path) -> PathBuf {
+    let stem = weights
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "weights".into());
+    weights.with_file_name(format!("{stem}.tokenizer"))
+}
+
+/// The tokenizer files of `source` (a folder, or a tokenizer.json with its config beside it) as
+/// (name in the folder, bytes).
+fn tokenizer_files(source: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let (json, dir) = if source.is_dir() {
+        (source.join(TOKENIZER_FILES[0]), source.to_path_buf())
+    } else {
+        let dir = source.parent().map(Path::to_path_buf).unwrap_or_default();
+        (source.to_path_buf(), dir)
+    };
+    let mut out = vec![(
+        TOKENIZER_FILES[0],
+        std::fs::read(&json).with_context(|| format!("reading tokenizer {}", json.display()))?,
+    )];
+    for name in &TOKENIZER_FILES[1..] {
+        let p = dir.join(name);
+        if p.is_file() {
+            out.push((
+                *name,
+                std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn tokenizer_sha256(files: &[(&str, Vec<u8>)]) -> String {
+    let mut h = Sha256::new();
+    for (name, bytes) in files {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Copy the run's tokenizer `source` into [`tokenizer_dir_beside`] `weights` (only when it
+/// changed) and return the record saved in the weights' config JSON: the folder, relative to
+/// the weights, and the SHA-256 of its files.
+pub fn save_tokenizer_beside(weights: &Path, source: &Path) -> Result<serde_json::Value> {
+    let files = tokenizer_files(source)?;
+    let sum = tokenizer_sha256(&files);
+    let dir = tokenizer_dir_beside(weights);
+    let current = tokenizer_files(&dir).ok().map(|f| tokenizer_sha256(&f));
+    if current.as_deref() != Some(sum.as_str()) {
+        for (name, bytes) in &files {
+            write_atomic(&dir.join(name), bytes)
+                .with_context(|| format!("copying the tokenizer into {}", dir.display()))?;
+        }
+    }
+    let rel = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(serde_json::json!({ "dir": rel, "sha256": sum }))
+}
+
+/// The tokenizer recorded with `weights` (in the config JSON beside them, else in the file's
+/// metadata), checked against its hash. The error says why none can be used and names
+/// `--tokenizer`.
+pub fn recorded_tokenizer(weights: &Path, config: Option<&Path>) -> Result<PathBuf> {
+    let give = "pass --tokenizer DIR (tokenizer.json + tokenizer_config.json), or a built-in \
+                name: poems, minimind2, minimind3";
+    let record = |v: &serde_json::Value| -> Option<(String, String)> {
+        let t = v
+            .get("tokenizer")
+            .or_else(|| v.get("config")?.get("tokenizer"))?;
+        Some((
+            t["dir"].as_str()?.to_string(),
+            t["sha256"].as_str()?.to_string(),
+        ))
+    };
+    let from_json = super::weights::find_config(weights, config)
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| record(&v));
+    let from_metadata = || -> Option<(String, String)> {
+        if weights.extension()? != "safetensors" {
+            return None;
+        }
+        let bytes = std::fs::read(weights).ok()?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+        let config = meta.metadata().as_ref()?.get("config")?.clone();
+        record(&serde_json::from_str(&config).ok()?)
+    };
+    let Some((rel, want)) = from_json.or_else(from_metadata) else {
+        bail!(
+            "{}: no tokenizer is recorded with these weights (MiniMind's .pth files and weights \
+             saved before runs recorded theirs carry none); {give}",
+            weights.display()
+        );
+    };
+    let dir = weights
+        .parent()
+        .map(|d| d.join(&rel))
+        .unwrap_or_else(|| PathBuf::from(&rel));
+    let files = tokenizer_files(&dir).with_context(|| {
+        format!(
+            "{}: the tokenizer recorded with these weights ({}) is missing; {give}",
+            weights.display(),
+            dir.display()
+        )
+    })?;
+    let got = tokenizer_sha256(&files);
+    if got != want {
+        bail!(
+            "{}: the tokenizer in {} is not the one the run recorded (sha256 {got}, recorded \
+             {want}); {give}",
+            weights.display(),
+            dir.display()
+        );
+    }
+    Ok(dir)
 }
 
 /// Where a run stands, stored in the resume checkpoint's metadata.

@@ -4,7 +4,8 @@
 //! prefetched on worker threads -> per micro-step: cosine lr, forward/backward of
 //! `(ce + aux) * weight`; at the end of each accumulation window (and the trailing partial one):
 //! unscale (fp16), clip, AdamW, zero grads -> log, metrics.jsonl, weights and resume checkpoint
-//! every save interval -> loss/lr curve and a greedy sample at the end.
+//! every save interval -> loss/lr curve and samples (greedy, and drawn with the run's seed) at
+//! the end.
 //!
 //! | file | part of the run |
 //! |---|---|
@@ -16,6 +17,7 @@
 //! | `epoch.rs` | one epoch's batches, a window at a time |
 //! | `resume.rs` | start (fresh, `--from-weight`, `--from-resume`) and every save |
 //! | `console.rs`, `metrics.rs` | log lines, progress bar, metrics.jsonl and the loss curve |
+//! | `tensorboard.rs` | `--tensorboard`: the same rows as TensorBoard event files |
 //! | `guard.rs`, `signals.rs`, `profile.rs` | non-finite steps, SIGINT/SIGTERM, `--profile` |
 
 mod console;
@@ -32,6 +34,7 @@ pub mod resume;
 pub mod setup;
 mod signals;
 mod step;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use signals::Interrupted;
@@ -45,6 +48,7 @@ use tch::{Device, Tensor};
 use crate::data::batch::Batch;
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::precision::Precision;
+use crate::model::sampling::{Sampler, SamplingConfig};
 use crate::model::ModelConfig;
 use crate::optim::adamw::{AdamWConfig, AdamWImpl};
 use console::{log_line, Console, Interval, IntervalEnd};
@@ -143,6 +147,16 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
         con.println(line);
     }
     let metrics_path = prepare_outputs(cfg, ranks.main, &p.metrics)?;
+    let mut events = match (&cfg.tensorboard, ranks.main) {
+        (Some(dir), true) => Some(tensorboard::EventWriter::start(
+            dir,
+            cfg,
+            &p.metrics,
+            p.global,
+            p.elapsed_before,
+        )?),
+        _ => None,
+    };
     con.println(describe_plan(cfg, &plan));
     con.start_progress(cfg, plan.total as u64, p.global as u64);
 
@@ -207,6 +221,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                         &ranks,
                         &con,
                         &metrics_path,
+                        events.as_mut(),
                         cfg,
                         &plan,
                         &batches,
@@ -322,6 +337,7 @@ fn log_interval(
     ranks: &Ranks,
     con: &Console,
     metrics_path: &std::path::Path,
+    events: Option<&mut tensorboard::EventWriter>,
     cfg: &RunConfig,
     plan: &Plan,
     batches: &EpochBatches,
@@ -346,6 +362,9 @@ fn log_interval(
     con.println(line);
     if ranks.main {
         metrics::append(metrics_path, &row)?;
+    }
+    if let Some(events) = events {
+        events.log(&row)?;
     }
     Ok(row)
 }
@@ -478,6 +497,22 @@ fn finish(
             "sample (greedy, {} tokens max): {}{}",
             cfg.sample_tokens, cfg.sample_prompt, text
         ));
+        if cfg.sample_temperature > 0.0 {
+            let mut sampler = Sampler::new(SamplingConfig {
+                temperature: cfg.sample_temperature,
+                top_p: cfg.sample_top_p,
+                top_k: 0,
+                repetition_penalty: 1.0,
+                seed: cfg.seed,
+            });
+            let drawn = continuation(tr, tok, &cfg.sample_prompt, cfg.sample_tokens, |l, c| {
+                sampler.next(l, c)
+            })?;
+            f.con.println(format!(
+                "sample (temperature {}, top-p {}, seed {}): {}{}",
+                cfg.sample_temperature, cfg.sample_top_p, cfg.seed, cfg.sample_prompt, drawn
+            ));
+        }
         Some(text)
     } else {
         None
@@ -495,15 +530,22 @@ fn finish(
         100.0 * f.data_wait_share
     ));
     f.con.println(format!(
-        "outputs: weights {}, resume {}, metrics {}{}",
+        "outputs: weights {}, resume {}, metrics {}",
         cfg.weights_path().display(),
         cfg.resume_path().display(),
         f.metrics_path.display(),
-        curve_path
-            .as_ref()
-            .map(|p| format!(", curve {}", p.display()))
-            .unwrap_or_default()
     ));
+    // The curve on a line of its own, last: the first thing a newcomer wants to open.
+    if let Some(p) = &curve_path {
+        let tb = match (&cfg.tensorboard, ranks.main) {
+            (Some(dir), true) => format!("; live: tensorboard --logdir {}", dir.display()),
+            _ => String::new(),
+        };
+        f.con.println(format!(
+            "loss curve: {} (open in a browser){tb}",
+            p.display()
+        ));
+    }
     if ranks.world > 1 {
         // Every rank: identical weights are the check that gradients were averaged (ddp_check.sh).
         println!(
@@ -539,6 +581,26 @@ pub fn greedy_sample(
     prompt: &str,
     max_new: usize,
 ) -> Result<String> {
+    continuation(tr, tok, prompt, max_new, |logits, _| {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as i64
+    })
+}
+
+/// The continuation of `[bos] + encode(prompt)` whose tokens `choose(logits, context)` picks,
+/// up to `max_new` of them or eos.
+fn continuation(
+    tr: &Trainer,
+    tok: &TextTokenizer,
+    prompt: &str,
+    max_new: usize,
+    mut choose: impl FnMut(&[f64], &[i64]) -> i64,
+) -> Result<String> {
     let _guard = tch::no_grad_guard();
     let mut ids: Vec<i64> = std::iter::once(tok.bos as i64)
         .chain(tok.encode(prompt)?.into_iter().map(|t| t as i64))
@@ -550,7 +612,12 @@ pub fn greedy_sample(
             .reshape([1, ids.len() as i64])
             .to_device(device);
         let logits = tr.model().forward(&input, None).logits;
-        let next = i64::try_from(logits.get(0).get(ids.len() as i64 - 1).argmax(0, false))?;
+        let last = logits
+            .get(0)
+            .get(ids.len() as i64 - 1)
+            .to_kind(tch::Kind::Double)
+            .to_device(Device::Cpu);
+        let next = choose(&Vec::<f64>::try_from(&last)?, &ids);
         if next == tok.eos as i64 {
             break;
         }

@@ -4,7 +4,7 @@
 //!
 //! Defaults follow MiniMind where they make sense. With no options a run uses the embedded poems
 //! corpus and a model sized to the device: the 26M config on CUDA; on a CPU a small config
-//! that finishes in a few minutes on two cores.
+//! and [`FirstRunRecipe`], which end in a few minutes on two cores with verse.
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -77,13 +77,14 @@ pub struct PretrainArgs {
     /// Prefix of the saved weights file.
     #[arg(long, alias = "save_weight", default_value = "pretrain")]
     pub save_weight: String,
-    /// Training epochs [default: 1].
+    /// Training epochs [default: 1; 4 for the embedded poems on a CPU].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Rows per micro-batch [default: 32 on CUDA, 16 on CPU].
     #[arg(long, alias = "batch_size")]
     pub batch_size: Option<usize>,
-    /// Peak learning rate of the cosine schedule [default: 5e-4 on CUDA, 2e-3 on CPU].
+    /// Peak learning rate of the cosine schedule [default: 5e-4 on CUDA, 2e-3 on CPU; 5e-3 for
+    /// the embedded poems on a CPU].
     #[arg(long, alias = "learning_rate")]
     pub learning_rate: Option<f64>,
     /// auto (CUDA if available, else CPU), cpu, cuda, cuda:N.
@@ -124,9 +125,10 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Warmup: linear from 0 over this many micro-steps before the cosine (0 = MiniMind's
-    /// schedule), or optimizer steps with --lr-schedule linear / wsd (transformers' convention).
-    #[arg(long, alias = "warmup_steps", default_value_t = 0)]
-    pub warmup_steps: usize,
+    /// schedule), or optimizer steps with --lr-schedule linear / wsd (transformers' convention)
+    /// [default: 0; 50 for the embedded poems on a CPU].
+    #[arg(long, alias = "warmup_steps")]
+    pub warmup_steps: Option<usize>,
     /// cosine: MiniMind's, to a tenth of the rate, per micro-step; linear: transformers'
     /// get_linear_schedule_with_warmup, to 0, per optimizer step; wsd: warmup, stable, then a
     /// linear decay over the last --decay-fraction of the optimizer steps to --min-lr-ratio.
@@ -145,9 +147,10 @@ pub struct PretrainArgs {
     /// AdamW decoupled weight decay (torch's default).
     #[arg(long, alias = "weight_decay", default_value_t = 0.01)]
     pub weight_decay: f64,
-    /// padded: one document per row (MiniMind); packed: documents concatenated into full rows.
-    #[arg(long, alias = "data_mode", value_enum, default_value_t = DataMode::Padded)]
-    pub data_mode: DataMode,
+    /// padded: one document per row (MiniMind); packed: documents concatenated into full rows
+    /// [default: padded; packed for the embedded poems on a CPU].
+    #[arg(long, alias = "data_mode", value_enum)]
+    pub data_mode: Option<DataMode>,
     /// mean: MiniMind's per-micro-batch mean; token: every counted token of a window weighs the same.
     #[arg(long, alias = "loss_normalization", value_enum, default_value_t = LossNormalization::Mean)]
     pub loss_normalization: LossNormalization,
@@ -170,7 +173,9 @@ pub struct PretrainArgs {
     /// float32, dense models; needs a binary built with `--features cuda` (make release-cuda).
     #[arg(long, alias = "cuda_graph")]
     pub cuda_graph: bool,
-    /// Use only the first N documents of the corpus [default on CPU with the embedded corpus: 3200].
+    /// Use only the first N documents of the corpus [default: all]. Giving it on a CPU with the
+    /// embedded poems also turns off the first-run recipe (packed rows, 4 epochs, warmup 50,
+    /// learning rate 5e-3): the CPU's small defaults and MiniMind's schedule apply.
     #[arg(long, alias = "max_docs")]
     pub max_docs: Option<usize>,
     /// bos token string (overrides tokenizer_config.json).
@@ -182,15 +187,27 @@ pub struct PretrainArgs {
     /// pad token string (overrides tokenizer_config.json; falls back to eos).
     #[arg(long, alias = "pad_token")]
     pub pad_token: Option<String>,
-    /// Prompt of the greedy sample printed at the end.
+    /// Prompt of the samples printed at the end.
     #[arg(long, alias = "sample_prompt", default_value = "春")]
     pub sample_prompt: String,
-    /// Tokens generated for the sample (0 = no sample).
+    /// Tokens generated for each sample (0 = no sample).
     #[arg(long, alias = "sample_tokens", default_value_t = 48)]
     pub sample_tokens: usize,
+    /// Besides the greedy sample, one drawn at this temperature with --sample-top-p and the run's
+    /// --seed (the same text every time); 0 = the greedy sample only. A small model's greedy
+    /// continuation repeats its likeliest characters; a draw shows what it has learnt.
+    #[arg(long, alias = "sample_temperature", default_value_t = 0.85)]
+    pub sample_temperature: f64,
+    /// Nucleus (top-p) of the drawn sample.
+    #[arg(long, alias = "sample_top_p", default_value_t = 0.85)]
+    pub sample_top_p: f64,
     /// No progress bar (log lines only).
     #[arg(long, alias = "no_progress")]
     pub no_progress: bool,
+    /// TensorBoard event files (loss, lr, grad norm, throughput, the run configuration) go to
+    /// this directory, rank 0 only; `none` writes none [default: <save-dir>/tensorboard].
+    #[arg(long)]
+    pub tensorboard: Option<PathBuf>,
     /// Profile micro-steps --profile-at .. --profile-at + --profile-steps - 1 with libtorch's
     /// profiler (graph replays and collectives included): every rank writes
     /// DIR/rank<R>/trace.json and kernels.tsv; rank 0 prints the device time per op.
@@ -282,7 +299,15 @@ pub struct RunConfig {
     pub pad_token: Option<String>,
     pub sample_prompt: String,
     pub sample_tokens: usize,
+    /// The drawn sample's temperature (0: greedy only) and top-p; its seed is `seed`.
+    #[serde(default)]
+    pub sample_temperature: f64,
+    #[serde(default = "one_f64")]
+    pub sample_top_p: f64,
     pub no_progress: bool,
+    /// `--tensorboard`: the event files' directory (None: `--tensorboard none`).
+    #[serde(default)]
+    pub tensorboard: Option<PathBuf>,
     /// `--profile`: (directory, first micro-step, micro-steps).
     #[serde(default)]
     pub profile: Option<(PathBuf, usize, usize)>,
@@ -306,6 +331,10 @@ fn one() -> usize {
     1
 }
 
+fn one_f64() -> f64 {
+    1.0
+}
+
 /// `--tokenizer`: a path, or the name of a built-in tokenizer when no such path exists.
 pub fn resolve_tokenizer(given: &std::path::Path) -> Result<PathBuf> {
     if given.exists() {
@@ -321,9 +350,18 @@ pub fn resolve_tokenizer(given: &std::path::Path) -> Result<PathBuf> {
     }
 }
 
-/// The embedded default corpus on the CPU: this many documents keep `fast pretrain` (one epoch,
-/// batch 16) at 200 steps, a few minutes on two cores.
-pub const CPU_DEFAULT_DOCS: usize = 3200;
+/// The first run on a CPU (`make pretrain`: the embedded poems, no --data-path or --max-docs):
+/// the small CPU model on all 5,000 poems packed into full rows (no step spent on padding),
+/// 4 epochs with a short warmup and a higher peak rate, so that a few minutes on two cores end
+/// with verse; each can still be given.
+pub struct FirstRunRecipe;
+
+impl FirstRunRecipe {
+    pub const EPOCHS: usize = 4;
+    pub const WARMUP_STEPS: usize = 50;
+    pub const LEARNING_RATE: f64 = 5e-3;
+    pub const DATA_MODE: DataMode = DataMode::Packed;
+}
 
 impl PretrainArgs {
     /// Resolve defaults for `device` and validate. `data_path`/`tokenizer` are the embedded
@@ -387,6 +425,7 @@ impl PretrainArgs {
             },
         )?
         .vocab_size();
+        let first_run = !cuda && self.data_path.is_none() && self.max_docs.is_none();
         if !cuda {
             let unsized_model = m.model.is_none();
             let sized: Vec<&str> = [
@@ -398,7 +437,7 @@ impl PretrainArgs {
                 ("max-seq-len", self.max_seq_len.is_none()),
                 ("batch-size", self.batch_size.is_none()),
                 ("accumulation-steps", self.accumulation_steps.is_none()),
-                ("learning-rate", self.learning_rate.is_none()),
+                ("learning-rate", self.learning_rate.is_none() && !first_run),
             ]
             .iter()
             .filter(|(_, default)| *default)
@@ -411,16 +450,45 @@ impl PretrainArgs {
                 ));
             }
         }
-        let max_docs = match self.max_docs {
-            Some(n) => Some(n),
-            None if !cuda && self.data_path.is_none() => {
+        // The first run's recipe, for every option of it not given.
+        let mut recipe = |name: &str, value: &dyn std::fmt::Display| {
+            if first_run {
                 notes.push(format!(
-                    "CPU: first {CPU_DEFAULT_DOCS} poems of the embedded corpus only, so the run takes minutes (--max-docs to change)"
+                    "CPU first run: --{name} {value}, the embedded poems' recipe (give it to change)"
                 ));
-                Some(CPU_DEFAULT_DOCS)
             }
-            None => None,
+            first_run
         };
+        let epochs = self.epochs.unwrap_or_else(|| {
+            if recipe("epochs", &FirstRunRecipe::EPOCHS) {
+                FirstRunRecipe::EPOCHS
+            } else {
+                1
+            }
+        });
+        let data_mode = self.data_mode.unwrap_or_else(|| {
+            if recipe("data-mode", &"packed") {
+                FirstRunRecipe::DATA_MODE
+            } else {
+                DataMode::Padded
+            }
+        });
+        let warmup_steps = self.warmup_steps.unwrap_or_else(|| {
+            if recipe("warmup-steps", &FirstRunRecipe::WARMUP_STEPS) {
+                FirstRunRecipe::WARMUP_STEPS
+            } else {
+                0
+            }
+        });
+        let learning_rate = self.learning_rate.unwrap_or_else(|| {
+            if recipe("learning-rate", &FirstRunRecipe::LEARNING_RATE) {
+                FirstRunRecipe::LEARNING_RATE
+            } else if cuda {
+                5e-4
+            } else {
+                2e-3
+            }
+        });
         let dtype = match self.dtype {
             Some(d) => d,
             None if cuda => DType::Bfloat16,
@@ -435,9 +503,9 @@ impl PretrainArgs {
             save_dir: self.save_dir.clone(),
             save_weight: self.save_weight.clone(),
             checkpoint_dir: self.checkpoint_dir.clone(),
-            epochs: self.epochs.unwrap_or(1),
+            epochs,
             batch_size: pick(self.batch_size, 32, 16),
-            learning_rate: self.learning_rate.unwrap_or(if cuda { 5e-4 } else { 2e-3 }),
+            learning_rate,
             device: device_name(device),
             dtype,
             num_workers: self.num_workers.unwrap_or(cores.min(8)),
@@ -451,7 +519,7 @@ impl PretrainArgs {
             from_weight: self.from_weight.clone(),
             from_resume: self.from_resume == 1,
             seed: self.seed,
-            warmup_steps: self.warmup_steps,
+            warmup_steps,
             lr_schedule: match self.lr_schedule {
                 ScheduleKind::Cosine => Schedule::Cosine,
                 ScheduleKind::Linear => Schedule::Linear,
@@ -463,19 +531,26 @@ impl PretrainArgs {
             objective: self.objective,
             weight_decay: self.weight_decay,
             optimizer: self.optimizer,
-            data_mode: self.data_mode,
+            data_mode,
             loss_normalization: self.loss_normalization,
             max_steps: self.max_steps,
             skip_bad_lines: self.skip_bad_lines,
             skip_nonfinite: self.skip_nonfinite,
             cuda_graph: self.cuda_graph,
-            max_docs,
+            max_docs: self.max_docs,
             bos_token: self.bos_token.clone(),
             eos_token: self.eos_token.clone(),
             pad_token: self.pad_token.clone(),
             sample_prompt: self.sample_prompt.clone(),
             sample_tokens: self.sample_tokens,
+            sample_temperature: self.sample_temperature,
+            sample_top_p: self.sample_top_p,
             no_progress: self.no_progress,
+            tensorboard: match &self.tensorboard {
+                Some(p) if p.as_os_str() == "none" => None,
+                Some(p) => Some(p.clone()),
+                None => Some(self.save_dir.join("tensorboard")),
+            },
             profile: self
                 .profile
                 .clone()
@@ -535,6 +610,18 @@ impl RunConfig {
             bail!(
                 "--grad-clip must be a positive number (got {})",
                 self.grad_clip
+            );
+        }
+        if !(self.sample_temperature.is_finite() && self.sample_temperature >= 0.0) {
+            bail!(
+                "--sample-temperature must be zero (greedy only) or positive (got {})",
+                self.sample_temperature
+            );
+        }
+        if !(self.sample_top_p > 0.0 && self.sample_top_p <= 1.0) {
+            bail!(
+                "--sample-top-p must be in (0, 1] (got {})",
+                self.sample_top_p
             );
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {

@@ -1,5 +1,6 @@
 //! Where a run starts (fresh, `--from-weight`, or `--from-resume 1`) and what it saves at every
-//! save interval: the float16 weights, the resume checkpoint and `run_config.json`.
+//! save interval: the float16 weights (with the run's tokenizer beside them), the resume
+//! checkpoint and `run_config.json`.
 //!
 //! Exact resume: the only randomness is the seeded init and the seeded epoch permutation; the
 //! resume checkpoint holds the fp32 weights, AdamW's moments and step counts, the scaler, the
@@ -217,7 +218,10 @@ pub fn save(
     elapsed: f64,
 ) -> Result<()> {
     let _guard = tch::no_grad_guard();
-    let model_config = model_config_json(tr.config(), tok);
+    let mut model_config = model_config_json(tr.config(), tok);
+    // The tokenizer the run used, copied beside the weights: `fast export` finds it there.
+    model_config["tokenizer"] =
+        checkpoint::save_tokenizer_beside(&cfg.weights_path(), &cfg.tokenizer)?;
     let (tensors, mut host) = tr.state_dict();
     host["window_count"] = json!(window_count);
     let state = ResumeState {
