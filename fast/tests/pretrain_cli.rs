@@ -186,6 +186,18 @@ fn a_tiny_run_lowers_the_loss_and_writes_every_output() {
         .output()
         .unwrap();
     ok(&out);
+    // Without --tokenizer, generate takes the one the run recorded beside its weights: the same
+    // greedy text.
+    let recorded = fast()
+        .current_dir(dir.path())
+        .args(["generate", "--weights", "out/pretrain_32.safetensors"])
+        .args(["--prompt", "春", "--max-new-tokens", "4"])
+        .args(["--device", "cpu", "--temperature", "0"])
+        .output()
+        .unwrap();
+    ok(&recorded);
+    assert_eq!(recorded.stdout, out.stdout);
+    assert!(String::from_utf8_lossy(&recorded.stderr).contains("recorded with the weights"));
 }
 
 /// Stop at `stop` micro-steps (mid-window, mid-epoch), resume, and compare every tensor of the

@@ -66,16 +66,11 @@ fn source_kind(weights: &Path) -> Result<Kind> {
 
 /// `--tokenizer` (a path or a built-in name), else the tokenizer recorded with the weights.
 fn tokenizer_dir(args: &ExportArgs) -> Result<PathBuf> {
-    let path = match &args.tokenizer {
-        Some(t) => crate::train::options::resolve_tokenizer(t)?,
-        None => {
-            let dir =
-                crate::io::checkpoint::recorded_tokenizer(&args.weights, args.config.as_deref())?;
-            eprintln!("tokenizer: {} (recorded with the weights)", dir.display());
-            dir
-        }
-    };
-    Ok(path)
+    crate::io::checkpoint::tokenizer_for(
+        args.tokenizer.as_deref(),
+        &args.weights,
+        args.config.as_deref(),
+    )
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {

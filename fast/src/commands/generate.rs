@@ -20,9 +20,10 @@ pub struct GenerateArgs {
     /// Weights: a MiniMind `.pth` or our `.safetensors` (config JSON beside it or --config).
     #[arg(long)]
     pub weights: PathBuf,
-    /// Tokenizer directory (tokenizer.json + tokenizer_config.json) or tokenizer.json.
+    /// Tokenizer directory (tokenizer.json + tokenizer_config.json), tokenizer.json, or poems /
+    /// minimind2 / minimind3 [default: the tokenizer the run recorded beside the weights].
     #[arg(long)]
-    pub tokenizer: PathBuf,
+    pub tokenizer: Option<PathBuf>,
     #[arg(long)]
     pub prompt: String,
     /// Model config JSON (default: `<weights stem>.json`, or `config.json` beside the weights).
@@ -125,7 +126,12 @@ pub fn generate_ids(
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let device = crate::model::precision::parse_device(&args.device)?;
     let kind = parse_dtype(args.dtype.as_deref(), device)?;
-    let tok = TextTokenizer::load(&args.tokenizer, &SpecialTokenStrings::default())?;
+    let tdir = crate::io::checkpoint::tokenizer_for(
+        args.tokenizer.as_deref(),
+        &args.weights,
+        args.config.as_deref(),
+    )?;
+    let tok = TextTokenizer::load(&tdir, &SpecialTokenStrings::default())?;
     let (model, from) =
         crate::io::weights::load_model(&args.weights, args.config.as_deref(), kind, device)?;
     let cfg = &model.cfg;

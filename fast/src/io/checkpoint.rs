@@ -186,6 +186,23 @@ pub fn save_tokenizer_beside(weights: &Path, source: &Path) -> Result<serde_json
     Ok(serde_json::json!({ "dir": rel, "sha256": sum }))
 }
 
+/// `--tokenizer` of export / eval / generate: the given path or built-in name, else the
+/// tokenizer recorded with `weights` (said on stderr).
+pub fn tokenizer_for(
+    given: Option<&Path>,
+    weights: &Path,
+    config: Option<&Path>,
+) -> Result<PathBuf> {
+    match given {
+        Some(t) => crate::train::options::resolve_tokenizer(t),
+        None => {
+            let dir = recorded_tokenizer(weights, config)?;
+            eprintln!("tokenizer: {} (recorded with the weights)", dir.display());
+            Ok(dir)
+        }
+    }
+}
+
 /// The tokenizer recorded with `weights` (in the config JSON beside them, else in the file's
 /// metadata), checked against its hash. The error says why none can be used and names
 /// `--tokenizer`.
