@@ -508,3 +508,45 @@ proptest! {
         }
     }
 }
+
+/// Rows of `mode` read from a token cache written from `docs` (3 documents a shard, so rows
+/// cross shards), all of them in index order.
+fn cache_rows(
+    docs: &[Vec<u32>],
+    mode: fast::data::dataset::DataMode,
+    max_len: usize,
+    epoch: u64,
+) -> Vec<fast::data::rows::Row> {
+    let dir = tempfile::tempdir().unwrap();
+    let cache =
+        std::sync::Arc::new(fast::data::cache::write_from_ids(dir.path(), docs, 64, 3).unwrap());
+    let sp = fast::data::rows::SpecialTokens::default();
+    let ds = fast::data::dataset::TokenDataset::new(cache, mode, max_len, sp, 64).unwrap();
+    (0..ds.len()).map(|i| ds.item(i, epoch).unwrap()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The rows the training loop reads from the token cache equal the reference's rows of the
+    /// same documents: padded and packed.
+    #[test]
+    fn rows_from_the_token_cache_agree_exactly(
+        docs in prop::collection::vec(prop::collection::vec(0u32..50, 0..20), 1..9), max_len in 2usize..24,
+    ) {
+        use fast::data::dataset::DataMode;
+        let rsp = reference::dataset::SpecialTokens::default();
+        let got = cache_rows(&docs, DataMode::Padded, max_len, 0);
+        prop_assert_eq!(got.len(), docs.len());
+        for (g, d) in got.iter().zip(&docs) {
+            let r = reference::dataset::encode_padded(d, max_len, rsp);
+            prop_assert_eq!((&g.input_ids, &g.labels), (&r.input_ids, &r.labels));
+        }
+        let got = cache_rows(&docs, DataMode::Packed, max_len, 0);
+        let want = reference::dataset::pack(&docs, max_len, rsp);
+        prop_assert_eq!(got.len(), want.len());
+        for (g, r) in got.iter().zip(&want) {
+            prop_assert_eq!((&g.input_ids, &g.labels), (&r.input_ids, &r.labels));
+        }
+    }
+}

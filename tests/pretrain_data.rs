@@ -1,15 +1,17 @@
 //! `fast pretrain`'s data path against MiniMind's numbers and the reference's encoding:
-//! JSONL -> tokenizer -> padded / packed rows -> prefetched batches.
+//! JSONL -> tokenizer -> token cache -> padded / packed rows -> prefetched batches. The rows read
+//! from the cache equal the reference's rows of the JSONL's texts tokenized directly (what the
+//! data path computed before it had a cache), so batches did not change.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fast::data::batch::HostBatch;
-use fast::data::corpus::{JsonlCorpus, LinePolicy};
+use fast::data::cache::{open_or_build, CacheRequest, TokenCache};
 use fast::data::dataset::{counted_labels, padded_row, DataMode, TokenDataset};
 use fast::data::loader::Prefetcher;
+use fast::data::rows::SpecialTokens;
 use fast::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
 use reference::dataset as refds;
 
@@ -39,10 +41,36 @@ fn poems(n: usize) -> Vec<String> {
         .collect()
 }
 
-fn open(path: &Path, tokenizer: &Path) -> (Arc<JsonlCorpus>, Arc<TextTokenizer>) {
-    let corpus = Arc::new(JsonlCorpus::open(path, LinePolicy::Fail).unwrap());
+/// The token cache of `path` (built in a directory beside it) and the tokenizer.
+fn open(path: &Path, tokenizer: &Path) -> (Arc<TokenCache>, Arc<TextTokenizer>) {
     let tok = Arc::new(TextTokenizer::load(tokenizer, &SpecialTokenStrings::default()).unwrap());
-    (corpus, tok)
+    let req = CacheRequest {
+        given: vec![path.to_path_buf()],
+        files: vec![path.to_path_buf()],
+        dir: Some(path.with_extension("cache")),
+        rebuild: false,
+        skip_bad_lines: false,
+        max_docs: None,
+        threads: 3,
+        shard_tokens: 500,
+        progress: false,
+    };
+    let (cache, _) = open_or_build(&req, &tok, &|_| {}).unwrap();
+    (Arc::new(cache), tok)
+}
+
+fn dataset(
+    cache: &Arc<TokenCache>,
+    tok: &TextTokenizer,
+    mode: DataMode,
+    max_len: usize,
+) -> TokenDataset {
+    let sp = SpecialTokens {
+        pad: tok.pad,
+        bos: tok.bos,
+        eos: tok.eos,
+    };
+    TokenDataset::new(cache.clone(), mode, max_len, sp, tok.vocab_size()).unwrap()
 }
 
 #[test]
@@ -58,13 +86,13 @@ fn padded_rows_equal_minimind_pretrain_dataset_golden_cases() {
         .map(|c| c["text"].as_str().unwrap().to_string())
         .collect();
     let path = write_jsonl(dir.path(), &texts);
-    let (corpus, tok) = open(&path, &root().join("golden/minimind"));
+    let (cache, tok) = open(&path, &root().join("golden/minimind"));
     assert_eq!((tok.pad, tok.bos, tok.eos), (0, 1, 2));
     let mut checked = 0;
     for (i, case) in cases.iter().enumerate() {
         let max_len = case["max_length"].as_u64().unwrap() as usize;
-        let ds = TokenDataset::padded(corpus.clone(), tok.clone(), max_len);
-        let row = ds.item(i, &mut HashMap::new()).unwrap();
+        let ds = dataset(&cache, &tok, DataMode::Padded, max_len);
+        let row = ds.item(i, 0).unwrap();
         let want = |k: &str| -> Vec<i64> {
             case[k]
                 .as_array()
@@ -91,11 +119,15 @@ fn padded_rows_equal_minimind_pretrain_dataset_golden_cases() {
 }
 
 #[test]
-fn padded_and_packed_rows_equal_the_reference_encoding() {
+fn rows_from_the_cache_equal_the_reference_encoding_of_the_jsonl_tokenized_directly() {
     let texts = poems(120);
     let dir = tempfile::tempdir().unwrap();
     let path = write_jsonl(dir.path(), &texts);
-    let (corpus, tok) = open(&path, &root().join("data/tokenizer"));
+    let (cache, tok) = open(&path, &root().join("data/tokenizer"));
+    assert!(
+        cache.manifest.shards.len() > 3,
+        "rows cross shard boundaries"
+    );
     let sp = refds::SpecialTokens {
         pad: tok.pad,
         bos: tok.bos,
@@ -103,28 +135,23 @@ fn padded_and_packed_rows_equal_the_reference_encoding() {
     };
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
     for max_len in [2, 16, 64] {
-        let ds = TokenDataset::padded(corpus.clone(), tok.clone(), max_len);
+        let ds = dataset(&cache, &tok, DataMode::Padded, max_len);
         assert_eq!(ds.len(), texts.len());
         for (i, doc) in ids.iter().enumerate() {
             let want = refds::encode_padded(doc, max_len, sp);
-            let got = ds.item(i, &mut HashMap::new()).unwrap();
+            let got = ds.item(i, 0).unwrap();
             assert_eq!(
                 (got.input_ids, got.labels),
                 (want.input_ids, want.labels),
                 "padded doc {i} max_len {max_len}"
             );
         }
-        let ds = TokenDataset::packed(corpus.clone(), tok.clone(), max_len, 3).unwrap();
+        let ds = dataset(&cache, &tok, DataMode::Packed, max_len);
         assert_eq!(ds.mode(), DataMode::Packed);
         let want = refds::pack(&ids, max_len, sp);
         assert_eq!(ds.len(), want.len(), "packed rows at max_len {max_len}");
-        let mut cache = HashMap::new();
         for (r, w) in want.iter().enumerate() {
-            // Alternate a shared cache and a fresh one: both must give the same rows.
-            if r % 2 == 0 {
-                cache.clear();
-            }
-            let got = ds.item(r, &mut cache).unwrap();
+            let got = ds.item(r, 0).unwrap();
             assert_eq!(
                 (&got.input_ids, &got.labels),
                 (&w.input_ids, &w.labels),
@@ -135,15 +162,27 @@ fn padded_and_packed_rows_equal_the_reference_encoding() {
 }
 
 #[test]
-fn prefetched_batches_come_in_order_and_equal_direct_encoding() {
+fn prefetched_batches_from_the_cache_come_in_order_and_equal_the_jsonl_tokenized_directly() {
     let texts = poems(300);
     let dir = tempfile::tempdir().unwrap();
     let path = write_jsonl(dir.path(), &texts);
-    let (corpus, tok) = open(&path, &root().join("data/tokenizer"));
-    for ds in [
-        TokenDataset::padded(corpus.clone(), tok.clone(), 48),
-        TokenDataset::packed(corpus.clone(), tok.clone(), 48, 2).unwrap(),
-    ] {
+    let (cache, tok) = open(&path, &root().join("data/tokenizer"));
+    let sp = refds::SpecialTokens {
+        pad: tok.pad,
+        bos: tok.bos,
+        eos: tok.eos,
+    };
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+    for mode in [DataMode::Padded, DataMode::Packed] {
+        let ds = dataset(&cache, &tok, mode, 48);
+        // Rows of the JSONL's texts tokenized directly (the reference's layouts).
+        let jsonl_rows: Vec<refds::Row> = match mode {
+            DataMode::Padded => ids
+                .iter()
+                .map(|d| refds::encode_padded(d, 48, sp))
+                .collect(),
+            _ => refds::pack(&ids, 48, sp),
+        };
         let ds = Arc::new(ds);
         let order = reference::sampler::epoch_permutation(ds.len(), 7, 1);
         let batches: Vec<Vec<usize>> = order.chunks(13).map(<[usize]>::to_vec).collect();
@@ -152,15 +191,19 @@ fn prefetched_batches_come_in_order_and_equal_direct_encoding() {
             .map(|b| {
                 let rows: Vec<_> = b
                     .iter()
-                    .map(|&i| ds.item(i, &mut HashMap::new()).unwrap())
+                    .map(|&i| {
+                        let r = &jsonl_rows[i];
+                        fast::data::rows::Row::new(r.input_ids.clone(), r.labels.clone())
+                    })
                     .collect();
                 HostBatch::from_rows(&rows, 48)
             })
             .collect();
         for (workers, depth) in [(1, 1), (3, 2), (4, 16)] {
-            let got: Vec<HostBatch> = Prefetcher::new(ds.clone(), batches.clone(), workers, depth)
-                .collect::<anyhow::Result<_>>()
-                .unwrap();
+            let got: Vec<HostBatch> =
+                Prefetcher::new(ds.clone(), batches.clone(), 0, workers, depth)
+                    .collect::<anyhow::Result<_>>()
+                    .unwrap();
             assert_eq!(got.len(), direct.len());
             for (g, d) in got.iter().zip(&direct) {
                 assert_eq!(
@@ -170,7 +213,7 @@ fn prefetched_batches_come_in_order_and_equal_direct_encoding() {
             }
         }
         // Dropping a loader half-way stops its workers.
-        let mut p = Prefetcher::new(ds.clone(), batches.clone(), 2, 4);
+        let mut p = Prefetcher::new(ds.clone(), batches.clone(), 0, 2, 4);
         p.next().unwrap().unwrap();
         drop(p);
     }

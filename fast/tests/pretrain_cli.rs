@@ -265,6 +265,60 @@ fn packed_token_weighted_run_stopped_mid_window_resumes_bit_identically() {
     );
 }
 
+/// A corpus of several files (one gzip'd) tokenized ahead by `fast tokenize` into a cache both
+/// runs share; packed rows.
+#[test]
+fn a_run_on_a_cached_multi_file_corpus_resumes_bit_identically() {
+    let data = tempfile::tempdir().unwrap();
+    let text =
+        std::fs::read_to_string(fast::data::defaults::materialize().unwrap().corpus).unwrap();
+    let lines: Vec<&str> = text.lines().take(120).collect();
+    let corpus = data.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    std::fs::write(corpus.join("b.jsonl"), lines[60..].join("\n")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(corpus.join("a.jsonl.gz")).unwrap(),
+        flate2::Compression::default(),
+    );
+    std::io::Write::write_all(&mut gz, (lines[..60].join("\n") + "\n").as_bytes()).unwrap();
+    gz.finish().unwrap();
+    let cache = data.path().join("cache");
+    let tok = fast::data::defaults::materialize()
+        .unwrap()
+        .tokenizer_dir
+        .display()
+        .to_string();
+    let out = fast()
+        .args([
+            "tokenize",
+            "--data-path",
+            corpus.to_str().unwrap(),
+            "--tokenizer",
+            &tok,
+        ])
+        .args([
+            "--out",
+            cache.to_str().unwrap(),
+            "--shard-tokens",
+            "2000",
+            "--no-progress",
+        ])
+        .output()
+        .unwrap();
+    assert!(ok(&out).contains("120 documents"));
+    resumed_equals_uninterrupted(
+        &[
+            "--data-path",
+            corpus.to_str().unwrap(),
+            "--token-cache",
+            cache.to_str().unwrap(),
+            "--data-mode",
+            "packed",
+        ],
+        "7",
+    );
+}
+
 #[test]
 fn moe_runs_and_logs_its_aux_loss() {
     let dir = tempfile::tempdir().unwrap();
@@ -435,6 +489,11 @@ fn resume_refuses_other_configs_and_damaged_files_by_name() {
         &[&args[..], &["--batch-size", "4"]].concat(),
         dir.path(),
         "--batch-size: saved 8, now 4",
+    );
+    fails_with(
+        &[&args[..], &["--skip-bad-lines"]].concat(),
+        dir.path(),
+        "--skip-bad-lines: saved false, now true",
     );
 
     let ckpt = dir

@@ -1,18 +1,17 @@
 //! `fast eval`: held-out loss and perplexity of a model over a JSONL corpus.
 //!
-//! Rows are built exactly as in pretraining (`data::dataset`, padded or packed) and scored with
+//! Rows are built exactly as in pretraining (`train::setup`: the token cache, then
+//! `data::dataset`'s layout) and scored with
 //! the training loss (`loss::shifted_cross_entropy_sum`); the reported loss is the token-weighted
 //! mean over every counted label of the file (sum of losses / number of counted labels), and
 //! perplexity is its exp.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use tch::Tensor;
 
 use crate::data::dataset::{DataMode, TokenDataset};
-use crate::data::tokenizer::SpecialTokenStrings;
 use crate::kernels::{KernelConfig, Kernels};
 use crate::model::MiniMindForCausalLM;
 use crate::train::setup::{Data, DataSpec};
@@ -22,9 +21,9 @@ pub struct EvalArgs {
     /// Weights: a MiniMind `.pth` or our `.safetensors` (config JSON beside it or --config).
     #[arg(long)]
     pub weights: PathBuf,
-    /// Held-out JSONL of {"text": ...}.
-    #[arg(long)]
-    pub data_path: PathBuf,
+    /// Held-out JSONL of {"text": ...}: files, quoted globs or directories, as in pretrain.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data_path: Vec<PathBuf>,
     /// Tokenizer directory or tokenizer.json.
     #[arg(long)]
     pub tokenizer: PathBuf,
@@ -42,6 +41,15 @@ pub struct EvalArgs {
     /// f32, f64, bf16 or f16 (default: bf16 on cuda, f32 on cpu).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Token cache directory [default: <data-path>.tokens/tok-<key>], as in pretrain.
+    #[arg(long)]
+    pub token_cache: Option<PathBuf>,
+    /// Rebuild a --token-cache that does not fit instead of refusing it.
+    #[arg(long)]
+    pub rebuild_cache: bool,
+    /// Threads of the tokenizing pass [default: cores].
+    #[arg(long)]
+    pub num_workers: Option<usize>,
     #[command(flatten)]
     pub kernels: KernelConfig,
 }
@@ -98,16 +106,9 @@ pub fn evaluate(
     let mut i = 0;
     while i < n {
         let end = (i + batch_size).min(n);
-        let mut cache = HashMap::new();
-        let rows = (i..end)
-            .map(|j| ds.item(j, &mut cache))
-            .collect::<Result<Vec<_>>>()?;
+        let hb = ds.batch(&(i..end).collect::<Vec<_>>(), 0)?;
         let t = ds.max_len as i64;
-        let ids: Vec<i64> = rows
-            .iter()
-            .flat_map(|r| r.input_ids.iter().copied())
-            .collect();
-        let lab: Vec<i64> = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
+        let (ids, lab) = (hb.input_ids, hb.labels);
         if let Some(&bad) = ids
             .iter()
             .find(|&&x| x < 0 || x as usize >= model.cfg.vocab_size)
@@ -117,7 +118,7 @@ pub fn evaluate(
                 model.cfg.vocab_size
             );
         }
-        let b = rows.len() as i64;
+        let b = hb.rows as i64;
         let (s, c) = batch_loss(
             model,
             &Tensor::from_slice(&ids).view([b, t]),
@@ -125,7 +126,7 @@ pub fn evaluate(
         )?;
         r.loss_sum += s;
         r.tokens += c;
-        r.rows += rows.len();
+        r.rows += hb.rows;
         i = end;
     }
     Ok(r)
@@ -138,21 +139,26 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         crate::io::weights::load_model(&args.weights, args.config.as_deref(), kind, device)?;
     model.kernels = Kernels::new(args.kernels);
     eprintln!("model: {from}; {kind:?} on {device:?}");
-    let spec = DataSpec {
-        data_path: args.data_path.clone(),
-        tokenizer: args.tokenizer.clone(),
-        specials: SpecialTokenStrings::default(),
-        max_seq_len: args.max_seq_len,
-        data_mode: args.data_mode,
-        threads: 2,
-        skip_bad_lines: false,
-        max_docs: None,
-    };
+    let mut spec = DataSpec::new(
+        args.data_path.clone(),
+        args.tokenizer.clone(),
+        args.max_seq_len,
+        args.data_mode,
+    );
+    if let Some(n) = args.num_workers {
+        spec.threads = n.max(1);
+    }
+    spec.token_cache = args.token_cache.clone();
+    spec.rebuild_cache = args.rebuild_cache;
     let data = Data::load(&spec, &|l| eprintln!("{l}"))?;
     let r = evaluate(&model, &data.dataset, args.batch_size)?;
     println!(
         "eval {}: rows {} counted tokens {} loss {:.6} perplexity {:.4}",
-        args.data_path.display(),
+        args.data_path
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
         r.rows,
         r.tokens,
         r.loss(),

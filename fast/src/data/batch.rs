@@ -3,7 +3,7 @@
 
 use tch::{Device, Tensor};
 
-use super::rows::{counted_labels, Row};
+use super::rows::{count_labels, Counting, Row};
 use crate::model::loss::IGNORE_INDEX;
 
 /// One batch on the host: `rows` x `cols` row-major.
@@ -13,19 +13,26 @@ pub struct HostBatch {
     pub labels: Vec<i64>,
     pub rows: usize,
     pub cols: usize,
-    /// Labels the shifted loss counts (useful tokens).
+    /// Labels the loss counts (useful tokens): `labels[1..] != -100` per row for the causal
+    /// layouts' shifted loss.
     pub counted_labels: usize,
 }
 
 impl HostBatch {
+    /// Rows of a causal-LM layout (labels counted as the shifted loss reads them).
     pub fn from_rows(rows: &[Row], cols: usize) -> Self {
+        Self::from_rows_counted(rows, cols, Counting::Shifted)
+    }
+
+    /// Rows whose labels a loss of `counting` reads.
+    pub fn from_rows_counted(rows: &[Row], cols: usize, counting: Counting) -> Self {
         let mut input_ids = Vec::with_capacity(rows.len() * cols);
         let mut labels = Vec::with_capacity(rows.len() * cols);
         let mut counted = 0;
         for r in rows {
             input_ids.extend_from_slice(&r.input_ids);
             labels.extend_from_slice(&r.labels);
-            counted += counted_labels(r);
+            counted += count_labels(&r.labels, counting);
         }
         Self {
             input_ids,

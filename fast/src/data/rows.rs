@@ -4,6 +4,9 @@
 //!   pad; labels = input_ids with -100 wherever the input equals pad.
 //! - packed (ours): every document followed by eos, all concatenated, cut into rows of max_len;
 //!   only the final row's padding is labelled -100 (a real token equal to pad keeps its label).
+//!
+//! These in-memory functions are the definitions; `dataset::TokenDataset` builds the same rows
+//! from a token cache one at a time, and tests hold the two equal.
 
 use crate::model::loss::IGNORE_INDEX;
 
@@ -30,13 +33,60 @@ impl Default for SpecialTokens {
 pub struct Row {
     pub input_ids: Vec<i64>,
     pub labels: Vec<i64>,
+    /// packed-docs only: sorted positions where a segment begins, always holding 0. A document
+    /// continued from the previous row is the segment at 0; the final row's padding tail is a
+    /// segment of its own (reference::dataset::pack_docs's choice).
+    pub segment_starts: Option<Vec<usize>>,
+}
+
+impl Row {
+    pub fn new(input_ids: Vec<i64>, labels: Vec<i64>) -> Row {
+        Row {
+            input_ids,
+            labels,
+            segment_starts: None,
+        }
+    }
+
+    /// For every position, the position of the first token of its segment (`seg_start`).
+    pub fn seg_start(&self) -> Option<Vec<i32>> {
+        let starts = self.segment_starts.as_ref()?;
+        let mut out = Vec::with_capacity(self.input_ids.len());
+        let mut s = 0usize;
+        for t in 0..self.input_ids.len() {
+            while s + 1 < starts.len() && starts[s + 1] <= t {
+                s += 1;
+            }
+            out.push(starts.get(s).copied().unwrap_or(0) as i32);
+        }
+        Some(out)
+    }
+}
+
+/// Which labels a loss counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counting {
+    /// Causal LM (every layout): the shifted loss reads `labels[1..]`, so position 0 never counts.
+    Shifted,
+    /// Masked LM: the loss is unshifted, every position whose label is not -100 counts (the
+    /// selected positions).
+    Unshifted,
 }
 
 /// Labels of `row` that the shifted loss counts (`labels[1..] != -100`).
 pub fn counted_labels(row: &Row) -> usize {
-    row.labels
+    count_labels(&row.labels, Counting::Shifted)
+}
+
+/// Labels a loss of `counting` counts in one row's labels.
+pub fn count_labels(labels: &[i64], counting: Counting) -> usize {
+    let skip = match counting {
+        Counting::Shifted => 1,
+        Counting::Unshifted => 0,
+    };
+    labels
         .iter()
-        .skip(1)
+        .skip(skip)
         .filter(|&&l| l != IGNORE_INDEX)
         .count()
 }
@@ -54,10 +104,7 @@ pub fn padded_row(ids: &[u32], max_len: usize, sp: SpecialTokens) -> Row {
         .iter()
         .map(|&i| if i == sp.pad as i64 { IGNORE_INDEX } else { i })
         .collect();
-    Row {
-        input_ids: input,
-        labels,
-    }
+    Row::new(input, labels)
 }
 
 /// The packed rows of a stream of documents.
@@ -74,10 +121,7 @@ pub fn packed_rows(docs: &[Vec<u32>], max_len: usize, sp: SpecialTokens) -> Vec<
             let mut labels = c.to_vec();
             input.resize(max_len, sp.pad as i64);
             labels.resize(max_len, IGNORE_INDEX);
-            Row {
-                input_ids: input,
-                labels,
-            }
+            Row::new(input, labels)
         })
         .collect()
 }

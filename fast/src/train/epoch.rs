@@ -63,7 +63,7 @@ impl EpochBatches {
         };
         let workers = cfg.num_workers;
         let depth = (2 * workers).max(cfg.accumulation_steps) + 2;
-        let loader = Prefetcher::new(data.dataset.clone(), batches, workers, depth);
+        let loader = Prefetcher::new(data.dataset.clone(), batches, epoch as u64, workers, depth);
         let waited_seen = loader.waited;
         EpochBatches {
             loader,

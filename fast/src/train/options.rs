@@ -53,9 +53,11 @@ pub enum LossNormalization {
 #[derive(clap::Args, Debug, Clone)]
 pub struct PretrainArgs {
     // ---- MiniMind's options ----
-    /// JSONL corpus, one {"text": ...} per line [default: the embedded poems corpus].
-    #[arg(long, alias = "data_path")]
-    pub data_path: Option<PathBuf>,
+    /// JSONL corpus, one {"text": ...} per line: files, quoted glob patterns or directories of
+    /// .jsonl/.jsonl.gz/.jsonl.zst files, read as one corpus in sorted path order
+    /// [default: the embedded poems corpus].
+    #[arg(long, alias = "data_path", num_args = 1..)]
+    pub data_path: Vec<PathBuf>,
     /// Tokenizer directory (tokenizer.json + tokenizer_config.json), tokenizer.json file, or a
     /// built-in one: poems, minimind2, minimind3 [default: the --model's own, else poems].
     #[arg(long)]
@@ -82,7 +84,7 @@ pub struct PretrainArgs {
     /// [default: bfloat16 on CUDA, float32 on CPU].
     #[arg(long, value_enum)]
     pub dtype: Option<DType>,
-    /// Tokenizing worker threads of the data loader [default: min(8, cores)].
+    /// Worker threads of the data loader and of the tokenizing pass [default: min(8, cores)].
     #[arg(long, alias = "num_workers")]
     pub num_workers: Option<usize>,
     /// Micro-batches per optimizer step [default: 8 on CUDA, 1 on CPU].
@@ -134,6 +136,14 @@ pub struct PretrainArgs {
     /// Leave out corpus lines that are not {"text": "..."} objects (counted and reported).
     #[arg(long, alias = "skip_bad_lines")]
     pub skip_bad_lines: bool,
+    /// Token cache directory (the corpus tokenized once, read memory-mapped; built when missing)
+    /// [default: <data-path>.tokens/tok-<key of the tokenizer and line policy>].
+    #[arg(long, alias = "token_cache")]
+    pub token_cache: Option<PathBuf>,
+    /// Rebuild a --token-cache that does not fit this run (other sources, tokenizer or line
+    /// policy, damaged shards) instead of refusing it. The default location is always rebuilt.
+    #[arg(long, alias = "rebuild_cache")]
+    pub rebuild_cache: bool,
     /// Skip optimizer steps whose loss or gradients are not finite (counted and reported) instead
     /// of stopping at the first one (bf16/fp32; fp16's GradScaler always skips and backs off).
     #[arg(long, alias = "skip_nonfinite")]
@@ -189,7 +199,9 @@ pub struct PretrainArgs {
 /// with every checkpoint; a resume checks that the fields that shape the run still agree.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
-    pub data_path: PathBuf,
+    /// `--data-path` values as given (a run saved before several were allowed has one).
+    #[serde(deserialize_with = "one_or_many")]
+    pub data_path: Vec<PathBuf>,
     pub tokenizer: PathBuf,
     pub save_dir: PathBuf,
     pub save_weight: String,
@@ -220,6 +232,11 @@ pub struct RunConfig {
     pub loss_normalization: LossNormalization,
     pub max_steps: Option<usize>,
     pub skip_bad_lines: bool,
+    /// `--token-cache` (None: the default beside the data; the data line names the directory).
+    #[serde(default)]
+    pub token_cache: Option<PathBuf>,
+    #[serde(default)]
+    pub rebuild_cache: bool,
     #[serde(default)]
     pub skip_nonfinite: bool,
     #[serde(default)]
@@ -239,6 +256,20 @@ pub struct RunConfig {
     pub kernels: KernelConfig,
     /// Why defaults differ from MiniMind's (device-sized model, CPU subset, ...).
     pub notes: Vec<String>,
+}
+
+/// `data_path` as a list, or the single path of a configuration saved before lists.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// `--tokenizer`: a path, or the name of a built-in tokenizer when no such path exists.
@@ -278,14 +309,11 @@ impl PretrainArgs {
             }
             Ok(embedded.clone().expect("set above"))
         };
-        let data_path = match &self.data_path {
-            Some(d) => d.clone(),
-            None => {
-                notes.push(
-                    "data: the embedded corpus (5,000 Tang poems, chinese-poetry, MIT)".into(),
-                );
-                embedded_data()?.0
-            }
+        let data_path = if self.data_path.is_empty() {
+            notes.push("data: the embedded corpus (5,000 Tang poems, chinese-poetry, MIT)".into());
+            vec![embedded_data()?.0]
+        } else {
+            self.data_path.clone()
         };
         let preset_tokenizer = self.model.model.map(|p| p.tokenizer());
         let tokenizer = match (&self.tokenizer, preset_tokenizer) {
@@ -348,7 +376,7 @@ impl PretrainArgs {
         }
         let max_docs = match self.max_docs {
             Some(n) => Some(n),
-            None if !cuda && self.data_path.is_none() => {
+            None if !cuda && self.data_path.is_empty() => {
                 notes.push(format!(
                     "CPU: first {CPU_DEFAULT_DOCS} poems of the embedded corpus only, so the run takes minutes (--max-docs to change)"
                 ));
@@ -392,6 +420,8 @@ impl PretrainArgs {
             loss_normalization: self.loss_normalization,
             max_steps: self.max_steps,
             skip_bad_lines: self.skip_bad_lines,
+            token_cache: self.token_cache.clone(),
+            rebuild_cache: self.rebuild_cache,
             skip_nonfinite: self.skip_nonfinite,
             cuda_graph: self.cuda_graph,
             max_docs,
@@ -510,7 +540,35 @@ impl RunConfig {
             threads: self.num_workers,
             skip_bad_lines: self.skip_bad_lines,
             max_docs: self.max_docs,
+            token_cache: self.token_cache.clone(),
+            rebuild_cache: self.rebuild_cache,
+            progress: !self.no_progress,
         }
+    }
+
+    /// The data options that change what a resumed run would train on, saved against now:
+    /// the resume check's data half (the corpus itself is checked through the token cache's
+    /// manifest). Each entry names the option.
+    pub fn data_differences(&self, saved: &RunConfig) -> Vec<String> {
+        let mut diffs = Vec::new();
+        let mut same = |name: &str, a: String, b: String| {
+            if a != b {
+                diffs.push(format!("--{name}: saved {a}, now {b}"));
+            }
+        };
+        same(
+            "skip-bad-lines",
+            saved.skip_bad_lines.to_string(),
+            self.skip_bad_lines.to_string(),
+        );
+        for (name, a, b) in [
+            ("bos-token", &saved.bos_token, &self.bos_token),
+            ("eos-token", &saved.eos_token, &self.eos_token),
+            ("pad-token", &saved.pad_token, &self.pad_token),
+        ] {
+            same(name, format!("{a:?}"), format!("{b:?}"));
+        }
+        diffs
     }
 
     pub fn normalisation(&self) -> Normalisation {
