@@ -550,3 +550,37 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// packed-docs rows from the token cache equal the reference's pack_docs: ids, labels (-100
+    /// at every document start and the padding), segment starts (a document split across rows
+    /// continues as the segment at 0), and the batch's per-token seg_start and counted labels.
+    #[test]
+    fn packed_doc_rows_agree_with_the_reference_pack_docs(
+        docs in prop::collection::vec(prop::collection::vec(0u32..50, 0..20), 1..9), max_len in 1usize..24,
+    ) {
+        let max_len = max_len.max(2);
+        let rsp = reference::dataset::SpecialTokens::default();
+        let want = reference::dataset::pack_docs(&docs, max_len, rsp);
+        let got = cache_rows(&docs, fast::data::dataset::DataMode::PackedDocs, max_len, 0);
+        prop_assert_eq!(got.len(), want.len());
+        for (g, r) in got.iter().zip(&want) {
+            prop_assert_eq!((&g.input_ids, &g.labels), (&r.input_ids, &r.labels));
+            prop_assert_eq!(g.segment_starts.as_ref(), Some(&r.segment_starts));
+            // seg_start: each position's segment start, from the reference's starts.
+            let seg: Vec<i32> = (0..max_len)
+                .map(|t| *r.segment_starts.iter().rev().find(|&&s| s <= t).unwrap() as i32)
+                .collect();
+            prop_assert_eq!(g.seg_start(), Some(seg));
+        }
+        let hb = fast::data::batch::HostBatch::from_rows(&got, max_len);
+        let counted: usize = want
+            .iter()
+            .map(|r| r.labels[1..].iter().filter(|&&l| l != -100).count())
+            .sum();
+        prop_assert_eq!(hb.counted_labels, counted);
+        prop_assert_eq!(hb.seg_start.as_ref().map(Vec::len), Some(got.len() * max_len));
+    }
+}

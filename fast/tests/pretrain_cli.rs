@@ -319,6 +319,69 @@ fn a_run_on_a_cached_multi_file_corpus_resumes_bit_identically() {
     );
 }
 
+/// packed-docs rows reach pretrain's and bench's steps (their batches carry seg_start; the
+/// model's use of it is the trainer's business) and are named in the configuration.
+#[test]
+fn packed_docs_runs_train_and_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = ok(&run_in(
+        dir.path(),
+        &[
+            "--data-mode",
+            "packed-docs",
+            "--max-steps",
+            "2",
+            "--sample-tokens",
+            "0",
+        ],
+    ));
+    assert!(stdout.contains("packed-docs rows of 32 tokens"), "{stdout}");
+    let run: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/run_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run["data_mode"], "packed-docs");
+    let corpus = fast::data::defaults::materialize().unwrap().corpus;
+    let out = fast()
+        .current_dir(dir.path())
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--data-path",
+            corpus.to_str().unwrap(),
+        ])
+        .args([
+            "--data-mode",
+            "packed-docs",
+            "--batch-size",
+            "2",
+            "--max-seq-len",
+            "32",
+        ])
+        .args([
+            "--hidden-size",
+            "32",
+            "--num-hidden-layers",
+            "1",
+            "--num-attention-heads",
+            "2",
+        ])
+        .args([
+            "--num-key-value-heads",
+            "1",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let line: serde_json::Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    assert_eq!(line["config"]["data_mode"], "packed-docs");
+    assert!(line["final_loss"].as_f64().unwrap().is_finite());
+}
+
 #[test]
 fn moe_runs_and_logs_its_aux_loss() {
     let dir = tempfile::tempdir().unwrap();

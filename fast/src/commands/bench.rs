@@ -116,6 +116,7 @@ impl Source {
                     input_ids: ids,
                     rows: *b,
                     cols: *t,
+                    seg_start: None,
                     counted_labels: *b * (*t - 1),
                 })
             }
@@ -251,7 +252,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 hb: &HostBatch,
                 step_no: u64|
      -> Result<Tensor> {
-        let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+        let batch = Batch::from_host(&hb, device);
         let lr = lr_at(step_no);
         match graphed.as_ref().filter(|g| g.fits(&batch)) {
             Some(g) => {
@@ -278,7 +279,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         step_no += 1;
         last_loss = Some(step(&mut tr, &graphed, &hb, step_no)?);
         if args.cuda_graph && graphed.is_none() && step_no as usize >= eager_warmup {
-            let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+            let batch = Batch::from_host(&hb, device);
             graphed = Some(GraphedStep::capture(&mut tr, &batch, args.grad_clip)?);
         }
     }
@@ -353,7 +354,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     if let (Some(dir), Some(hb)) = (&args.profile, &last_hb) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+        let batch = Batch::from_host(&hb, device);
         let n = args.profile_steps.max(1);
         sync();
         let rows =

@@ -1,5 +1,6 @@
 //! Batches: row-major host batches (what the loader's workers build) and their `[B, T]` int64
-//! tensors on the training device.
+//! tensors on the training device, with the packed-docs layout's per-token segment starts
+//! (`seg_start`, int32) beside them.
 
 use tch::{Device, Tensor};
 
@@ -13,6 +14,9 @@ pub struct HostBatch {
     pub labels: Vec<i64>,
     pub rows: usize,
     pub cols: usize,
+    /// packed-docs: for every token (row-major `[rows, cols]`), the position in its row of the
+    /// first token of its segment (document); None for layouts without segments.
+    pub seg_start: Option<Vec<i32>>,
     /// Labels the loss counts (useful tokens): `labels[1..] != -100` per row for the causal
     /// layouts' shifted loss.
     pub counted_labels: usize,
@@ -29,16 +33,23 @@ impl HostBatch {
         let mut input_ids = Vec::with_capacity(rows.len() * cols);
         let mut labels = Vec::with_capacity(rows.len() * cols);
         let mut counted = 0;
+        let mut seg_start: Option<Vec<i32>> = None;
         for r in rows {
             input_ids.extend_from_slice(&r.input_ids);
             labels.extend_from_slice(&r.labels);
             counted += count_labels(&r.labels, counting);
+            if let Some(s) = r.seg_start() {
+                seg_start
+                    .get_or_insert_with(|| Vec::with_capacity(rows.len() * cols))
+                    .extend_from_slice(&s);
+            }
         }
         Self {
             input_ids,
             labels,
             rows: rows.len(),
             cols,
+            seg_start,
             counted_labels: counted,
         }
     }
@@ -48,7 +59,10 @@ impl HostBatch {
 pub struct Batch {
     pub input_ids: Tensor,
     pub labels: Tensor,
-    /// Labels the shifted loss counts: `labels[:, 1:] != -100`.
+    /// packed-docs: int32 `[B, T]`, the position of each token's segment start in its row.
+    pub seg_start: Option<Tensor>,
+    /// Labels the loss counts (the host batch's `counted_labels`; for `from_vecs`,
+    /// `labels[:, 1:] != -100`).
     pub count: usize,
 }
 
@@ -70,6 +84,18 @@ impl Batch {
         Batch::from_vecs(&ids, &labels, rows.len(), t, device)
     }
 
+    /// A host batch on `device`: ids, labels and (packed-docs) seg_start, copied the same way.
+    pub fn from_host(hb: &HostBatch, device: Device) -> Batch {
+        let shape = [hb.rows as i64, hb.cols as i64];
+        let mut b = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+        b.count = hb.counted_labels;
+        b.seg_start = hb
+            .seg_start
+            .as_ref()
+            .map(|s| to_device_async(Tensor::from_slice(s).reshape(shape), device));
+        b
+    }
+
     /// Row-major `[b, t]` ids and labels.
     pub fn from_vecs(ids: &[i64], labels: &[i64], b: usize, t: usize, device: Device) -> Batch {
         assert_eq!(ids.len(), b * t);
@@ -82,6 +108,7 @@ impl Batch {
         Batch {
             input_ids: to_device_async(Tensor::from_slice(ids).reshape(shape), device),
             labels: to_device_async(Tensor::from_slice(labels).reshape(shape), device),
+            seg_start: None,
             count,
         }
     }
@@ -114,5 +141,33 @@ mod tests {
         let b = Batch::from_rows(&rows, Device::Cpu);
         assert_eq!(b.count, 3);
         assert_eq!(HostBatch::from_rows(&rows, 3).counted_labels, 3);
+    }
+
+    #[test]
+    fn packed_doc_batches_carry_int32_seg_start_to_the_device() {
+        let rows = crate::data::rows::packed_doc_rows(
+            &[vec![7, 8], vec![9]],
+            4,
+            crate::data::rows::SpecialTokens::default(),
+        );
+        // rows: [1 7 8 2] [1 9 2 pad]
+        let hb = HostBatch::from_rows(&rows, 4);
+        assert_eq!(hb.seg_start, Some(vec![0, 0, 0, 0, 0, 0, 0, 3]));
+        // Shifted counting: 7 8 2 of row 0; 9 2 of row 1 (bos and padding are -100).
+        assert_eq!(hb.counted_labels, 5);
+        let b = Batch::from_host(&hb, Device::Cpu);
+        let s = b.seg_start.expect("packed-docs batches carry seg_start");
+        assert_eq!(s.kind(), tch::Kind::Int);
+        assert_eq!(s.size(), vec![2, 4]);
+        assert_eq!(
+            Vec::<i32>::try_from(s.reshape([-1])).unwrap(),
+            hb.seg_start.unwrap()
+        );
+        assert_eq!(b.count, 5);
+        let plain = HostBatch::from_rows(
+            &crate::data::rows::packed_rows(&[vec![7]], 4, Default::default()),
+            4,
+        );
+        assert!(plain.seg_start.is_none());
     }
 }

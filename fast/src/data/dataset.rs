@@ -7,6 +7,11 @@
 //! - Packed: every document followed by eos, concatenated in corpus order into one stream that is
 //!   cut into rows of max_len; nothing is truncated and the only padding is the tail of the last
 //!   row, whose labels are -100. Rows are fixed by the corpus; the epoch permutation shuffles rows.
+//! - Packed-docs: every document as `[bos] + ids + [eos]` (never truncated), concatenated, cut
+//!   into rows of max_len; labels -100 at every document start (its bos) and at the final row's
+//!   padding. Each row carries its segment starts (a document continued from the previous row is
+//!   the segment at 0, the padding tail is a segment of its own), and the batch carries per token
+//!   `seg_start`, the position of its segment's first token, for attention within documents.
 //!
 //! The stream layouts never hold the stream: document k begins at stream position
 //! `token_start(k) + k * extra` (extra = the separators each document adds), so a row's documents
@@ -32,6 +37,9 @@ pub enum DataMode {
     Padded,
     /// Documents concatenated (each followed by eos) and cut into full rows.
     Packed,
+    /// Documents as [bos] + ids + [eos] concatenated into full rows, each token knowing where its
+    /// document starts (seg_start), so attention can stay within documents.
+    PackedDocs,
 }
 
 impl DataMode {
@@ -40,6 +48,7 @@ impl DataMode {
         match self {
             DataMode::Padded => "padded",
             DataMode::Packed => "packed",
+            DataMode::PackedDocs => "packed-docs",
         }
     }
 
@@ -48,6 +57,7 @@ impl DataMode {
         match self {
             DataMode::Padded => 0,
             DataMode::Packed => 1,
+            DataMode::PackedDocs => 2,
         }
     }
 }
@@ -86,7 +96,7 @@ impl TokenDataset {
         let l = max_len as u64;
         let rows = match mode {
             DataMode::Padded => docs,
-            DataMode::Packed => stream.div_ceil(l),
+            DataMode::Packed | DataMode::PackedDocs => stream.div_ceil(l),
         };
         let rows = usize::try_from(rows)
             .map_err(|_| anyhow::anyhow!("{rows} rows do not fit this machine's indices"))?;
@@ -126,7 +136,7 @@ impl TokenDataset {
         }
         match self.mode {
             DataMode::Padded => self.padded(i as u64),
-            DataMode::Packed => self.stream_row(i as u64),
+            DataMode::Packed | DataMode::PackedDocs => self.stream_row(i as u64),
         }
     }
 
@@ -193,6 +203,9 @@ impl TokenDataset {
         let docs = self.cache.len() as u64;
         let sp = self.specials;
         let mut input: Vec<i64> = Vec::with_capacity(self.max_len);
+        // packed-docs: row positions where a document's bos lies.
+        let mut doc_starts: Vec<usize> = Vec::new();
+        let bos = u64::from(self.mode == DataMode::PackedDocs);
         let mut k = self.doc_at(start)?;
         let mut pos = start;
         while pos < stop {
@@ -204,13 +217,17 @@ impl TokenDataset {
             let span = n + self.mode.extra();
             let from = pos.checked_sub(ds).ok_or_else(|| self.damaged(r))?;
             let to = (stop - ds).min(span);
-            // Positions within the document's span: its ids, then the eos.
-            let (a, b) = (from.min(n), to.min(n));
+            // Positions within the document's span: [bos (packed-docs)], its ids, then the eos.
+            if bos == 1 && from == 0 {
+                doc_starts.push(input.len());
+                input.push(sp.bos as i64);
+            }
+            let (a, b) = (from.max(bos) - bos, to.min(n + bos).saturating_sub(bos));
             if a < b {
                 self.cache
                     .extend_ids(k, a, b, self.vocab_size, &mut input)?;
             }
-            if to > n {
+            if to > n + bos {
                 input.push(sp.eos as i64);
             }
             pos = ds + to;
@@ -219,10 +236,25 @@ impl TokenDataset {
         if input.len() as u64 != stop - start {
             return Err(self.damaged(r));
         }
+        let real = input.len();
         let mut labels = input.clone();
         input.resize(self.max_len, sp.pad as i64);
         labels.resize(self.max_len, IGNORE_INDEX);
-        Ok(Row::new(input, labels))
+        let mut row = Row::new(input, labels);
+        if self.mode == DataMode::PackedDocs {
+            for &t in &doc_starts {
+                row.labels[t] = IGNORE_INDEX;
+            }
+            let mut segs = doc_starts;
+            if segs.first() != Some(&0) {
+                segs.insert(0, 0);
+            }
+            if real < self.max_len {
+                segs.push(real);
+            }
+            row.segment_starts = Some(segs);
+        }
+        Ok(row)
     }
 }
 
@@ -267,6 +299,11 @@ mod tests {
             let want = rows::packed_rows(&docs, max_len, sp);
             let got: Vec<Row> = (0..ds.len()).map(|i| ds.item(i, 0).unwrap()).collect();
             assert_eq!(got, want, "packed, max_len {max_len}");
+            let ds =
+                TokenDataset::new(cache.clone(), DataMode::PackedDocs, max_len, sp, 64).unwrap();
+            let want = rows::packed_doc_rows(&docs, max_len, sp);
+            let got: Vec<Row> = (0..ds.len()).map(|i| ds.item(i, 0).unwrap()).collect();
+            assert_eq!(got, want, "packed-docs, max_len {max_len}");
             let ds = TokenDataset::new(cache.clone(), DataMode::Padded, max_len, sp, 64).unwrap();
             for (k, d) in docs.iter().enumerate() {
                 assert_eq!(ds.item(k, 0).unwrap(), rows::padded_row(d, max_len, sp));

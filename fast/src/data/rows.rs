@@ -4,6 +4,9 @@
 //!   pad; labels = input_ids with -100 wherever the input equals pad.
 //! - packed (ours): every document followed by eos, all concatenated, cut into rows of max_len;
 //!   only the final row's padding is labelled -100 (a real token equal to pad keeps its label).
+//! - packed-docs: every document as `[bos] + ids + [eos]`, concatenated, cut into rows of max_len;
+//!   labels -100 at each document's start (its bos) and at the final row's padding; each row
+//!   carries where its segments start (`Row::segment_starts`).
 //!
 //! These in-memory functions are the definitions; `dataset::TokenDataset` builds the same rows
 //! from a token cache one at a time, and tests hold the two equal.
@@ -126,6 +129,51 @@ pub fn packed_rows(docs: &[Vec<u32>], max_len: usize, sp: SpecialTokens) -> Vec<
         .collect()
 }
 
+/// The packed-docs rows of a stream of documents (see the module doc).
+pub fn packed_doc_rows(docs: &[Vec<u32>], max_len: usize, sp: SpecialTokens) -> Vec<Row> {
+    assert!(max_len >= 1, "max_len must be positive");
+    let mut stream: Vec<i64> = Vec::new();
+    let mut is_start: Vec<bool> = Vec::new();
+    for d in docs {
+        stream.push(sp.bos as i64);
+        is_start.push(true);
+        stream.extend(d.iter().map(|&i| i as i64));
+        stream.push(sp.eos as i64);
+        is_start.resize(stream.len(), false);
+    }
+    stream
+        .chunks(max_len)
+        .zip(is_start.chunks(max_len))
+        .map(|(c, starts)| {
+            let mut segs: Vec<usize> = starts
+                .iter()
+                .enumerate()
+                .filter(|(_, &s)| s)
+                .map(|(t, _)| t)
+                .collect();
+            if segs.first() != Some(&0) {
+                segs.insert(0, 0);
+            }
+            let mut labels: Vec<i64> = c
+                .iter()
+                .zip(starts)
+                .map(|(&id, &s)| if s { IGNORE_INDEX } else { id })
+                .collect();
+            let mut input = c.to_vec();
+            if c.len() < max_len {
+                segs.push(c.len());
+                input.resize(max_len, sp.pad as i64);
+                labels.resize(max_len, IGNORE_INDEX);
+            }
+            Row {
+                input_ids: input,
+                labels,
+                segment_starts: Some(segs),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +195,23 @@ mod tests {
         assert_eq!(rows[1].input_ids, vec![5, 2, 0]);
         assert_eq!(rows[1].labels, vec![5, 2, -100]);
         assert_eq!(counted_labels(&rows[1]), 1);
+    }
+
+    #[test]
+    fn packed_doc_rows_start_segments_at_documents_and_the_padding() {
+        // stream: [1 10 11 2] [1 2] [1 20 21 22 23 2], rows of 5
+        let rows = packed_doc_rows(
+            &[vec![10, 11], vec![], vec![20, 21, 22, 23]],
+            5,
+            SpecialTokens::default(),
+        );
+        assert_eq!(rows[0].input_ids, vec![1, 10, 11, 2, 1]);
+        assert_eq!(rows[0].labels, vec![-100, 10, 11, 2, -100]);
+        assert_eq!(rows[0].segment_starts, Some(vec![0, 4]));
+        assert_eq!(rows[0].seg_start(), Some(vec![0, 0, 0, 0, 4]));
+        assert_eq!(rows[1].segment_starts, Some(vec![0, 1]));
+        assert_eq!(rows[2].input_ids, vec![23, 2, 0, 0, 0]);
+        assert_eq!(rows[2].labels, vec![23, 2, -100, -100, -100]);
+        assert_eq!(rows[2].seg_start(), Some(vec![0, 0, 2, 2, 2]));
     }
 }

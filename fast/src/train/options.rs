@@ -120,7 +120,9 @@ pub struct PretrainArgs {
     /// AdamW decoupled weight decay (torch's default).
     #[arg(long, alias = "weight_decay", default_value_t = 0.01)]
     pub weight_decay: f64,
-    /// padded: one document per row (MiniMind); packed: documents concatenated into full rows.
+    /// padded: one document per row (MiniMind); packed: documents concatenated into full rows;
+    /// packed-docs: [bos] + doc + [eos] concatenated into full rows, each token carrying its
+    /// document's start (seg_start) so attention can stay within documents.
     #[arg(long, alias = "data_mode", value_enum, default_value_t = DataMode::Padded)]
     pub data_mode: DataMode,
     /// mean: MiniMind's per-micro-batch mean; token: every counted token of a window weighs the same.
