@@ -24,7 +24,7 @@ pub struct Prefetcher {
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     pending: BTreeMap<usize, Result<HostBatch>>,
-    batches: std::vec::IntoIter<Vec<usize>>,
+    batches: Box<dyn Iterator<Item = Vec<usize>> + Send>,
     dispatched: usize,
     next: usize,
     total: usize,
@@ -38,6 +38,27 @@ impl Prefetcher {
     pub fn new(
         dataset: Arc<TokenDataset>,
         batches: Vec<Vec<usize>>,
+        epoch: u64,
+        workers: usize,
+        depth: usize,
+    ) -> Self {
+        let total = batches.len();
+        Self::from_iter(
+            dataset,
+            Box::new(batches.into_iter()),
+            total,
+            epoch,
+            workers,
+            depth,
+        )
+    }
+
+    /// `total` batches drawn from `batches` as they are dispatched (an epoch's order need not
+    /// be materialised: see `order::EpochOrder`).
+    pub fn from_iter(
+        dataset: Arc<TokenDataset>,
+        batches: Box<dyn Iterator<Item = Vec<usize>> + Send>,
+        total: usize,
         epoch: u64,
         workers: usize,
         depth: usize,
@@ -60,12 +81,11 @@ impl Prefetcher {
                     .expect("spawning a data worker thread")
             })
             .collect();
-        let total = batches.len();
         let mut p = Self {
             jobs: Some(jobs_tx),
             done: done_rx,
             pending: BTreeMap::new(),
-            batches: batches.into_iter(),
+            batches,
             dispatched: 0,
             next: 0,
             total,
