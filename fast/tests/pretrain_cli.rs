@@ -743,6 +743,28 @@ fn train_tokenizer_writes_a_loadable_minimind_tokenizer() {
         (tok.pad, tok.bos, tok.eos, tok.vocab_size()),
         (0, 1, 2, 400)
     );
+    let out = fast()
+        .args([
+            "train-tokenizer",
+            "--data-path",
+            corpus.to_str().unwrap(),
+            "--vocab-size",
+            "400",
+        ])
+        .args(["--special-tokens", "<mask>,<sep>"])
+        .args(["--out", dir.path().join("tok2").to_str().unwrap()])
+        .output()
+        .unwrap();
+    ok(&out);
+    let tok2 =
+        fast::data::tokenizer::TextTokenizer::load(&dir.path().join("tok2"), &Default::default())
+            .unwrap();
+    assert_eq!(
+        (tok2.token_id("<mask>"), tok2.token_id("<sep>")),
+        (Some(3), Some(4))
+    );
+    assert_eq!(tok2.config_token("mask_token").as_deref(), Some("<mask>"));
+    assert_eq!(tok2.special_ids(), vec![0, 1, 2, 3, 4]);
     fails_with(
         &["train-tokenizer", "--vocab-size", "100", "--out", "x"],
         dir.path(),
