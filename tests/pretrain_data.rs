@@ -302,3 +302,72 @@ fn tokenizer_errors_name_the_problem() {
         .to_string();
     assert!(err.contains("\"<nope>\" is not in the vocabulary"), "{err}");
 }
+
+/// Masked LM needs a mask token: a tokenizer without one is refused naming the option and the
+/// file; `fast train-tokenizer --special-tokens "<mask>"` makes one whose config names it.
+#[test]
+fn masked_lm_finds_its_mask_token_or_names_the_option_and_the_tokenizer_file() {
+    use fast::data::mlm::MlmSpec;
+    use fast::train::setup::{Data, DataSpec};
+    let texts = poems(200);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_jsonl(dir.path(), &texts);
+    let mlm = MlmSpec {
+        probability: 0.15,
+        mask_token: None,
+        seed: 7,
+    };
+    let mut spec = DataSpec::new(
+        vec![path.clone()],
+        root().join("data/tokenizer"),
+        32,
+        DataMode::Padded,
+    );
+    spec.mlm = Some(mlm.clone());
+    let err = format!("{:#}", Data::load(&spec, &|_| {}).err().unwrap());
+    assert!(
+        err.contains("--mask-token was not given") && err.contains("tokenizer_config.json"),
+        "{err}"
+    );
+    spec.mlm = Some(MlmSpec {
+        mask_token: Some("<mask>".into()),
+        ..mlm.clone()
+    });
+    let err = format!("{:#}", Data::load(&spec, &|_| {}).err().unwrap());
+    assert!(
+        err.contains("--mask-token \"<mask>\" is not in the vocabulary of")
+            && err.contains("tokenizer.json"),
+        "{err}"
+    );
+
+    let tok = fast::commands::train_tokenizer::train_bpe_with_specials(
+        texts.iter().map(String::as_str),
+        500,
+        &["<mask>".to_string()],
+    )
+    .unwrap();
+    let tok_dir = dir.path().join("tok");
+    fast::commands::train_tokenizer::write_tokenizer_dir_with_specials(
+        &tok,
+        &tok_dir,
+        &["<mask>".to_string()],
+    )
+    .unwrap();
+    let mut spec = DataSpec::new(vec![path], tok_dir, 32, DataMode::Chunked);
+    spec.mlm = Some(mlm);
+    let data = Data::load(&spec, &|_| {}).unwrap();
+    let m = data.dataset.mlm().expect("masked");
+    assert_eq!(m.mask_token_id, 3);
+    assert_eq!(m.special_ids, vec![0, 1, 2, 3]);
+    let items: Vec<usize> = (0..data.dataset.len().min(64)).collect();
+    let hb = data.dataset.batch(&items, 0).unwrap();
+    let selected = hb.labels.iter().filter(|&&l| l != -100).count();
+    assert_eq!(hb.counted_labels, selected);
+    let share = selected as f64 / hb.labels.len() as f64;
+    // 64 rows of 32 ids: 2048 draws at p = 0.15 (sd 0.008); 0.10..0.20 is over 6 sd either way.
+    assert!((0.10..0.20).contains(&share), "{share}");
+    assert!(
+        hb.input_ids.contains(&3),
+        "some positions become the mask id"
+    );
+}

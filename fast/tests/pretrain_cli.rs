@@ -558,6 +558,11 @@ fn resume_refuses_other_configs_and_damaged_files_by_name() {
         dir.path(),
         "--skip-bad-lines: saved false, now true",
     );
+    fails_with(
+        &[&args[..], &["--mlm-probability", "0.3"]].concat(),
+        dir.path(),
+        "--mlm-probability: saved 0.15, now 0.3",
+    );
 
     let ckpt = dir
         .path()

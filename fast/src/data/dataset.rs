@@ -12,6 +12,12 @@
 //!   padding. Each row carries its segment starts (a document continued from the previous row is
 //!   the segment at 0, the padding tail is a segment of its own), and the batch carries per token
 //!   `seg_start`, the position of its segment's first token, for attention within documents.
+//! - Chunked (Hugging Face's `group_texts`, the textbook recipe): the ids concatenated without
+//!   separators, cut into rows of max_len, the remainder dropped; labels = input_ids.
+//!
+//! Masked LM (`with_mlm`): after the layout, each row is masked by `data::mlm` with the run's
+//! seed, the epoch and the row's index; labels become the selected positions' original ids, and
+//! the loss that reads them is unshifted (`Counting::Unshifted`).
 //!
 //! The stream layouts never hold the stream: document k begins at stream position
 //! `token_start(k) + k * extra` (extra = the separators each document adds), so a row's documents
@@ -40,6 +46,8 @@ pub enum DataMode {
     /// Documents as [bos] + ids + [eos] concatenated into full rows, each token knowing where its
     /// document starts (seg_start), so attention can stay within documents.
     PackedDocs,
+    /// Hugging Face's group_texts: ids concatenated without separators, the remainder dropped.
+    Chunked,
 }
 
 impl DataMode {
@@ -49,13 +57,14 @@ impl DataMode {
             DataMode::Padded => "padded",
             DataMode::Packed => "packed",
             DataMode::PackedDocs => "packed-docs",
+            DataMode::Chunked => "chunked",
         }
     }
 
     /// Stream positions each document adds besides its ids (stream layouts).
     fn extra(&self) -> u64 {
         match self {
-            DataMode::Padded => 0,
+            DataMode::Padded | DataMode::Chunked => 0,
             DataMode::Packed => 1,
             DataMode::PackedDocs => 2,
         }
@@ -78,6 +87,8 @@ pub struct TokenDataset {
     rows: usize,
     /// Stream length of the stream layouts.
     stream: u64,
+    /// Masked LM: the masking and the run's seed.
+    mlm: Option<(super::mlm::MlmMasking, u64)>,
 }
 
 impl TokenDataset {
@@ -97,6 +108,7 @@ impl TokenDataset {
         let rows = match mode {
             DataMode::Padded => docs,
             DataMode::Packed | DataMode::PackedDocs => stream.div_ceil(l),
+            DataMode::Chunked => stream / l,
         };
         let rows = usize::try_from(rows)
             .map_err(|_| anyhow::anyhow!("{rows} rows do not fit this machine's indices"))?;
@@ -108,6 +120,7 @@ impl TokenDataset {
             vocab_size,
             rows,
             stream,
+            mlm: None,
         })
     }
 
@@ -124,20 +137,43 @@ impl TokenDataset {
         self.rows == 0
     }
 
-    /// Which labels the loss counts for these rows.
-    pub fn counting(&self) -> Counting {
-        Counting::Shifted
+    /// Masks every row for masked LM with `masking`, drawn from `seed` (the run's).
+    pub fn with_mlm(mut self, masking: super::mlm::MlmMasking, seed: u64) -> TokenDataset {
+        self.mlm = Some((masking, seed));
+        self
     }
 
-    /// Item `i` in epoch `epoch` (the layouts so far do not depend on the epoch).
-    pub fn item(&self, i: usize, _epoch: u64) -> Result<Row> {
+    pub fn mlm(&self) -> Option<&super::mlm::MlmMasking> {
+        self.mlm.as_ref().map(|(m, _)| m)
+    }
+
+    /// Which labels the loss counts for these rows: the shifted loss's for the causal layouts,
+    /// every selected position for masked LM.
+    pub fn counting(&self) -> Counting {
+        if self.mlm.is_some() {
+            Counting::Unshifted
+        } else {
+            Counting::Shifted
+        }
+    }
+
+    /// Item `i` in epoch `epoch` (only masked LM depends on the epoch).
+    pub fn item(&self, i: usize, epoch: u64) -> Result<Row> {
         if i >= self.rows {
             bail!("row {i} out of range ({} rows)", self.rows);
         }
         match self.mode {
             DataMode::Padded => self.padded(i as u64),
-            DataMode::Packed | DataMode::PackedDocs => self.stream_row(i as u64),
+            DataMode::Packed | DataMode::PackedDocs | DataMode::Chunked => {
+                self.stream_row(i as u64)
+            }
         }
+        .map(|mut row| {
+            if let Some((m, seed)) = &self.mlm {
+                super::mlm::mask_row(&mut row, m, *seed, epoch, i as u64);
+            }
+            row
+        })
     }
 
     /// The host batch of `items` in epoch `epoch`.
@@ -304,6 +340,10 @@ mod tests {
             let want = rows::packed_doc_rows(&docs, max_len, sp);
             let got: Vec<Row> = (0..ds.len()).map(|i| ds.item(i, 0).unwrap()).collect();
             assert_eq!(got, want, "packed-docs, max_len {max_len}");
+            let ds = TokenDataset::new(cache.clone(), DataMode::Chunked, max_len, sp, 64).unwrap();
+            let want = rows::chunked_rows(&docs, max_len);
+            let got: Vec<Row> = (0..ds.len()).map(|i| ds.item(i, 0).unwrap()).collect();
+            assert_eq!(got, want, "chunked, max_len {max_len}");
             let ds = TokenDataset::new(cache.clone(), DataMode::Padded, max_len, sp, 64).unwrap();
             for (k, d) in docs.iter().enumerate() {
                 assert_eq!(ds.item(k, 0).unwrap(), rows::padded_row(d, max_len, sp));

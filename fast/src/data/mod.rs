@@ -4,7 +4,7 @@
 //! tokenizer (a Hugging Face tokenizer.json and its special tokens) -> pass (the tokenizing pass,
 //! on every core) -> cache (token shards and per-document offsets, memory-mapped; reused by every
 //! run until the sources or the tokenizer change) -> rows (MiniMind's padded encoding, or packed)
-//! -> dataset (rows by index, from the cache) -> order (the seeded epoch permutation, split over
+//! -> dataset (rows by index, from the cache; masked for masked LM by `mlm`) -> order (the seeded epoch permutation, split over
 //! ranks) -> loader (batches built on worker threads) -> batch (`[B, T]` tensors on the device).
 //! `corpus` reads one JSONL file in memory-light random access (train-tokenizer); `defaults` is
 //! the embedded poems corpus.
@@ -14,6 +14,7 @@ pub mod corpus;
 pub mod dataset;
 pub mod defaults;
 pub mod loader;
+pub mod mlm;
 pub mod order;
 pub mod pass;
 pub mod rows;

@@ -7,6 +7,8 @@
 //! - packed-docs: every document as `[bos] + ids + [eos]`, concatenated, cut into rows of max_len;
 //!   labels -100 at each document's start (its bos) and at the final row's padding; each row
 //!   carries where its segments start (`Row::segment_starts`).
+//! - chunked (Hugging Face's `group_texts`): the ids concatenated without separators (no bos or
+//!   eos), cut into rows of max_len, the remainder dropped; labels = input_ids.
 //!
 //! These in-memory functions are the definitions; `dataset::TokenDataset` builds the same rows
 //! from a token cache one at a time, and tests hold the two equal.
@@ -174,6 +176,17 @@ pub fn packed_doc_rows(docs: &[Vec<u32>], max_len: usize, sp: SpecialTokens) -> 
         .collect()
 }
 
+/// Hugging Face's `group_texts`: the ids concatenated without separators, the remainder that
+/// does not fill a row dropped, rows of `max_len`; labels = input_ids.
+pub fn chunked_rows(docs: &[Vec<u32>], max_len: usize) -> Vec<Row> {
+    assert!(max_len >= 1, "max_len must be positive");
+    let stream: Vec<i64> = docs.iter().flatten().map(|&i| i as i64).collect();
+    stream
+        .chunks_exact(max_len)
+        .map(|c| Row::new(c.to_vec(), c.to_vec()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +226,15 @@ mod tests {
         assert_eq!(rows[2].input_ids, vec![23, 2, 0, 0, 0]);
         assert_eq!(rows[2].labels, vec![23, 2, -100, -100, -100]);
         assert_eq!(rows[2].seg_start(), Some(vec![0, 0, 2, 2, 2]));
+    }
+
+    #[test]
+    fn chunked_rows_drop_the_remainder_and_use_no_separators() {
+        let rows = chunked_rows(&[vec![5, 6, 7], vec![8], vec![9, 10, 11]], 3);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].input_ids, vec![8, 9, 10]);
+        assert_eq!(rows[1].labels, rows[1].input_ids);
+        assert_eq!(count_labels(&rows[1].labels, Counting::Unshifted), 3);
+        assert_eq!(count_labels(&rows[1].labels, Counting::Shifted), 2);
     }
 }

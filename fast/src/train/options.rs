@@ -142,6 +142,13 @@ pub struct PretrainArgs {
     /// [default: <data-path>.tokens/tok-<key of the tokenizer and line policy>].
     #[arg(long, alias = "token_cache")]
     pub token_cache: Option<PathBuf>,
+    /// Masked LM: probability that a non-special token is selected (80% of those become the mask
+    /// token, 10% a random id, 10% stay), as transformers' DataCollatorForLanguageModeling.
+    #[arg(long, alias = "mlm_probability", default_value_t = 0.15)]
+    pub mlm_probability: f64,
+    /// Masked LM: the mask token string [default: tokenizer_config.json's mask_token].
+    #[arg(long, alias = "mask_token")]
+    pub mask_token: Option<String>,
     /// Rebuild a --token-cache that does not fit this run (other sources, tokenizer or line
     /// policy, damaged shards) instead of refusing it. The default location is always rebuilt.
     #[arg(long, alias = "rebuild_cache")]
@@ -239,6 +246,11 @@ pub struct RunConfig {
     pub token_cache: Option<PathBuf>,
     #[serde(default)]
     pub rebuild_cache: bool,
+    /// Masked LM's selection probability and mask token (used when the objective is masked LM).
+    #[serde(default = "default_mlm_probability")]
+    pub mlm_probability: f64,
+    #[serde(default)]
+    pub mask_token: Option<String>,
     #[serde(default)]
     pub skip_nonfinite: bool,
     #[serde(default)]
@@ -258,6 +270,10 @@ pub struct RunConfig {
     pub kernels: KernelConfig,
     /// Why defaults differ from MiniMind's (device-sized model, CPU subset, ...).
     pub notes: Vec<String>,
+}
+
+fn default_mlm_probability() -> f64 {
+    0.15
 }
 
 /// `data_path` as a list, or the single path of a configuration saved before lists.
@@ -424,6 +440,8 @@ impl PretrainArgs {
             skip_bad_lines: self.skip_bad_lines,
             token_cache: self.token_cache.clone(),
             rebuild_cache: self.rebuild_cache,
+            mlm_probability: self.mlm_probability,
+            mask_token: self.mask_token.clone(),
             skip_nonfinite: self.skip_nonfinite,
             cuda_graph: self.cuda_graph,
             max_docs,
@@ -477,6 +495,12 @@ impl RunConfig {
                 self.learning_rate
             );
         }
+        if !(0.0..=1.0).contains(&self.mlm_probability) {
+            bail!(
+                "--mlm-probability must be between 0 and 1 (got {})",
+                self.mlm_probability
+            );
+        }
         if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
             bail!(
                 "--grad-clip must be a positive number (got {})",
@@ -527,8 +551,14 @@ impl RunConfig {
         ))
     }
 
-    /// What [`crate::train::setup::Data::load`] reads for this run.
+    /// What [`crate::train::setup::Data::load`] reads for this run, causal LM.
     pub fn data_spec(&self) -> DataSpec {
+        self.data_spec_for(false)
+    }
+
+    /// What [`crate::train::setup::Data::load`] reads for this run; `masked_lm` when the run's
+    /// objective is masked LM (rows masked with --mlm-probability, --mask-token and --seed).
+    pub fn data_spec_for(&self, masked_lm: bool) -> DataSpec {
         DataSpec {
             data_path: self.data_path.clone(),
             tokenizer: self.tokenizer.clone(),
@@ -545,6 +575,11 @@ impl RunConfig {
             token_cache: self.token_cache.clone(),
             rebuild_cache: self.rebuild_cache,
             progress: !self.no_progress,
+            mlm: masked_lm.then(|| crate::data::mlm::MlmSpec {
+                probability: self.mlm_probability,
+                mask_token: self.mask_token.clone(),
+                seed: self.seed,
+            }),
         }
     }
 
@@ -563,7 +598,13 @@ impl RunConfig {
             saved.skip_bad_lines.to_string(),
             self.skip_bad_lines.to_string(),
         );
+        same(
+            "mlm-probability",
+            saved.mlm_probability.to_string(),
+            self.mlm_probability.to_string(),
+        );
         for (name, a, b) in [
+            ("mask-token", &saved.mask_token, &self.mask_token),
             ("bos-token", &saved.bos_token, &self.bos_token),
             ("eos-token", &saved.eos_token, &self.eos_token),
             ("pad-token", &saved.pad_token, &self.pad_token),

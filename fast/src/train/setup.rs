@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 
 use crate::data::cache::{open_or_build, CacheRequest, TokenCache};
 use crate::data::dataset::{DataMode, TokenDataset};
+use crate::data::mlm::{MlmMasking, MlmSpec};
 use crate::data::pass::DEFAULT_SHARD_TOKENS;
 use crate::data::rows::SpecialTokens;
 use crate::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
@@ -34,6 +35,8 @@ pub struct DataSpec {
     pub rebuild_cache: bool,
     /// Show the tokenizing pass's progress bar.
     pub progress: bool,
+    /// Masked LM (the run's objective): mask every row (`data::mlm`); None for causal LM.
+    pub mlm: Option<MlmSpec>,
 }
 
 impl DataSpec {
@@ -58,6 +61,7 @@ impl DataSpec {
             token_cache: None,
             rebuild_cache: false,
             progress: false,
+            mlm: None,
         }
     }
 }
@@ -111,13 +115,24 @@ impl Data {
             bos: tokenizer.bos,
             eos: tokenizer.eos,
         };
-        let dataset = Arc::new(TokenDataset::new(
+        let mut dataset = TokenDataset::new(
             cache.clone(),
             spec.data_mode,
             spec.max_seq_len,
             specials,
             tokenizer.vocab_size(),
-        )?);
+        )?;
+        if let Some(mlm) = &spec.mlm {
+            let masking = MlmMasking::for_tokenizer(mlm, &tokenizer)?;
+            say(format!(
+                "masked LM: {:.0}% of non-special tokens selected (80% -> mask id {}, 10% random, 10% kept), {} special ids never selected",
+                masking.probability * 100.0,
+                masking.mask_token_id,
+                masking.special_ids.len()
+            ));
+            dataset = dataset.with_mlm(masking, mlm.seed);
+        }
+        let dataset = Arc::new(dataset);
         say(format!(
             "data: {} documents from {} ({:.1} MB; token cache {}) -> {} {} rows of {} tokens; tokenizer {} (vocab {}, bos {}, eos {}, pad {})",
             cache.len(),
