@@ -124,11 +124,44 @@ impl AdamWJson {
     }
 }
 
-/// `<name>.json` with `ce_loss` + `<name>.safetensors`: one forward/backward/step of a model.
+/// How a model fixture's batch is run: the objective (its JSON's `objective`, "mlm" for masked
+/// LM) and, for packed rows, each row's document starts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FixtureRun {
+    pub masked_lm: bool,
+    /// Per row: the sorted positions where a document (segment) starts, 0 included.
+    pub segments: Option<Vec<Vec<usize>>>,
+}
+
+impl FixtureRun {
+    /// The reference's run options.
+    pub fn reference(&self) -> reference::model::RunOptions {
+        match (&self.segments, self.masked_lm) {
+            (_, true) => reference::model::RunOptions::masked_lm(),
+            (Some(s), false) => reference::model::RunOptions::packed(s.clone()),
+            (None, false) => reference::model::RunOptions::causal(),
+        }
+    }
+
+    /// The segment start of every token, row-major `[B, T]` (the fast path's `seg_start`).
+    pub fn seg_start(&self, t: usize) -> Option<Vec<i32>> {
+        self.segments.as_ref().map(|rows| {
+            rows.iter()
+                .flat_map(|starts| {
+                    (0..t).map(move |i| starts[starts.partition_point(|&s| s <= i) - 1] as i32)
+                })
+                .collect()
+        })
+    }
+}
+
+/// `<name>.json` with `ce_loss` (or a masked LM's `loss`) + `<name>.safetensors`: one
+/// forward/backward/step of a model.
 #[derive(Debug)]
 pub struct ModelFixture {
     pub name: String,
     pub config: ModelConfig,
+    pub run: FixtureRun,
     pub ce_loss: f64,
     pub aux_loss: f64,
     pub total_loss: f64,
@@ -200,12 +233,35 @@ impl ModelFixture {
         let t = Tensors::load(&dir.join(format!("{name}.safetensors")))?;
         let config: ModelConfig = field(&json, "config", &jp)?;
         check_params(&jp, &config, &t.group("param."))?;
+        let masked_lm = match json.get("objective").and_then(Value::as_str) {
+            None | Some("clm") => false,
+            Some("mlm") => true,
+            Some(other) => bail!(
+                "{}: field objective is {other:?}; this harness knows clm and mlm",
+                jp.display()
+            ),
+        };
+        // A masked-LM fixture states one `loss` (no aux: its model is dense).
+        let (ce_loss, aux_loss, total_loss) = if masked_lm {
+            let loss: f64 = field(&json, "loss", &jp)?;
+            (loss, 0.0, loss)
+        } else {
+            (
+                field(&json, "ce_loss", &jp)?,
+                field(&json, "aux_loss", &jp)?,
+                field(&json, "total_loss", &jp)?,
+            )
+        };
         Ok(ModelFixture {
             name: name.to_string(),
             config,
-            ce_loss: field(&json, "ce_loss", &jp)?,
-            aux_loss: field(&json, "aux_loss", &jp)?,
-            total_loss: field(&json, "total_loss", &jp)?,
+            run: FixtureRun {
+                masked_lm,
+                segments: None,
+            },
+            ce_loss,
+            aux_loss,
+            total_loss,
             grad_total_norm_before_clip: field(&json, "grad_total_norm_before_clip", &jp)?,
             clip: field(&json, "clip", &jp)?,
             adamw: field(&json, "adamw", &jp)?,
@@ -378,6 +434,47 @@ pub fn load_dataset_cases(path: &Path) -> Result<Vec<DatasetCase>> {
     field(&json, "cases", path)
 }
 
+/// One `linear_schedule_with_warmup` case of `components_seed004.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LinearScheduleCase {
+    pub num_warmup_steps: u64,
+    pub num_training_steps: u64,
+    pub base_lr: f64,
+    /// The lr each optimizer step k = 0, 1, ... used.
+    pub lr_before_optimizer_step: Vec<f64>,
+}
+
+/// One `group_texts` case: token lists cut into rows of `block_size`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GroupTextsCase {
+    pub token_lists: Vec<Vec<u32>>,
+    pub block_size: usize,
+    pub result: GroupTextsResult,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GroupTextsResult {
+    pub input_ids: Vec<Vec<i64>>,
+    pub labels: Vec<Vec<i64>>,
+}
+
+/// `components_seed004.json`: the textbook recipe's schedule and concat-and-chunk.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecipeComponents {
+    pub linear_schedule_with_warmup: Vec<LinearScheduleCase>,
+    pub group_texts: Vec<GroupTextsCase>,
+}
+
+impl RecipeComponents {
+    pub fn load(path: &Path) -> Result<Self> {
+        let json = read_json(path)?;
+        Ok(RecipeComponents {
+            linear_schedule_with_warmup: field(&json, "linear_schedule_with_warmup", path)?,
+            group_texts: field(&json, "group_texts", path)?,
+        })
+    }
+}
+
 /// What a fixture folder holds, discovered by file pattern.
 #[derive(Debug, Default, Clone)]
 pub struct Inventory {
@@ -386,8 +483,12 @@ pub struct Inventory {
     /// `<name>.json` (with `config` and `rows`) + `<name>.safetensors`.
     pub trajectories: Vec<String>,
     pub components: Option<PathBuf>,
+    /// `components_seed004.json`: the linear schedule and group_texts cases.
+    pub recipe: Option<PathBuf>,
     pub dataset_cases: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
+    /// `muon_cases.json` (golden/muon).
+    pub muon: Option<PathBuf>,
 }
 
 /// Lists the fixtures in `dir`, sorted by name.
@@ -402,8 +503,10 @@ pub fn discover(dir: &Path) -> Result<Inventory> {
         };
         match file {
             "components.json" => inv.components = Some(p.clone()),
+            "components_seed004.json" => inv.recipe = Some(p.clone()),
             "dataset_cases.json" => inv.dataset_cases = Some(p.clone()),
             "tokenizer.json" => inv.tokenizer = Some(p.clone()),
+            "muon_cases.json" => inv.muon = Some(p.clone()),
             _ => {}
         }
         let Some(stem) = file.strip_suffix(".json") else {
@@ -416,11 +519,127 @@ pub fn discover(dir: &Path) -> Result<Inventory> {
         if json.get("config").is_none() {
             continue;
         }
-        if json.get("ce_loss").is_some() {
+        if json.get("ce_loss").is_some() || json.get("objective").is_some() {
             inv.models.push(stem.to_string());
         } else if json.get("rows").is_some() {
             inv.trajectories.push(stem.to_string());
         }
     }
     Ok(inv)
+}
+
+/// `torch.optim.Muon`'s options in a Muon case (golden/muon/README.md).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MuonOptions {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub ns_coefficients: (f64, f64, f64),
+    pub eps: f64,
+    pub ns_steps: usize,
+    /// null | "original" | "match_rms_adamw".
+    pub adjust_lr_fn: Option<String>,
+}
+
+impl MuonOptions {
+    /// Whether torch scaled the rate Moonshot's way (else Keller Jordan's, torch's default).
+    pub fn match_rms_adamw(&self) -> Result<bool> {
+        match self.adjust_lr_fn.as_deref() {
+            None | Some("original") => Ok(false),
+            Some("match_rms_adamw") => Ok(true),
+            Some(other) => bail!("unknown adjust_lr_fn {other:?}"),
+        }
+    }
+}
+
+/// One step of a Muon case: the gradients set before it and torch's weights after it.
+#[derive(Debug, Clone)]
+pub struct MuonStep {
+    pub grads: BTreeMap<String, Array2<f64>>,
+    pub after: BTreeMap<String, Array2<f64>>,
+}
+
+/// One case of `muon_cases.json`: torch's Muon over a few matrices for a few steps.
+#[derive(Debug, Clone)]
+pub struct MuonCase {
+    pub name: String,
+    /// "float64" (torch with Newton-Schulz kept in float64) or "bfloat16" (stock torch).
+    pub newton_schulz: String,
+    pub options: MuonOptions,
+    pub initial: BTreeMap<String, Array2<f64>>,
+    pub steps: Vec<MuonStep>,
+}
+
+/// Every case of a `muon_cases.json`; errors name the file and the case.
+pub fn load_muon_cases(path: &Path) -> Result<Vec<MuonCase>> {
+    let j = read_json(path)?;
+    let cases = j["cases"]
+        .as_array()
+        .with_context(|| format!("{}: no \"cases\" array", path.display()))?;
+    cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = c["name"].as_str().unwrap_or("?").to_string();
+            parse_muon_case(c, &name)
+                .with_context(|| format!("{}: case {i} ({name})", path.display()))
+        })
+        .collect()
+}
+
+fn parse_muon_case(c: &Value, name: &str) -> Result<MuonCase> {
+    let params = c["params"].as_object().context("no \"params\" object")?;
+    let shape = |k: &str| -> Result<(usize, usize)> {
+        let s: Vec<usize> = serde_json::from_value(params[k]["shape"].clone())
+            .with_context(|| format!("params.{k}.shape"))?;
+        match s.as_slice() {
+            [r, c] => Ok((*r, *c)),
+            _ => bail!("params.{k}.shape {s:?} is not a matrix"),
+        }
+    };
+    let matrices = |v: &Value, what: &str| -> Result<BTreeMap<String, Array2<f64>>> {
+        let o = v
+            .as_object()
+            .with_context(|| format!("{what} is not an object"))?;
+        o.iter()
+            .map(|(k, data)| {
+                let data: Vec<f64> =
+                    serde_json::from_value(data.clone()).with_context(|| format!("{what}.{k}"))?;
+                let m = Array2::from_shape_vec(shape(k)?, data)
+                    .with_context(|| format!("{what}.{k}: length does not match its shape"))?;
+                Ok((k.clone(), m))
+            })
+            .collect()
+    };
+    let initial = matrices(
+        &params
+            .iter()
+            .map(|(k, v)| (k.clone(), v["initial"].clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        "params.*.initial",
+    )?;
+    let steps = c["steps"]
+        .as_array()
+        .context("no \"steps\" array")?
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(MuonStep {
+                grads: matrices(&s["grads"], &format!("steps[{i}].grads"))?,
+                after: matrices(&s["after"], &format!("steps[{i}].after"))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(MuonCase {
+        name: name.to_string(),
+        newton_schulz: c["newton_schulz"]
+            .as_str()
+            .context("no \"newton_schulz\"")?
+            .to_string(),
+        options: serde_json::from_value(c["options"].clone()).context("options")?,
+        initial,
+        steps,
+    })
 }

@@ -221,3 +221,106 @@ pub fn format_table(rows: &[Row]) -> String {
     s += &format!("{} checks, {} failed\n", rows.len(), failed);
     s
 }
+
+/// The rows of the linear-schedule cases: every optimizer step's lr through `lr(k, warmup,
+/// total, base)`, exact to float64 round-off (1e-13 relative: one division and one product, as
+/// transformers computes it).
+pub fn linear_schedule_rows(
+    cases: &[crate::fixtures::LinearScheduleCase],
+    lr: impl Fn(u64, u64, u64, f64) -> f64,
+) -> Vec<Row> {
+    let rows = cases
+        .iter()
+        .flat_map(|c| {
+            c.lr_before_optimizer_step
+                .iter()
+                .enumerate()
+                .map(|(k, &want)| {
+                    let got = lr(
+                        k as u64,
+                        c.num_warmup_steps,
+                        c.num_training_steps,
+                        c.base_lr,
+                    );
+                    Row::scalar(
+                        "components_seed004",
+                        "linear_schedule_with_warmup",
+                        got,
+                        want,
+                        1e-13,
+                    )
+                })
+        })
+        .collect();
+    worst_per_group(rows)
+}
+
+/// One exact row for the group_texts cases: `rows(token_lists, block_size)` gives (input_ids,
+/// labels) rows equal to transformers'.
+pub fn group_texts_row(
+    cases: &[crate::fixtures::GroupTextsCase],
+    rows: impl Fn(&[Vec<u32>], usize) -> (Vec<Vec<i64>>, Vec<Vec<i64>>),
+) -> Row {
+    let ok = cases.iter().all(|c| {
+        let (ids, labels) = rows(&c.token_lists, c.block_size);
+        ids == c.result.input_ids && labels == c.result.labels
+    });
+    Row::exact(
+        "components_seed004",
+        &format!("group_texts ({} cases)", cases.len()),
+        ok,
+    )
+}
+
+/// Weights by name, as a Muon case holds them.
+pub type Matrices = std::collections::BTreeMap<String, ndarray::Array2<f64>>;
+
+/// One row per Muon case (golden/muon): each step taken from torch's weights before it by
+/// `step(weights, grads)` (an optimizer `start(case)` built, so the momentum carries over from
+/// step to step), compared with torch's step (`after - before`) relative to its largest
+/// magnitude; the worst over matrices and steps, within `tol(case)`. Every step restarts from
+/// torch's weights, so one step's error does not feed the next.
+pub fn muon_rows<S>(
+    cases: &[crate::fixtures::MuonCase],
+    tol: impl Fn(&crate::fixtures::MuonCase) -> f64,
+    start: impl Fn(&crate::fixtures::MuonCase) -> anyhow::Result<S>,
+) -> anyhow::Result<Vec<Row>>
+where
+    S: FnMut(&Matrices, &Matrices) -> anyhow::Result<Matrices>,
+{
+    let mut rows = Vec::new();
+    for case in cases {
+        let mut step = start(case)?;
+        let mut before = case.initial.clone();
+        let mut worst = 0.0f64;
+        let mut max_abs = 0.0f64;
+        for s in &case.steps {
+            let ours = step(&before, &s.grads)?;
+            for (k, after) in &s.after {
+                let theirs = after - &before[k];
+                let mine = match ours.get(k) {
+                    Some(m) => m - &before[k],
+                    None => anyhow::bail!("{}: no weights {k} after the step", case.name),
+                };
+                let (abs, rel) = errors(mine.view().into_dyn(), theirs.view().into_dyn());
+                worst = if rel.is_nan() {
+                    f64::NAN
+                } else {
+                    worst.max(rel)
+                };
+                max_abs = max_abs.max(abs);
+            }
+            before = s.after.clone();
+        }
+        let tol = tol(case);
+        rows.push(Row {
+            fixture: "muon".into(),
+            group: format!("{} ({} Newton-Schulz)", case.name, case.newton_schulz),
+            max_abs,
+            max_rel: worst,
+            tol,
+            ok: worst <= tol,
+        });
+    }
+    Ok(rows)
+}

@@ -96,3 +96,23 @@ fn minimind3_fixtures_pass_on_the_cpu() {
         );
     }
 }
+
+/// golden/seed004 (masked LM, linear schedule) and the reference-made packed-documents case
+/// through the fast path on the CPU, fp64 / fp32 / bf16.
+#[test]
+fn seed004_fixtures_pass_on_the_cpu() {
+    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/golden/seed004"));
+    for precision in ["fp64", "fp32", "bf16"] {
+        let target = Target::Fast(FastChecks::new("cpu", precision).unwrap());
+        let rows = verify::run(dir, &target).expect("fast verification runs");
+        let table = format_table(&rows);
+        println!("{precision}\n{table}");
+        assert!(
+            rows.iter().all(|r| r.ok),
+            "seed004, fast path, {precision}:\n{table}"
+        );
+        for name in ["mlm3_tiny", "ref_packed_documents"] {
+            assert!(rows.iter().any(|r| r.fixture == name), "{name} not checked");
+        }
+    }
+}

@@ -164,3 +164,16 @@ fn a_fixture_whose_config_does_not_fit_its_tensors_names_the_file_and_the_field(
         "{msg}"
     );
 }
+
+/// The textbook recipe's fixtures (golden/seed004: a masked-LM step of MiniMind-3's decoder with
+/// bidirectional attention, transformers' linear schedule, group_texts) through the reference.
+#[test]
+fn seed004_fixtures_pass_on_the_reference() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/seed004");
+    let rows = harness::verify::run(&dir, &harness::verify::Target::Reference).unwrap();
+    println!("{}", format_table(&rows));
+    assert_all_ok(&rows);
+    assert!(rows.iter().any(|r| r.fixture == "mlm3_tiny"));
+    assert!(rows.iter().any(|r| r.group.starts_with("linear_schedule")));
+    assert!(rows.iter().any(|r| r.group.starts_with("group_texts")));
+}

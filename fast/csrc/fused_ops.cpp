@@ -17,9 +17,11 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #include "ffi_error.h"
 #include "kernels.h"
@@ -256,32 +258,84 @@ struct QkvHeads : public torch::autograd::Function<QkvHeads> {
   }
 };
 
-// The merged projection qkv [B, T, (H + 2 KV) 64] bf16 -> o [B, T, H * 64] bf16: causal
-// attention with RoPE on q and k and query head h reading kv head h / (H / KV), in attention.cu's
-// kernels (no repeat_kv copies, no fp32 dQ). Saves qkv (for v), the RoPE'd q and k, o and the
-// logsumexp; backward writes the merged projection's gradient. Replaces QkvHeads + SDPA where the head dim is 64.
+// The merged projection qkv [B, T, (H + 2 KV) hd] bf16 (hd 64, 96 or 128) -> o [B, T, H * hd]
+// bf16: attention with RoPE on q and k and query head h reading kv head h / (H / KV), in
+// attention.cu's kernels (no repeat_kv copies, no fp32 dQ). `mask` is an mm::AttnMask: causal,
+// segments (seg_start int32 [B, T], positions restarting at each segment) or bidirectional.
+// With q_norm / k_norm (fp32 [hd], both or neither) q and k go through MiniMind-3's RMSNorm over
+// head_dim (eps) before RoPE. Saves qkv (for v and the norm's input), the RoPE'd q and k, o, the
+// logsumexp and the norm's rstd; backward writes the merged projection's gradient and the norm
+// weights' gradients. Differentiable in qkv, q_norm and k_norm. Replaces QkvHeads + SDPA (or the
+// libtorch path with qk-norm).
 struct QkvAttention : public torch::autograd::Function<QkvAttention> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &qkv, const at::Tensor &cos,
-                            const at::Tensor &sin, int64_t heads, int64_t kv_heads) {
+                            const at::Tensor &sin, int64_t heads, int64_t kv_heads, int64_t mask,
+                            const std::optional<at::Tensor> &seg_start,
+                            const std::optional<at::Tensor> &q_norm,
+                            const std::optional<at::Tensor> &k_norm, double eps) {
     const char *op = "qkv_attention";
     const int64_t hd = merged_qkv_head_dim(qkv, cos, sin, heads, kv_heads, op);
-    TORCH_CHECK(hd == 64, op, ": head dim 64 only, got ", hd);
+    TORCH_CHECK(hd == 64 || hd == 96 || hd == 128, op, ": head dim 64, 96 or 128 only, got ", hd);
+    TORCH_CHECK(mask == mm::kAttnCausal || mask == mm::kAttnSegments ||
+                    mask == mm::kAttnBidirectional,
+                op, ": mask must be ", int(mm::kAttnCausal), " (causal), ", int(mm::kAttnSegments),
+                " (segments) or ", int(mm::kAttnBidirectional), " (bidirectional), got ", mask);
     const int64_t b = qkv.size(0), t = qkv.size(1);
-    TORCH_CHECK(t >= 1 && t <= (INT32_MAX / 64) && b <= 65535 && heads <= 65535, op,
+    TORCH_CHECK(t >= 1 && t <= (INT32_MAX / 128) && b <= 65535 && heads <= 65535, op,
                 ": shape out of range: B ", b, ", T ", t, ", heads ", heads);
+    const bool segments = mask == mm::kAttnSegments;
+    const bool has_seg = seg_start.has_value() && seg_start->defined();
+    TORCH_CHECK(segments == has_seg, op,
+                segments ? ": the segments mask needs seg_start"
+                         : ": seg_start is given but the mask is not segments");
+    at::Tensor seg;
+    if (has_seg) {
+      check_cuda(*seg_start, at::kInt, op, "seg_start");
+      TORCH_CHECK(seg_start->dim() == 2 && seg_start->size(0) == b && seg_start->size(1) == t, op,
+                  ": seg_start must be [B, T] = [", b, ", ", t, "], got ", seg_start->sizes());
+      TORCH_CHECK(seg_start->device() == qkv.device(), op, ": seg_start on ",
+                  seg_start->device(), ", qkv on ", qkv.device());
+      seg = dense(*seg_start);
+    }
+    const bool has_q = q_norm.has_value() && q_norm->defined();
+    const bool has_k = k_norm.has_value() && k_norm->defined();
+    TORCH_CHECK(has_q == has_k, op, ": q_norm and k_norm come together, got ",
+                has_q ? "q_norm only" : "k_norm only");
+    at::Tensor wq, wk;
+    if (has_q) {
+      for (const at::Tensor *w : {&*q_norm, &*k_norm}) {
+        const char *name = w == &*q_norm ? "q_norm" : "k_norm";
+        check_cuda(*w, at::kFloat, op, name);
+        TORCH_CHECK(w->dim() == 1 && w->size(0) == hd, op, ": ", name, " must be [", hd,
+                    "], got ", w->sizes());
+        TORCH_CHECK(w->device() == qkv.device(), op, ": ", name, " on ", w->device(),
+                    ", qkv on ", qkv.device());
+      }
+      TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+      wq = dense(*q_norm);
+      wk = dense(*k_norm);
+    }
     c10::DeviceGuard guard(qkv.device());
     at::Tensor x = dense(qkv), c = dense(cos), s = dense(sin);
     at::Tensor qr = at::empty({b, heads, t, hd}, x.options());
     at::Tensor kr = at::empty({b, kv_heads, t, hd}, x.options());
     at::Tensor o = at::empty({b, t, heads * hd}, x.options());
     at::Tensor lse = at::empty({b, heads, t}, x.options().dtype(at::kFloat));
-    launched(mm::attn_fwd(x.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(), qr.data_ptr(),
-                          kr.data_ptr(), o.data_ptr(), lse.data_ptr<float>(), b, t, heads,
-                          kv_heads, stream_of(x)),
+    at::Tensor rstd;
+    if (has_q) rstd = at::empty({b, t, heads + kv_heads}, x.options().dtype(at::kFloat));
+    launched(mm::attn_fwd(x.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(),
+                          has_seg ? seg.data_ptr<int32_t>() : nullptr,
+                          has_q ? wq.data_ptr<float>() : nullptr,
+                          has_q ? wk.data_ptr<float>() : nullptr, static_cast<float>(eps),
+                          qr.data_ptr(), kr.data_ptr(), has_q ? rstd.data_ptr<float>() : nullptr,
+                          o.data_ptr(), lse.data_ptr<float>(), b, t, heads, kv_heads, hd,
+                          static_cast<int>(mask), stream_of(x)),
              op);
-    ctx->save_for_backward({x, qr, kr, c, s, o, lse});
+    // Undefined tensors (no segments, no qk-norm) are saved as undefined.
+    ctx->save_for_backward({x, qr, kr, c, s, o, lse, seg, wq, wk, rstd});
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["kv_heads"] = kv_heads;
+    ctx->saved_data["mask"] = mask;
     return o;
   }
 
@@ -289,21 +343,38 @@ struct QkvAttention : public torch::autograd::Function<QkvAttention> {
     const char *op = "qkv_attention backward";
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &qr = saved[1], &kr = saved[2], &c = saved[3], &s = saved[4];
-    const at::Tensor &o = saved[5], &lse = saved[6];
+    const at::Tensor &o = saved[5], &lse = saved[6], &seg = saved[7], &wq = saved[8];
+    const at::Tensor &wk = saved[9], &rstd = saved[10];
     const int64_t heads = ctx->saved_data["heads"].toInt();
     const int64_t kv_heads = ctx->saved_data["kv_heads"].toInt();
-    const int64_t b = x.size(0), t = x.size(1);
+    const int64_t mask = ctx->saved_data["mask"].toInt();
+    const int64_t b = x.size(0), t = x.size(1), hd = c.size(1);
+    const bool norm = wq.defined();
     c10::DeviceGuard guard(x.device());
     check_cuda(grads[0], at::kBFloat16, op, "grad_o");
     at::Tensor dout = dense(grads[0]);
     at::Tensor delta = at::empty({b, heads, t}, lse.options());
     at::Tensor dqkv = at::empty(x.sizes(), x.options());
+    at::Tensor dw_part, dwq, dwk;
+    int64_t parts = 0;
+    if (norm) {
+      parts = mm::attn_norm_bwd_parts(b, t, heads, hd);
+      dw_part = at::empty({2, parts, hd}, lse.options());
+      dwq = at::empty({hd}, wq.options());
+      dwk = at::empty({hd}, wk.options());
+    }
+    auto fp = [](const at::Tensor &v) { return v.defined() ? v.data_ptr<float>() : nullptr; };
     launched(mm::attn_bwd(x.data_ptr(), qr.data_ptr(), kr.data_ptr(), c.data_ptr<float>(),
-                          s.data_ptr<float>(), o.data_ptr(),
-                          lse.data_ptr<float>(), dout.data_ptr(), delta.data_ptr<float>(),
-                          dqkv.data_ptr(), b, t, heads, kv_heads, stream_of(x)),
+                          s.data_ptr<float>(), seg.defined() ? seg.data_ptr<int32_t>() : nullptr,
+                          fp(wq), fp(wk), fp(rstd), o.data_ptr(), lse.data_ptr<float>(),
+                          dout.data_ptr(), delta.data_ptr<float>(), dqkv.data_ptr(), fp(dw_part),
+                          fp(dwq), fp(dwk), parts, b, t, heads, kv_heads, hd,
+                          static_cast<int>(mask), stream_of(x)),
              op);
-    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // One per forward argument: qkv, cos, sin, heads, kv_heads, mask, seg_start, q_norm, k_norm,
+    // eps.
+    return {dqkv,        at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), dwq,          dwk,          at::Tensor()};
   }
 };
 
@@ -497,11 +568,18 @@ char *mm_add_bf16_(at::Tensor *acc, at::Tensor *g) {
   });
 }
 
-// o = QkvAttention(qkv): see above.
+// o = QkvAttention(qkv, ...): see above. q_norm, k_norm (both or neither) and seg_start (only
+// with mask segments) may be null; mask is an mm::AttnMask.
 char *mm_qkv_attention(at::Tensor *qkv, at::Tensor *cos, at::Tensor *sin, int64_t heads,
-                       int64_t kv_heads, at::Tensor **out) {
-  return guard(
-      [&] { *out = new at::Tensor(QkvAttention::apply(*qkv, *cos, *sin, heads, kv_heads)); });
+                       int64_t kv_heads, at::Tensor *q_norm, at::Tensor *k_norm, double eps,
+                       int64_t mask, at::Tensor *seg_start, at::Tensor **out) {
+  return guard([&] {
+    auto opt = [](at::Tensor *p) {
+      return p != nullptr ? std::optional<at::Tensor>(*p) : std::optional<at::Tensor>();
+    };
+    *out = new at::Tensor(QkvAttention::apply(*qkv, *cos, *sin, heads, kv_heads, mask,
+                                              opt(seg_start), opt(q_norm), opt(k_norm), eps));
+  });
 }
 
 char *mm_swiglu(at::Tensor *gu, int64_t f, at::Tensor **out) {

@@ -56,20 +56,46 @@ const char *ce_fwd_bwd(void *logits, const int64_t *labels, const float *seed, f
 // acc[n] (fp32) += g[n] (bf16); n a multiple of 8, both 16-byte aligned.
 const char *add_bf16(float *acc, const void *g, int64_t n, cudaStream_t stream);
 
-// Causal attention over the merged projection qkv [B, T, (H + 2 KV) 64] (bf16, contiguous; head
-// dim 64), query head h reading kv head h / (H / KV). First RoPE (fp32 tables cos/sin [T, 64])
-// of q and k into qr [B, H, T, 64] and kr [B, KV, T, 64] (bf16, kept for attn_bwd), then o
-// [B, T, H, 64] (bf16) and lse [B, H, T] (fp32, base-2 units of the scaled scores). attention.cu.
-const char *attn_fwd(const void *qkv, const float *cos, const float *sin, void *qr, void *kr,
-                     void *o, float *lse, int64_t b, int64_t t, int64_t heads, int64_t kv_heads,
-                     cudaStream_t stream);
+// Which keys each query of attn_fwd / attn_bwd sees (the `mask` argument).
+enum AttnMask : int {
+  // Key j visible to query i iff j <= i; RoPE position t.
+  kAttnCausal = 0,
+  // iff seg_start[i] <= j <= i, seg_start int32 [B, T] (for every token the row index of the
+  // first token of its segment: non-decreasing within a row, seg_start[t] <= t); RoPE position
+  // t - seg_start[t].
+  kAttnSegments = 1,
+  // Every key of the row; RoPE position t.
+  kAttnBidirectional = 2,
+};
 
-// Its backward: dqkv [B, T, (H + 2 KV) 64] (bf16, every element of rows < T written; dq and dk
-// through RoPE's transpose) from dout [B, T, H, 64] (bf16, contiguous); delta [B, H, T] fp32 is
-// scratch.
+// Attention over the merged projection qkv [B, T, (H + 2 KV) hd] (bf16, contiguous; hd 64, 96
+// or 128), query head h reading kv head h / (H / KV), softmax scale 1 / sqrt(hd), keys as `mask`
+// says (seg_start: null unless kAttnSegments). With q_norm and k_norm (fp32 [hd], both or
+// neither) each head vector of q and k first becomes w * x * rsqrt(mean(x^2) + eps) in fp32,
+// rstd [B, T, H + KV] (fp32) saved; rstd may be null without them. Then RoPE (fp32 tables
+// cos/sin [T, hd], row = position) of q and k into qr [B, H, T, hd] and kr [B, KV, T, hd] (bf16,
+// kept for attn_bwd), then o [B, T, H, hd] (bf16) and lse [B, H, T] (fp32, base-2 units of the
+// scaled scores). attention.cu.
+const char *attn_fwd(const void *qkv, const float *cos, const float *sin, const int32_t *seg_start,
+                     const float *q_norm, const float *k_norm, float eps, void *qr, void *kr,
+                     float *rstd, void *o, float *lse, int64_t b, int64_t t, int64_t heads,
+                     int64_t kv_heads, int64_t head_dim, int mask, cudaStream_t stream);
+
+// Rows of per-block partial sums the qk-norm backward writes for each weight (dw_part's second
+// dimension).
+int64_t attn_norm_bwd_parts(int64_t b, int64_t t, int64_t heads, int64_t head_dim);
+
+// Its backward: dqkv [B, T, (H + 2 KV) hd] (bf16, every element of rows < T written; dq and dk
+// through RoPE's transpose, and with qk-norm through the norm's backward) from dout
+// [B, T, H, hd] (bf16, contiguous); delta [B, H, T] fp32 is scratch. The same mask, seg_start,
+// norm weights and the forward's rstd; with qk-norm also dw_part [2, parts, hd] (fp32 scratch,
+// parts from attn_norm_bwd_parts) and the weights' gradients dq_norm, dk_norm [hd] (fp32,
+// summed over B, T and heads in a fixed order: deterministic).
 const char *attn_bwd(const void *qkv, const void *qr, const void *kr, const float *cos,
-                     const float *sin, const void *o, const float *lse, const void *dout,
-                     float *delta, void *dqkv, int64_t b, int64_t t, int64_t heads,
-                     int64_t kv_heads, cudaStream_t stream);
+                     const float *sin, const int32_t *seg_start, const float *q_norm,
+                     const float *k_norm, const float *rstd, const void *o, const float *lse,
+                     const void *dout, float *delta, void *dqkv, float *dw_part, float *dq_norm,
+                     float *dk_norm, int64_t parts, int64_t b, int64_t t, int64_t heads,
+                     int64_t kv_heads, int64_t head_dim, int mask, cudaStream_t stream);
 
 }  // namespace mm

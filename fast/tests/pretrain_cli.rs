@@ -382,6 +382,22 @@ fn packed_docs_runs_train_and_bench() {
     assert!(line["final_loss"].as_f64().unwrap().is_finite());
 }
 
+/// Muon's momentum buffers travel in the resume checkpoint with the WSD schedule's position.
+#[test]
+fn a_muon_wsd_run_stopped_mid_window_resumes_bit_identically() {
+    resumed_equals_uninterrupted(
+        &[
+            "--optimizer",
+            "muon",
+            "--lr-schedule",
+            "wsd",
+            "--warmup-steps",
+            "1",
+        ],
+        "8",
+    );
+}
+
 #[test]
 fn moe_runs_and_logs_its_aux_loss() {
     let dir = tempfile::tempdir().unwrap();
@@ -857,4 +873,65 @@ fn minimind3_presets_train_with_their_fields_and_tokenizer() {
     let rows = metrics(moe.path());
     assert!(rows[0]["aux"].as_f64().unwrap() > 0.0, "{:?}", rows[0]);
     assert!(moe.path().join("out/pretrain_32_moe.safetensors").exists());
+}
+
+/// `--eval-data` scores the held-out file during the run (at --eval-interval and at the end) as
+/// `fast eval` scores it: into the log line, metrics.jsonl and the curve.
+#[test]
+fn held_out_loss_is_logged_during_training_as_fast_eval_computes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = fast::data::defaults::materialize().unwrap().corpus;
+    let text = std::fs::read_to_string(&corpus).unwrap();
+    let held: Vec<&str> = text.lines().rev().take(40).collect();
+    std::fs::write(dir.path().join("held.jsonl"), held.join("\n") + "\n").unwrap();
+    let stdout = ok(&run_in(
+        dir.path(),
+        &[
+            "--eval-data",
+            "held.jsonl",
+            "--eval-interval",
+            "6",
+            "--sample-tokens",
+            "0",
+        ],
+    ));
+    assert!(stdout.contains("| held-out "), "{stdout}");
+    let rows = metrics(dir.path());
+    let scored: Vec<(u64, f64)> = rows
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r["eval_loss"].as_f64()?)))
+        .collect();
+    assert_eq!(
+        scored.iter().map(|s| s.0).collect::<Vec<_>>(),
+        vec![6, 12],
+        "scored at --eval-interval and at the end"
+    );
+    // fast eval on the saved weights: the same function on the float16 copy of the weights, so
+    // the two agree to float16 rounding of the weights (about 1e-3 of the loss).
+    let tok = fast::data::defaults::materialize().unwrap().tokenizer_dir;
+    let out = fast()
+        .current_dir(dir.path())
+        .args([
+            "eval",
+            "--weights",
+            "out/pretrain_32.safetensors",
+            "--data-path",
+            "held.jsonl",
+        ])
+        .args(["--tokenizer", &tok.display().to_string()])
+        .args(["--max-seq-len", "32", "--device", "cpu", "--dtype", "f32"])
+        .output()
+        .unwrap();
+    let line = ok(&out);
+    let eval: f64 = line
+        .split("loss ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let during = scored.last().unwrap().1;
+    assert!(
+        ((eval - during) / eval).abs() < 1e-2,
+        "during training {during}, fast eval {eval}"
+    );
 }

@@ -27,12 +27,13 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use fast::model::loss::Objective;
 use fast::model::precision::{parse_device, Precision};
 use fast::train::trainer::{Trainer, TrainerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::convert::{fast_config, from_named, scalar, to_array, to_named, to_tensor_i64};
-use crate::fixtures::{self, Components, ModelFixture, TrainFixture};
+use crate::fixtures::{self, Components, ModelFixture, RecipeComponents, TrainFixture};
 use crate::report::{compare, named_rows, worst_per_group, Row};
 
 /// Tolerances of one precision; `normwise` selects ||a-e||/||e|| instead of max-relative.
@@ -128,17 +129,42 @@ pub fn check_model_with(
 ) -> Result<Vec<Row>> {
     let name = fx.name.as_str();
     let nw = tol.normwise;
-    let mut tr = trainer(
-        &fx.config,
-        &fx.params,
-        adamw_config(&fx.adamw),
+    let objective = if fx.run.masked_lm {
+        Objective::MaskedLm
+    } else {
+        Objective::CausalLm
+    };
+    let tc = TrainerConfig {
         precision,
         device,
+        adamw: adamw_config(&fx.adamw),
+        objective,
+        ..Default::default()
+    };
+    let mut tr = Trainer::from_named(
+        &fast_config(&fx.config),
+        tc,
+        to_named(&fx.params),
+        "fixture params",
     )?;
     let ids = to_tensor_i64(&fx.input_ids).to_device(device);
     let labels = to_tensor_i64(&fx.labels).to_device(device);
-    let logits = tch::no_grad(|| tr.model().forward(&ids, None).logits);
-    let out = tr.micro_step(&ids, &labels, 1.0)?;
+    let (b, t) = fx.input_ids.dim();
+    let seg = fx.run.seg_start(t).map(|v| {
+        Tensor::from_slice(&v)
+            .reshape([b as i64, t as i64])
+            .to_device(device)
+    });
+    let logits = tch::no_grad(|| -> Result<Tensor> {
+        let m = tr.model();
+        let (h, _) = m.forward_hidden_with(&ids, seg.as_ref(), &|_, _| Ok(()))?;
+        Ok(m.lm_head(&h))
+    })?;
+    let one = Tensor::ones(
+        [],
+        (fast::model::upcast_kind(precision.param_kind()), device),
+    );
+    let out = tr.micro_step_on(&ids, &labels, seg.as_ref(), &one)?;
     let mut rows = vec![
         compare(
             name,
@@ -479,4 +505,82 @@ impl super::Checks for FastChecks {
     fn pth(&self, dir: &Path) -> Result<Vec<Row>> {
         super::pth::check_fast(dir, self.device, self.precision)
     }
+
+    fn muon(&self, cases: &[fixtures::MuonCase]) -> Result<Vec<Row>> {
+        check_muon(cases, self.precision, self.device)
+    }
+
+    fn recipe(&self, c: &RecipeComponents) -> Result<Vec<Row>> {
+        Ok(crate::report::linear_schedule_rows(
+            &c.linear_schedule_with_warmup,
+            |k, warmup, total, base| fast::optim::schedule::linear_lr(k, total, base, warmup),
+        ))
+    }
+}
+
+/// torch.optim.Muon's steps (golden/muon) through the fast Muon on `device`: float64 weights,
+/// Newton-Schulz in `precision`'s compute kind. Tolerances, relative to torch's step: float64
+/// NS against torch's float64 NS, 1e-12 (the reference's bound: same operations, NS's quintic
+/// grows round-off ~450x); float32 NS, 1e-5 (2^-24 = 6e-8 per rounding, grown as above and by
+/// the step's cancellation: seen 1.1e-6 on the CPU); bfloat16 NS against torch's stock
+/// bfloat16 NS on the CPU, 1e-12 (the same products in the same kind on the same kernels:
+/// seen 2.9e-14); any other pairing with bfloat16 / float16 on either side, 0.1 (8 or 11
+/// significant bits over ~15 products, summed in another order on CUDA: a few %, as the
+/// reference sees between exact and torch's bfloat16).
+pub fn check_muon(
+    cases: &[fixtures::MuonCase],
+    precision: Precision,
+    device: Device,
+) -> Result<Vec<Row>> {
+    use fast::optim::muon::{AdjustLr, Muon, MuonConfig};
+    let ns_kind = precision.compute_kind();
+    crate::report::muon_rows(
+        cases,
+        |c| match (ns_kind, c.newton_schulz.as_str()) {
+            (Kind::Double, "float64") => 1e-12,
+            (Kind::Float, "float64") => 1e-5,
+            (Kind::BFloat16, "bfloat16") if device == Device::Cpu => 1e-12,
+            _ => 0.1,
+        },
+        |c| {
+            let o = &c.options;
+            let cfg = MuonConfig {
+                weight_decay: o.weight_decay,
+                momentum: o.momentum,
+                nesterov: o.nesterov,
+                ns_coefficients: o.ns_coefficients,
+                eps: o.eps,
+                ns_steps: o.ns_steps,
+                adjust_lr: if o.match_rms_adamw()? {
+                    AdjustLr::MatchRmsAdamw
+                } else {
+                    AdjustLr::Original
+                },
+            };
+            let names: Vec<String> = c.initial.keys().cloned().collect();
+            let to_device = |m: &ndarray::Array2<f64>| {
+                crate::convert::to_tensor(&m.clone().into_dyn()).to_device(device)
+            };
+            let params: Vec<Tensor> = names.iter().map(|k| to_device(&c.initial[k])).collect();
+            let all: Vec<usize> = (0..names.len()).collect();
+            let mut opt = Muon::new(&params, &all, cfg, ns_kind)?;
+            opt.set_lr(o.lr);
+            Ok(
+                move |before: &crate::report::Matrices, grads: &crate::report::Matrices| {
+                    let _guard = tch::no_grad_guard();
+                    let mut g = Vec::with_capacity(names.len());
+                    for (k, p) in names.iter().zip(&params) {
+                        p.shallow_clone().f_copy_(&to_device(&before[k]))?;
+                        g.push(to_device(&grads[k]));
+                    }
+                    opt.step(&params, &g, None)?;
+                    names
+                        .iter()
+                        .zip(&params)
+                        .map(|(k, p)| Ok((k.clone(), to_array(p).into_dimensionality()?)))
+                        .collect::<Result<crate::report::Matrices>>()
+                },
+            )
+        },
+    )
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::fixtures::{self, Components, ModelFixture, TrainFixture};
+use crate::fixtures::{self, Components, ModelFixture, RecipeComponents, TrainFixture};
 use crate::report::Row;
 
 pub use self::fast::FastChecks;
@@ -48,8 +48,28 @@ pub trait Checks {
     fn components(&self, c: &Components) -> Result<Vec<Row>>;
     /// MiniMind's PretrainDataset encoding.
     fn dataset(&self, cases: &Path, tokenizer: &Path) -> Result<Vec<Row>>;
+    /// The textbook recipe: transformers' linear schedule and group_texts.
+    fn recipe(&self, c: &RecipeComponents) -> Result<Vec<Row>>;
     /// MiniMind `.pth` weight files and the logits they give.
     fn pth(&self, dir: &Path) -> Result<Vec<Row>>;
+    /// torch.optim.Muon's steps (golden/muon).
+    fn muon(&self, cases: &[fixtures::MuonCase]) -> Result<Vec<Row>>;
+}
+
+/// `check`'s rows, or its error, or (a fixture this harness cannot read, past every check made
+/// before running it) its panic as an error naming `what`.
+fn guarded(what: &str, check: impl FnOnce() -> Result<Vec<Row>>) -> Result<Vec<Row>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
+        Ok(r) => r.with_context(|| format!("checking {what}")),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            anyhow::bail!("checking {what}: the check failed inside ({msg})")
+        }
+    }
 }
 
 /// Every check the folder's files allow, on `target`.
@@ -59,35 +79,34 @@ pub fn run(dir: &Path, target: &Target) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for name in &inv.models {
         let fx = ModelFixture::load(dir, name).with_context(|| format!("model fixture {name}"))?;
-        rows.extend(
-            checks
-                .model(&fx)
-                .with_context(|| format!("checking {name}"))?,
-        );
+        rows.extend(guarded(name, || checks.model(&fx))?);
     }
     for fx in crate::cases::all() {
-        rows.extend(
-            checks
-                .reference_case(&fx)
-                .with_context(|| format!("checking {}", fx.name))?,
-        );
+        rows.extend(guarded(&fx.name, || checks.reference_case(&fx))?);
     }
     for name in &inv.trajectories {
         let fx =
             TrainFixture::load(dir, name).with_context(|| format!("trajectory fixture {name}"))?;
-        rows.extend(
-            checks
-                .trajectory(&fx)
-                .with_context(|| format!("checking {name}"))?,
-        );
+        rows.extend(guarded(name, || checks.trajectory(&fx))?);
     }
     if let Some(p) = &inv.components {
-        rows.extend(checks.components(&Components::load(p)?)?);
+        let c = Components::load(p)?;
+        rows.extend(guarded("components.json", || checks.components(&c))?);
+    }
+    if let Some(p) = &inv.recipe {
+        let c = RecipeComponents::load(p)?;
+        rows.extend(guarded("components_seed004.json", || checks.recipe(&c))?);
     }
     if let (Some(cases), Some(tok)) = (&inv.dataset_cases, &inv.tokenizer) {
-        rows.extend(checks.dataset(cases, tok)?);
+        rows.extend(guarded("dataset_cases.json", || {
+            checks.dataset(cases, tok)
+        })?);
     }
-    rows.extend(checks.pth(dir)?);
+    if let Some(p) = &inv.muon {
+        let cases = fixtures::load_muon_cases(p)?;
+        rows.extend(guarded("muon_cases.json", || checks.muon(&cases))?);
+    }
+    rows.extend(guarded("the .pth weight files", || checks.pth(dir))?);
     anyhow::ensure!(!rows.is_empty(), "{}: no fixtures found", dir.display());
     Ok(rows)
 }

@@ -17,7 +17,7 @@ use reference::dataset::{encode_padded, SpecialTokens};
 use reference::{clip, model, sampler, scaler::GradScaler, schedule, train};
 
 use crate::cases::reference_step;
-use crate::fixtures::{self, Components, ModelFixture, TrainFixture};
+use crate::fixtures::{self, Components, ModelFixture, RecipeComponents, TrainFixture};
 use crate::report::{named_rows, worst_per_group, Row};
 
 /// Logits and losses: dominated by the fixture's float32 RMSNorm / RoPE round-off (seen 2e-7).
@@ -42,11 +42,12 @@ pub const SCALER_PARAM_TOL: f64 = 1e-5;
 /// Forward, losses, every gradient, grad norm, and the weights after clip + one AdamW step.
 pub fn check_model(fx: &ModelFixture) -> Vec<Row> {
     let name = fx.name.as_str();
-    let (out, grads) = model::forward_backward(
+    let (out, grads) = model::forward_backward_with(
         &fx.config,
         &fx.params,
         fx.input_ids.view(),
         fx.labels.view(),
+        &fx.run.reference(),
     );
     let mut rows = vec![
         Row::compare(
@@ -285,5 +286,72 @@ impl super::Checks for ReferenceChecks {
     }
     fn pth(&self, dir: &Path) -> Result<Vec<Row>> {
         super::pth::check_reference(dir)
+    }
+
+    /// The float64 Muon against torch's: to round-off where torch kept Newton-Schulz in float64
+    /// (the same operations; NS's quintic can grow a 1e-16 error ~450x over five iterations, and
+    /// a step measured as after - before loses another ~50x: 1e-12 keeps margin), within 0.1 of
+    /// stock torch's bfloat16 Newton-Schulz (8 significant bits over ~15 products: a few %).
+    fn muon(&self, cases: &[fixtures::MuonCase]) -> Result<Vec<Row>> {
+        use reference::muon::{AdjustLr, Muon, MuonConfig};
+        crate::report::muon_rows(
+            cases,
+            |c| {
+                if c.newton_schulz == "float64" {
+                    1e-12
+                } else {
+                    0.1
+                }
+            },
+            |c| {
+                let o = &c.options;
+                let cfg = MuonConfig {
+                    weight_decay: o.weight_decay,
+                    momentum: o.momentum,
+                    nesterov: o.nesterov,
+                    ns_coefficients: o.ns_coefficients,
+                    eps: o.eps,
+                    ns_steps: o.ns_steps,
+                    adjust_lr: if o.match_rms_adamw()? {
+                        AdjustLr::MatchRmsAdamW
+                    } else {
+                        AdjustLr::Original
+                    },
+                };
+                let dyn_params = |m: &crate::report::Matrices| -> reference::Params {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.clone().into_dyn()))
+                        .collect()
+                };
+                let mut opt = Muon::new(&dyn_params(&c.initial), cfg);
+                let lr = o.lr;
+                Ok(
+                    move |before: &crate::report::Matrices, grads: &crate::report::Matrices| {
+                        let mut p = dyn_params(before);
+                        opt.step(&mut p, &dyn_params(grads), lr);
+                        p.into_iter()
+                            .map(|(k, v)| Ok((k, v.into_dimensionality()?)))
+                            .collect::<Result<crate::report::Matrices>>()
+                    },
+                )
+            },
+        )
+    }
+    fn recipe(&self, c: &RecipeComponents) -> Result<Vec<Row>> {
+        let mut rows =
+            crate::report::linear_schedule_rows(&c.linear_schedule_with_warmup, |k, w, n, b| {
+                schedule::linear_with_warmup(k, w, n, b)
+            });
+        rows.push(crate::report::group_texts_row(
+            &c.group_texts,
+            |texts, block| {
+                let rows = reference::dataset::group_texts(texts, block);
+                (
+                    rows.iter().map(|r| r.input_ids.clone()).collect(),
+                    rows.iter().map(|r| r.labels.clone()).collect(),
+                )
+            },
+        ));
+        Ok(rows)
     }
 }

@@ -90,6 +90,8 @@ pub struct BenchArgs {
     pub profile_steps: usize,
     #[command(flatten)]
     pub kernels: KernelConfig,
+    #[command(flatten)]
+    pub optimizer: crate::optim::OptimizerConfig,
 }
 
 /// Batches for the bench: the loader over an epoch permutation of a corpus, or synthetic rows.
@@ -218,7 +220,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         seed: args.seed as i64,
         adamw: AdamWConfig::default(),
         adamw_impl: AdamWImpl::Fused,
+        muon: args.optimizer.muon_settings(args.learning_rate),
         kernels: args.kernels,
+        objective: Default::default(),
     };
     let mut tr = Trainer::new(&cfg, tc)?;
     eprintln!(

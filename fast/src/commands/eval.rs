@@ -75,17 +75,27 @@ impl EvalResult {
     }
 }
 
+/// Summed shifted cross-entropy and counted labels of one batch, left on the device.
+fn batch_loss_on_device(
+    model: &MiniMindForCausalLM,
+    input_ids: &Tensor,
+    labels: &Tensor,
+) -> (Tensor, Tensor) {
+    let _g = tch::no_grad_guard();
+    let ids = input_ids.to_device(model.embed_tokens.device());
+    let logits = model.forward(&ids, None).logits;
+    let (sum, count) =
+        crate::model::loss::shifted_cross_entropy_sum(&logits, &labels.to_device(logits.device()));
+    (sum.to_kind(tch::Kind::Double), count)
+}
+
 /// Summed shifted cross-entropy and counted labels of one batch.
 pub fn batch_loss(
     model: &MiniMindForCausalLM,
     input_ids: &Tensor,
     labels: &Tensor,
 ) -> Result<(f64, i64)> {
-    let _g = tch::no_grad_guard();
-    let ids = input_ids.to_device(model.embed_tokens.device());
-    let logits = model.forward(&ids, None).logits;
-    let (sum, count) =
-        crate::model::loss::shifted_cross_entropy_sum(&logits, &labels.to_device(logits.device()));
+    let (sum, count) = batch_loss_on_device(model, input_ids, labels);
     Ok((sum.double_value(&[]), count.int64_value(&[])))
 }
 
@@ -104,6 +114,9 @@ pub fn evaluate(
     };
     let n = ds.len();
     let mut i = 0;
+    // Sums stay on the device until the end: one host read for the whole pass, so on a GPU the
+    // evaluation queues behind the training step like any other kernel instead of waiting per batch.
+    let mut sums: Option<(Tensor, Tensor)> = None;
     while i < n {
         let end = (i + batch_size).min(n);
         let hb = ds.batch(&(i..end).collect::<Vec<_>>(), 0)?;
@@ -119,15 +132,21 @@ pub fn evaluate(
             );
         }
         let b = hb.rows as i64;
-        let (s, c) = batch_loss(
+        let (s, c) = batch_loss_on_device(
             model,
             &Tensor::from_slice(&ids).view([b, t]),
             &Tensor::from_slice(&lab).view([b, t]),
-        )?;
-        r.loss_sum += s;
-        r.tokens += c;
+        );
+        sums = Some(match sums.take() {
+            Some((ls, lc)) => (ls + s, lc + c),
+            None => (s, c),
+        });
         r.rows += hb.rows;
         i = end;
+    }
+    if let Some((s, c)) = sums {
+        r.loss_sum = s.double_value(&[]);
+        r.tokens = c.int64_value(&[]);
     }
     Ok(r)
 }

@@ -59,11 +59,12 @@ impl HostBatch {
 pub struct Batch {
     pub input_ids: Tensor,
     pub labels: Tensor,
-    /// packed-docs: int32 `[B, T]`, the position of each token's segment start in its row.
-    pub seg_start: Option<Tensor>,
     /// Labels the loss counts (the host batch's `counted_labels`; for `from_vecs`,
     /// `labels[:, 1:] != -100`).
     pub count: usize,
+    /// Packed rows with document boundaries: int32 `[B, T]`, for every token the row index of
+    /// the first token of its document (attention stays within it, RoPE positions restart).
+    pub seg_start: Option<Tensor>,
 }
 
 impl Batch {
@@ -108,9 +109,19 @@ impl Batch {
         Batch {
             input_ids: to_device_async(Tensor::from_slice(ids).reshape(shape), device),
             labels: to_device_async(Tensor::from_slice(labels).reshape(shape), device),
-            seg_start: None,
             count,
+            seg_start: None,
         }
+    }
+
+    /// The batch with its rows' segment starts (row-major `[B, T]`).
+    pub fn with_segments(mut self, seg_start: &[i32], device: Device) -> Batch {
+        let shape = self.input_ids.size();
+        self.seg_start = Some(to_device_async(
+            Tensor::from_slice(seg_start).reshape(shape.as_slice()),
+            device,
+        ));
+        self
     }
 }
 

@@ -289,7 +289,10 @@ pub fn check_compatible(path: &Path, saved: &RunConfig, now: &RunConfig) -> Resu
         epochs,
         learning_rate,
         warmup_steps,
+        lr_schedule,
+        objective,
         weight_decay,
+        optimizer,
         seed,
         loss_normalization,
         dtype
@@ -339,7 +342,8 @@ mod tests {
     /// metadata's keys are written in one order), and the file loads back.
     #[test]
     fn a_checkpoint_of_the_same_state_has_the_same_bytes() {
-        let args = Cli::parse_from(["x", "--data-path", "c.jsonl", "--tokenizer", "t"]).args;
+        let args =
+            Cli::parse_from(["x", "--data-path", "c.jsonl", "--tokenizer", "minimind2"]).args;
         let cfg = args
             .resolve(tch::Device::Cpu, || unreachable!("paths given"))
             .unwrap();

@@ -12,9 +12,10 @@
 //!   writes the merged projection's gradient.
 //! - [`weights_bf16`]: the merged bf16 operand of a projection from its fp32 weights; backward
 //!   adds the gradient into each weight's `.grad` in place ([`add_bf16_`]).
-//! - [`qkv_attention`]: causal attention of our own over the merged q/k/v projection (RoPE on
-//!   load, kv heads read once per group, the merged projection's gradient written directly);
-//!   replaces `qkv_heads` + cuDNN's SDPA where the head dim is 64.
+//! - [`qkv_attention`]: attention of our own over the merged q/k/v projection (head dim 64, 96
+//!   or 128; causal, causal within packed segments, or bidirectional; optional q/k RMSNorm; RoPE
+//!   on load, kv heads read once per group, the merged projection's gradient written directly);
+//!   replaces `qkv_heads` + cuDNN's SDPA.
 //! - [`swiglu`]: `silu(g) * u` over a merged `[g | u]` projection, rounding as autocast's
 //!   unfused ops do.
 //! - [`cross_entropy_bf16`]: the chunked lm_head's cross-entropy forward and backward in one
@@ -66,12 +67,18 @@ mod ffi {
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
         pub fn mm_add_bf16_(acc: *mut C_tensor, g: *mut C_tensor) -> *mut c_char;
+        #[allow(clippy::too_many_arguments)]
         pub fn mm_qkv_attention(
             qkv: *mut C_tensor,
             cos: *mut C_tensor,
             sin: *mut C_tensor,
             heads: i64,
             kv_heads: i64,
+            q_norm: *mut C_tensor,
+            k_norm: *mut C_tensor,
+            eps: f64,
+            mask: i64,
+            seg_start: *mut C_tensor,
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
         pub fn mm_swiglu(gu: *mut C_tensor, f: i64, out: *mut *mut C_tensor) -> *mut c_char;
@@ -168,22 +175,73 @@ pub fn add_bf16_(acc: &Tensor, g: &Tensor) -> Result<()> {
     check("add_bf16_", unsafe { ffi::mm_add_bf16_(ptr(acc), ptr(g)) })
 }
 
-/// Causal attention straight from the merged projection qkv bf16 `[B, T, (heads + 2 kv_heads) 64]`
-/// -> o bf16 `[B, T, heads * 64]` (fast/csrc/attention.cu): q and k RoPE'd as [`qkv_heads`]
-/// does it (fp32 tables cos/sin `[T, 64]`, one rounding), query head h reading kv head
-/// `h / (heads / kv_heads)`, softmax scale 1/8, flash attention's algorithm with fp32
-/// accumulators and bf16 P and dS. What [`qkv_heads`] then causal SDPA compute, up to bf16
-/// rounding, with no q/k/v copies and one node. Head dim 64 only. Differentiable in qkv.
+/// Which keys each query of [`qkv_attention`] sees.
+#[derive(Clone, Copy, Debug)]
+pub enum AttnMask<'a> {
+    /// Key j visible to query i iff `j <= i`; RoPE positions t.
+    Causal,
+    /// Packed rows: int32 `seg_start [B, T]` gives, for every token, the row index of the first
+    /// token of its segment (non-decreasing within a row, `seg_start[t] <= t`, equal within a
+    /// segment). Key j visible to query i iff `seg_start[i] <= j <= i`; RoPE position
+    /// `t - seg_start[t]`. Not validated on the device (a host synchronisation): out-of-contract
+    /// values give wrong numbers, never an out-of-bounds read.
+    Segments(&'a Tensor),
+    /// Every key of the row visible to every query (masked LM); RoPE positions t.
+    Bidirectional,
+}
+
+/// MiniMind-3's q/k RMSNorm before RoPE: fp32 weights `[head_dim]` (differentiable), eps.
+#[derive(Clone, Copy, Debug)]
+pub struct QkNorm<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub eps: f64,
+}
+
+/// Attention straight from the merged projection qkv bf16 `[B, T, (heads + 2 kv_heads) hd]`
+/// (hd 64, 96 or 128) -> o bf16 `[B, T, heads * hd]` (fast/csrc/attention.cu): with `qk_norm`,
+/// each head vector of q and k first becomes `w * x * rsqrt(mean(x^2) + eps)` (fp32); q and k
+/// RoPE'd as [`qkv_heads`] does it (fp32 tables cos/sin `[T, hd]` indexed by position, one
+/// rounding to bf16), query head h reading kv head `h / (heads / kv_heads)`, softmax scale
+/// `1 / sqrt(hd)`, keys as `mask` says; flash attention's algorithm with fp32 accumulators and
+/// bf16 P and dS. What the split views, the norm, RoPE, repeat_kv and SDPA compute, up to bf16
+/// rounding, with no q/k/v copies and one node. Differentiable in qkv and the norm weights
+/// (their gradients summed in a fixed order: the same bits run to run).
 pub fn qkv_attention(
     qkv: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
     heads: i64,
     kv_heads: i64,
+    qk_norm: Option<QkNorm>,
+    mask: AttnMask,
 ) -> Result<Tensor> {
+    let null = std::ptr::null_mut();
+    let (q_norm, k_norm, eps) = match qk_norm {
+        Some(n) => (ptr(n.q), ptr(n.k), n.eps),
+        None => (null, null, 0.0),
+    };
+    // mm::AttnMask (fast/csrc/kernels.h).
+    let (code, seg_start) = match mask {
+        AttnMask::Causal => (0, null),
+        AttnMask::Segments(s) => (1, ptr(s)),
+        AttnMask::Bidirectional => (2, null),
+    };
     let mut out = std::ptr::null_mut();
     check("qkv_attention", unsafe {
-        ffi::mm_qkv_attention(ptr(qkv), ptr(cos), ptr(sin), heads, kv_heads, &mut out)
+        ffi::mm_qkv_attention(
+            ptr(qkv),
+            ptr(cos),
+            ptr(sin),
+            heads,
+            kv_heads,
+            q_norm,
+            k_norm,
+            eps,
+            code,
+            seg_start,
+            &mut out,
+        )
     })?;
     Ok(unsafe { Tensor::from_ptr(out) })
 }

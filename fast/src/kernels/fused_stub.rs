@@ -39,12 +39,30 @@ pub fn add_bf16_(_acc: &Tensor, _g: &Tensor) -> Result<()> {
     Err(unavailable("add_bf16_"))
 }
 
+/// Which keys each query of [`qkv_attention`] sees (as in `fused.rs`).
+#[derive(Clone, Copy, Debug)]
+pub enum AttnMask<'a> {
+    Causal,
+    Segments(&'a Tensor),
+    Bidirectional,
+}
+
+/// MiniMind-3's q/k RMSNorm before RoPE (as in `fused.rs`).
+#[derive(Clone, Copy, Debug)]
+pub struct QkNorm<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub eps: f64,
+}
+
 pub fn qkv_attention(
     _qkv: &Tensor,
     _cos: &Tensor,
     _sin: &Tensor,
     _heads: i64,
     _kv_heads: i64,
+    _qk_norm: Option<QkNorm>,
+    _mask: AttnMask,
 ) -> Result<Tensor> {
     Err(unavailable("qkv_attention"))
 }
@@ -69,7 +87,9 @@ mod tests {
         assert!(err.contains("--features cuda"), "{err}");
         let qkv = Tensor::zeros([1, 4, 12 * 64], (tch::Kind::BFloat16, tch::Device::Cpu));
         let cs = Tensor::zeros([4, 64], (tch::Kind::Float, tch::Device::Cpu));
-        let err = qkv_attention(&qkv, &cs, &cs, 8, 2).unwrap_err().to_string();
+        let err = qkv_attention(&qkv, &cs, &cs, 8, 2, None, AttnMask::Causal)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("qkv_attention") && err.contains("--features cuda"),
             "{err}"

@@ -92,8 +92,9 @@ pub struct KernelConfig {
     /// libtorch: libtorch's ops only.
     #[arg(long, value_enum, default_value_t = KernelChoice::Fused)]
     pub kernels: KernelChoice,
-    /// With --kernels fused: fused = our attention kernels (head dim 64), sdpa = our RoPE
-    /// layout kernel then libtorch's SDPA.
+    /// With --kernels fused: fused = our attention kernels (head dims 64, 96, 128; causal,
+    /// packed documents or bidirectional; qk-norm fused), sdpa = our RoPE layout kernel then
+    /// libtorch's SDPA (causal without qk-norm; libtorch's ops otherwise).
     #[arg(long, value_enum, default_value_t = AttentionChoice::Fused)]
     pub attention: AttentionChoice,
     /// With --kernels fused: how the fp32 weights become the projections' bf16 operands.
@@ -144,6 +145,14 @@ impl KernelConfig {
             ..KernelConfig::default()
         }
     }
+}
+
+/// The kind of attention mask a layer needs (its tensors stay with the model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskKind {
+    Causal,
+    Segments,
+    Bidirectional,
 }
 
 /// Which attention a layer runs (see [`Kernels::attention_path`]).
@@ -216,15 +225,21 @@ impl Kernels {
         cos: &Tensor,
         head_dim: i64,
         qk_norm: bool,
+        mask: MaskKind,
         compute: Kind,
     ) -> AttentionPath {
-        if qk_norm || !self.bf16_cuda(x, compute) || cos.kind() != Kind::Float || head_dim % 16 != 0
-        {
+        if !self.bf16_cuda(x, compute) || cos.kind() != Kind::Float || head_dim % 16 != 0 {
             return AttentionPath::Libtorch;
         }
         let batch = x.size().first().copied().unwrap_or(0);
-        if head_dim == 64 && batch <= 65_535 && self.config.attention == AttentionChoice::Fused {
+        if matches!(head_dim, 64 | 96 | 128)
+            && batch <= 65_535
+            && self.config.attention == AttentionChoice::Fused
+        {
+            // Every mask and the qk-norm run inside our kernels.
             AttentionPath::Own
+        } else if qk_norm || mask != MaskKind::Causal {
+            AttentionPath::Libtorch
         } else {
             AttentionPath::MergedSdpa
         }
@@ -277,7 +292,8 @@ impl Kernels {
             format!(
                 "fused (ours: RMSNorm, SwiGLU; attention {}; weight cast {}; cross-entropy {})",
                 match c.attention {
-                    AttentionChoice::Fused => "ours for head dim 64, else SDPA",
+                    AttentionChoice::Fused =>
+                        "ours for head dims 64/96/128 (every mask, qk-norm fused), else SDPA",
                     AttentionChoice::Sdpa => "SDPA",
                 },
                 match c.weight_cast {
@@ -327,7 +343,7 @@ mod tests {
         let k = Kernels::default();
         assert!(!k.rms_norm_applies(&x, &w, Kind::BFloat16));
         assert_eq!(
-            k.attention_path(&x, &w, 64, false, Kind::BFloat16),
+            k.attention_path(&x, &w, 64, false, MaskKind::Causal, Kind::BFloat16),
             AttentionPath::Libtorch
         );
         assert!(!k.libtorch_rms_norm_applies(&x, &w));

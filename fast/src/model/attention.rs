@@ -1,11 +1,12 @@
-//! Causal grouped-query self-attention with RoPE (rotate-half) and optional qk-norm, through
-//! libtorch's `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA), or, on
-//! the fused bf16 CUDA path, our own kernels (fast/csrc/attention.cu for head dim 64).
+//! Grouped-query self-attention with RoPE (rotate-half) and optional qk-norm, causal, causal
+//! within packed documents, or bidirectional, through libtorch's `scaled_dot_product_attention`
+//! (flash / memory-efficient kernels on CUDA), or, on the fused bf16 CUDA path, our own kernels
+//! (fast/csrc/attention.cu: head dims 64, 96 and 128, every mask, the qk-norm fused).
 
 use tch::{Kind, Tensor};
 
 use super::{bf16_operand, expect, linear, rope, KvCache, RmsNorm};
-use crate::kernels::{fused, AttentionPath, Kernels};
+use crate::kernels::{fused, AttentionPath, Kernels, MaskKind};
 
 pub struct Attention {
     /// [H*hd, d]
@@ -35,13 +36,45 @@ pub fn repeat_kv(z: Tensor, n_rep: i64) -> Tensor {
         .reshape([b, kv * n_rep, t, hd])
 }
 
-/// Where a forward's positions sit: the RoPE rows of positions `start ..`, and the cache of the
-/// positions before `start` (decoding) if any.
+/// Which keys each query sees.
+#[derive(Clone, Copy)]
+pub enum Mask<'a> {
+    /// Keys up to the query's own position (a causal LM).
+    Causal,
+    /// Causal within the query's document: int32 `[B, T]` gives every token the row index of its
+    /// document's first token; RoPE positions restart there.
+    Segments(&'a Tensor),
+    /// Every key of the row (a masked LM).
+    Bidirectional,
+}
+
+/// Where a forward's positions sit: the RoPE rows of positions `start ..`, the mask, and the
+/// cache of the positions before `start` (decoding) if any.
 pub struct Positions<'a> {
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
     pub start: i64,
+    pub mask: Mask<'a>,
     pub cache: Option<(&'a mut KvCache, usize)>,
+}
+
+/// Segments: the RoPE rows of every token's position in its document, `[B, T, hd]`, and the
+/// boolean mask `[B, 1, T, T]` of the keys each query sees (its document's, up to itself).
+fn segment_tables(seg_start: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
+    let (b, t) = seg_start.size2().expect("seg_start must be [B, T]");
+    let dev = seg_start.device();
+    let start = seg_start.to_kind(Kind::Int64);
+    let pos = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0) - &start; // [B, T]
+    let gather = |tab: &Tensor| {
+        let hd = tab.size()[1];
+        tab.index_select(0, &pos.reshape([-1])).reshape([b, t, hd])
+    };
+    let keys = Tensor::arange(t, (Kind::Int64, dev)).view([1, 1, t]);
+    let queries = Tensor::arange(t, (Kind::Int64, dev)).view([1, t, 1]);
+    let seen = keys
+        .le_tensor(&queries)
+        .logical_and(&keys.ge_tensor(&start.unsqueeze(-1)));
+    (gather(cos), gather(sin), seen.unsqueeze(1))
 }
 
 impl Attention {
@@ -53,11 +86,25 @@ impl Attention {
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let (cos, sin) = (pos.cos, pos.sin);
         if pos.cache.is_none() {
-            match k.attention_path(x, cos, hd, self.q_norm.is_some(), compute) {
+            let kind = match pos.mask {
+                Mask::Causal => MaskKind::Causal,
+                Mask::Segments(_) => MaskKind::Segments,
+                Mask::Bidirectional => MaskKind::Bidirectional,
+            };
+            match k.attention_path(x, cos, hd, self.q_norm.is_some(), kind, compute) {
                 AttentionPath::Libtorch => {}
-                path => return self.forward_merged(x, cos, sin, path, k),
+                path => return self.forward_merged(x, cos, sin, pos.mask, path, k),
             }
         }
+        // Segments: RoPE rows per token and the block-diagonal causal mask.
+        let seg = match pos.mask {
+            Mask::Segments(s) => Some(segment_tables(s, cos, sin)),
+            _ => None,
+        };
+        let (cos, sin) = match &seg {
+            Some((c, s, _)) => (c, s),
+            None => (cos, sin),
+        };
         // One cast of x for the three projections (autocast casts it per call; same values).
         let x = super::to_kind(x, compute);
         let mut q = linear(&x, &self.q_proj, compute).view([b, t, h, hd]);
@@ -75,19 +122,44 @@ impl Attention {
         }
         let n_rep = h / kv;
         let (kk, v) = (repeat_kv(kk, n_rep), repeat_kv(v, n_rep));
-        self.attend(&q, &kk, &v, pos.start, b, t, compute)
+        match (&seg, pos.mask) {
+            (Some((_, _, seen)), _) => self.attend_masked(&q, &kk, &v, Some(seen), b, t, compute),
+            (None, Mask::Bidirectional) => self.attend_masked(&q, &kk, &v, None, b, t, compute),
+            _ => self.attend(&q, &kk, &v, pos.start, b, t, compute),
+        }
     }
 
-    /// The bf16 CUDA path with the fused kernels (no qk-norm): q, k and v from one matmul
-    /// against `cat([q_proj, k_proj, v_proj])`, then either our attention over that projection
-    /// (`qkv_attention`: RoPE, GQA and the causal softmax in one node) or one autograd node
-    /// (`qkv_heads`) for RoPE (q, k) and repeat_kv (k, v), whose backward writes the merged
-    /// projection's gradient directly, and cuDNN's SDPA.
+    /// SDPA of q, k, v `[B, H, T, hd]` under an explicit boolean mask (`None`: every key), then
+    /// o_proj: `[B, T, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_masked(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seen: Option<&Tensor>,
+        b: i64,
+        t: i64,
+        compute: Kind,
+    ) -> Tensor {
+        let o = Tensor::scaled_dot_product_attention(q, k, v, seen, 0.0, false, None, false);
+        let o = o
+            .transpose(1, 2)
+            .reshape([b, t, self.heads * self.head_dim]);
+        linear(&o, &self.o_proj, compute)
+    }
+
+    /// The bf16 CUDA path with the fused kernels: q, k and v from one matmul against
+    /// `cat([q_proj, k_proj, v_proj])`, then either our attention over that projection
+    /// (`qkv_attention`: qk-norm, RoPE, GQA and the masked softmax in one node) or (causal, no
+    /// qk-norm) one autograd node (`qkv_heads`) for RoPE (q, k) and repeat_kv (k, v), whose
+    /// backward writes the merged projection's gradient directly, and cuDNN's SDPA.
     fn forward_merged(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        mask: Mask,
         path: AttentionPath,
         k: &Kernels,
     ) -> Tensor {
@@ -97,7 +169,23 @@ impl Attention {
         let w_qkv = bf16_operand(&[&self.q_proj, &self.k_proj, &self.v_proj], k);
         let qkv = x.linear::<Tensor>(&w_qkv, None);
         if path == AttentionPath::Own {
-            let o = expect("qkv_attention", fused::qkv_attention(&qkv, cos, sin, h, kv));
+            let qk_norm = match (&self.q_norm, &self.k_norm) {
+                (Some(q), Some(kn)) => Some(fused::QkNorm {
+                    q: &q.weight,
+                    k: &kn.weight,
+                    eps: q.eps,
+                }),
+                _ => None,
+            };
+            let mask = match mask {
+                Mask::Causal => fused::AttnMask::Causal,
+                Mask::Segments(s) => fused::AttnMask::Segments(s),
+                Mask::Bidirectional => fused::AttnMask::Bidirectional,
+            };
+            let o = expect(
+                "qkv_attention",
+                fused::qkv_attention(&qkv, cos, sin, h, kv, qk_norm, mask),
+            );
             return o.linear::<Tensor>(&bf16_operand(&[&self.o_proj], k), None);
         }
         // [B, T, heads, hd] each from the kernel, read as [B, heads, T, hd] views: SDPA (cuDNN)

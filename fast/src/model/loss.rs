@@ -4,9 +4,36 @@
 //! The sum over counted labels is divided by `max(count, 1)`: a batch with no counted label gives
 //! loss 0 and zero gradient (PyTorch's mean would give NaN). No host synchronisation.
 
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 
 pub const IGNORE_INDEX: i64 = -100;
+
+/// What a model learns to predict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Causal LM (MiniMind): position t predicts label t+1, causal attention.
+    #[default]
+    #[value(name = "clm")]
+    #[serde(rename = "clm")]
+    CausalLm,
+    /// Masked LM (BERT): every masked position predicts its own label, bidirectional attention.
+    #[value(name = "mlm")]
+    #[serde(rename = "mlm")]
+    MaskedLm,
+}
+
+impl Objective {
+    /// The labels each position is scored against, `[B*T]`: shifted by one for a causal LM (the
+    /// last position gets none), as they are for a masked LM.
+    pub fn position_labels(self, labels: &Tensor) -> Tensor {
+        match self {
+            Objective::CausalLm => shifted_labels(labels),
+            Objective::MaskedLm => labels.reshape([-1]),
+        }
+    }
+}
 
 /// The shift: x `[B, T, C]` at positions `0..T-1` against labels at `1..T`, flattened to
 /// (`[B*(T-1), C]`, `[B*(T-1)]`). x is the logits, or the hidden state before a chunked lm_head.

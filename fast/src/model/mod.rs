@@ -27,7 +27,7 @@ pub mod presets;
 pub mod rope;
 pub mod sampling;
 
-pub use attention::{repeat_kv, Attention, Positions};
+pub use attention::{repeat_kv, Attention, Mask, Positions};
 pub use cache::KvCache;
 pub use config::ModelConfig;
 pub use mlp::Mlp;
@@ -117,11 +117,13 @@ pub struct MiniMindForCausalLM {
     pub compute: Kind,
     /// Which of our fused kernels the forward (and its backward) may use.
     pub kernels: Kernels,
+    /// Causal attention (a causal LM); false: every token sees the whole row (a masked LM).
+    pub causal: bool,
     rope: rope::RopeTables,
 }
 
 /// A tensor whose gradient exists exactly when layers `i..` have backpropagated (see
-/// [`MiniMindForCausalLM::forward_hidden_marked`]).
+/// [`MiniMindForCausalLM::forward_hidden_with`]).
 pub type Mark<'a> = &'a dyn Fn(usize, &Tensor) -> Result<()>;
 
 impl MiniMindForCausalLM {
@@ -211,6 +213,7 @@ impl MiniMindForCausalLM {
             norm,
             compute,
             kernels: Kernels::default(),
+            causal: true,
             rope: rope::RopeTables::new(cfg.rope_theta, hd),
         })
     }
@@ -251,7 +254,7 @@ impl MiniMindForCausalLM {
     /// values are appended and they attend to every cached position.
     pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> ModelOutput {
         let (h, aux_loss) = self
-            .run(input_ids, cache, &|_, _| Ok(()))
+            .run(input_ids, None, cache, &|_, _| Ok(()))
             .expect("a mark that does nothing cannot fail");
         ModelOutput {
             logits: self.lm_head(&h),
@@ -268,29 +271,37 @@ impl MiniMindForCausalLM {
     /// or bf16 where the fused kernels write it in the lm_head's compute kind) and the summed aux
     /// loss. The training step applies the head chunk by chunk (train/trainer.rs).
     pub fn forward_hidden(&self, input_ids: &Tensor) -> (Tensor, Tensor) {
-        self.forward_hidden_marked(input_ids, &|_, _| Ok(()))
+        self.forward_hidden_with(input_ids, None, &|_, _| Ok(()))
             .expect("a mark that does nothing cannot fail")
     }
 
-    /// [`Self::forward_hidden`], calling `mark(i, f)` for every layer `i` with a tensor `f` whose
-    /// gradient exists exactly when layers `i..` have backpropagated: the embedding's output for
-    /// layer 0, and for `i >= 1` the output of layer `i - 1`'s feed-forward, which only layer
-    /// `i`'s input norm reads (data parallel hooks them to start reducing those layers'
-    /// gradients, parallel/overlap.rs).
-    pub fn forward_hidden_marked(
+    /// [`Self::forward_hidden`] over packed rows whose documents `seg_start` (int32 `[B, T]`, for
+    /// every token the row index of its document's first token) keeps apart, calling `mark(i, f)`
+    /// for every layer `i` with a tensor `f` whose gradient exists exactly when layers `i..` have
+    /// backpropagated: the embedding's output for layer 0, and for `i >= 1` the output of layer
+    /// `i - 1`'s feed-forward, which only layer `i`'s input norm reads (data parallel hooks them
+    /// to start reducing those layers' gradients, parallel/overlap.rs).
+    pub fn forward_hidden_with(
         &self,
         input_ids: &Tensor,
+        seg_start: Option<&Tensor>,
         mark: Mark,
     ) -> Result<(Tensor, Tensor)> {
-        self.run(input_ids, None, mark)
+        self.run(input_ids, seg_start, None, mark)
     }
 
     fn run(
         &self,
         input_ids: &Tensor,
+        seg_start: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
         mark: Mark,
     ) -> Result<(Tensor, Tensor)> {
+        let mask = match (seg_start, self.causal) {
+            (Some(s), true) => Mask::Segments(s),
+            (None, true) => Mask::Causal,
+            (_, false) => Mask::Bidirectional,
+        };
         let (_, t) = input_ids.size2().expect("input_ids must be [B, T]");
         let device = self.embed_tokens.device();
         let start = cache.as_ref().map_or(0, |c| c.len() as i64);
@@ -316,6 +327,7 @@ impl MiniMindForCausalLM {
                 cos: &cos,
                 sin: &sin,
                 start,
+                mask,
                 cache: cache.as_deref_mut().map(|c| (c, i)),
             };
             let a = layer.self_attn.forward(&n1, pos, self.compute, k);

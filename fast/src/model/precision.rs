@@ -123,3 +123,14 @@ pub fn device_name(device: tch::Device) -> String {
         _ => "cpu".to_string(),
     }
 }
+
+/// torch's name of a floating kind (`bfloat16`, `float32`, ...), for messages.
+pub fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        Kind::Float => "float32",
+        Kind::Double => "float64",
+        _ => "a non-float kind",
+    }
+}

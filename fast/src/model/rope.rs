@@ -30,11 +30,11 @@ pub fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 /// `x * cos + rotate_half(x) * sin` in the tables' kind, cast back to `out` kind.
-/// x `[B, T, nh, hd]`, tables `[T, hd]`. A bf16 x times fp32 tables computes in fp32 by type
-/// promotion (as MiniMind's RoPE under autocast does), and autograd keeps x and rotate_half(x)
-/// in bf16: half the memory of upcasting x first, same values.
+/// x `[B, T, nh, hd]`, tables `[T, hd]` (or `[B, T, hd]`: a position per token). A bf16 x times
+/// fp32 tables computes in fp32 by type promotion (as MiniMind's RoPE under autocast does), and
+/// autograd keeps x and rotate_half(x) in bf16: half the memory of upcasting x first, same values.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, out: Kind) -> Tensor {
-    let (c, s) = (cos.unsqueeze(1), sin.unsqueeze(1));
+    let (c, s) = (cos.unsqueeze(-2), sin.unsqueeze(-2));
     let y = x * c + rotate_half(x) * s;
     if y.kind() == out {
         y

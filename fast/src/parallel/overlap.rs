@@ -346,7 +346,7 @@ mod tests {
         let seen = std::cell::RefCell::new(Vec::new());
         let (h, _) = tr
             .model()
-            .forward_hidden_marked(&ids, &|i, f| {
+            .forward_hidden_with(&ids, None, &|i, f| {
                 assert_eq!(f.size(), vec![2, 3, 16]);
                 assert!(f.requires_grad());
                 seen.borrow_mut().push(i);

@@ -432,6 +432,7 @@ fn a_logged_row_describes_the_global_batch() {
             useful_tokens_seen: 1000,
             data_wait_share: 0.0,
             elapsed_s: 1.0,
+            eval_loss: None,
         };
         globalize_metric_row(c, &mut row, if r == 0.0 { 30 } else { 10 })?;
         Ok(row)

@@ -142,6 +142,11 @@ impl Interval {
         self.useful += useful;
     }
 
+    /// The next interval starts now (its clock; the sums are already empty after `finish`).
+    pub fn restart(&mut self) {
+        self.start = Instant::now();
+    }
+
     /// The interval's metric row (the one host read of its losses); starts the next interval.
     pub fn finish(&mut self, e: IntervalEnd<'_>) -> Result<MetricRow> {
         let scalar = |t: &Tensor| -> Result<f64> { Ok(f64::try_from(t.to_kind(Kind::Double))?) };
@@ -165,6 +170,7 @@ impl Interval {
             useful_tokens_seen: e.useful_seen,
             data_wait_share: (e.waited / secs).min(1.0),
             elapsed_s: e.elapsed,
+            eval_loss: None,
         };
         *self = Interval::new();
         Ok(row)

@@ -21,9 +21,11 @@ use crate::data::batch::Batch;
 use crate::kernels::graph::CudaGraph;
 
 pub struct GraphedStep {
-    /// Fixed inputs: `[B, T]` token ids and labels, the micro-step's loss weight (device scalar).
+    /// Fixed inputs: `[B, T]` token ids and labels (and packed documents' starts), the
+    /// micro-step's loss weight (device scalar).
     ids: Tensor,
     labels: Tensor,
+    seg_start: Option<Tensor>,
     weight: Tensor,
     micro: CudaGraph,
     micro_out: MicroStep,
@@ -64,6 +66,7 @@ impl GraphedStep {
         let labels = batch.labels.zeros_like();
         let _ = ids.shallow_clone().copy_(&batch.input_ids);
         let _ = labels.shallow_clone().copy_(&batch.labels);
+        let seg_start = batch.seg_start.as_ref().map(Tensor::copy);
         let k = crate::model::upcast_kind(tr.precision().param_kind());
         let weight = Tensor::ones([], (k, device));
 
@@ -78,7 +81,7 @@ impl GraphedStep {
         };
         let mut micro_out = None;
         let micro = CudaGraph::capture(index, 1, || {
-            micro_out = Some(tr.micro_step_weighted(&ids, &labels, &weight)?);
+            micro_out = Some(tr.micro_step_on(&ids, &labels, seg_start.as_ref(), &weight)?);
             Ok(())
         })
         .context("capturing the micro-step")?;
@@ -97,6 +100,7 @@ impl GraphedStep {
         Ok(GraphedStep {
             ids,
             labels,
+            seg_start,
             weight,
             micro,
             micro_out: micro_out.context("the micro-step was not captured")?,
@@ -109,6 +113,7 @@ impl GraphedStep {
     /// Whether batches of this shape replay the graph (others run eagerly).
     pub fn fits(&self, batch: &Batch) -> bool {
         batch.input_ids.size() == self.ids.size()
+            && batch.seg_start.is_some() == self.seg_start.is_some()
     }
 
     /// Forward + backward of `batch` weighted by `weight` (a device scalar), as
@@ -123,6 +128,9 @@ impl GraphedStep {
         );
         ids.f_copy_(&batch.input_ids)?;
         labels.f_copy_(&batch.labels)?;
+        if let (Some(fixed), Some(given)) = (&self.seg_start, &batch.seg_start) {
+            fixed.shallow_clone().f_copy_(given)?;
+        }
         w.f_copy_(&weight.to_kind(w.kind()).reshape([]))?;
         self.micro.replay()?;
         let o = &self.micro_out;

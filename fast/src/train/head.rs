@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 
 use super::trainer::{MicroStep, Trainer};
 use crate::kernels::{fused, ops};
-use crate::model::loss::{shifted_labels, IGNORE_INDEX};
+use crate::model::loss::IGNORE_INDEX;
 use crate::model::{to_kind, upcast_kind};
 
 /// Loss and gradients of `(ce + aux) * weight` given the final hidden state `h` `[B, T, d]` and
@@ -29,9 +29,10 @@ pub(super) fn backward(
     let (model, scaler) = tr.head_parts();
     let k = upcast_kind(h.kind());
     let (b, t, d) = h.size3().context("hidden state must be [B, T, d]")?;
-    // Position t predicts label t+1: shift the labels, not the hidden state (no copy of it).
+    // A causal LM's position t predicts label t+1: shift the labels, not the hidden state (no
+    // copy of it); a masked LM's position t predicts label t.
     let hs = h.reshape([b * t, d]);
-    let lb = shifted_labels(labels);
+    let lb = tr.objective().position_labels(labels);
     let count = lb.ne(IGNORE_INDEX).sum(Kind::Int64);
     let denom = count.clamp_min(1).to_kind(k);
     // d(total * weight [* loss scale]) / d(sum of chunk losses): one device scalar.

@@ -31,6 +31,9 @@ pub struct MetricRow {
     /// Share of the interval's wall time spent waiting for the data loader.
     pub data_wait_share: f64,
     pub elapsed_s: f64,
+    /// `--eval-data`'s held-out loss at this step, where it was scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 /// Rewrite `metrics.jsonl` from `rows` (used at start and after a resume).
@@ -81,8 +84,14 @@ pub fn plot_curves(path: &Path, rows: &[MetricRow], title: &str) -> Result<()> {
         .filter(|r| r.loss_avg.is_finite())
         .map(|r| (r.step as f64, r.loss_avg))
         .collect();
+    let held_out: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| Some((r.step as f64, r.eval_loss?)))
+        .filter(|(_, y)| y.is_finite())
+        .collect();
     let (lo, hi) = losses
         .iter()
+        .chain(&held_out)
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(_, y)| {
             (lo.min(y), hi.max(y))
         });
@@ -106,7 +115,28 @@ pub fn plot_curves(path: &Path, rows: &[MetricRow], title: &str) -> Result<()> {
         .map_err(|e| err(&e))?;
     chart
         .draw_series(LineSeries::new(losses, &RED))
-        .map_err(|e| err(&e))?;
+        .map_err(|e| err(&e))?
+        .label("training loss")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
+    if !held_out.is_empty() {
+        chart
+            .draw_series(LineSeries::new(held_out.clone(), &GREEN))
+            .map_err(|e| err(&e))?
+            .label("held-out loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], GREEN));
+        chart
+            .draw_series(
+                held_out
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, GREEN.filled())),
+            )
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
 
     let lrs: Vec<(f64, f64)> = rows.iter().map(|r| (r.step as f64, r.lr)).collect();
     let lr_max = lrs.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-12) * 1.1;

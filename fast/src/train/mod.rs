@@ -23,6 +23,7 @@ mod epoch;
 pub mod graph;
 mod guard;
 mod head;
+mod held_out;
 pub mod metrics;
 pub mod options;
 mod profile;
@@ -48,6 +49,7 @@ use crate::model::ModelConfig;
 use crate::optim::adamw::{AdamWConfig, AdamWImpl};
 use console::{log_line, Console, Interval, IntervalEnd};
 use epoch::EpochBatches;
+use held_out::HeldOut;
 use metrics::MetricRow;
 use options::{PretrainArgs, RunConfig};
 use profile::ProfileWindow;
@@ -114,7 +116,9 @@ fn trainer_config(cfg: &RunConfig, device: Device) -> TrainerConfig {
             ..AdamWConfig::default()
         },
         adamw_impl: AdamWImpl::Fused,
+        muon: cfg.optimizer.muon_settings(cfg.learning_rate),
         kernels: cfg.kernels,
+        objective: cfg.objective,
     }
 }
 
@@ -131,6 +135,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
         ));
     }
     let data = Data::load(&cfg.data_spec(), &|l| con.println(l))?;
+    let held_out = HeldOut::load(cfg, &|l| con.println(l))?;
     let mut tr = build_trainer(cfg, &data, &ranks, &con)?;
     let plan = Plan::new(cfg, data.dataset.len(), ranks.world);
     let mut p = resume::restore_or_start(cfg, &plan, &ranks, &mut tr, &con)?;
@@ -165,7 +170,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 let last = batches.step == plan.iters || p.global >= stop_at;
                 profile.before_step(p.global, ranks.device)?;
                 // forward and backward, then at the end of the window the optimizer step
-                let lr = cfg.lr_at(p.global, plan.total);
+                let lr = cfg.lr_at(p.global, plan.iters);
                 let batch = Batch::from_host(&hb, ranks.device);
                 let out = stepper.micro(&mut tr, cfg, &hb, &batch, &count)?;
                 if batches.is_optimizer_step() {
@@ -178,8 +183,9 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 p.useful_seen += hb.counted_labels as u64;
                 interval.add(&out.loss, hb.rows * hb.cols, hb.counted_labels);
 
-                // log line and metrics.jsonl
-                let logged = batches.step % cfg.log_interval == 0 || last;
+                // log line (with the held-out loss where due) and metrics.jsonl
+                let score = held_out.as_ref().filter(|h| h.due(p.global, run_end));
+                let logged = batches.step % cfg.log_interval == 0 || last || score.is_some();
                 if logged {
                     let end = IntervalEnd {
                         global: p.global,
@@ -195,6 +201,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                     let row = log_interval(
                         &mut interval,
                         end,
+                        score.map(|h| (h, &tr)),
                         hb.counted_labels,
                         &ranks,
                         &con,
@@ -296,18 +303,20 @@ fn build_trainer(cfg: &RunConfig, data: &Data, ranks: &Ranks, con: &Console) -> 
     let compute = tr.precision().compute_kind();
     con.println(describe_model(&model_cfg, cfg, tr.precision()));
     con.println(tr.kernels().describe(ranks.device.is_cuda(), compute));
+    con.println(tr.describe_optimizer());
     if cfg.from_weight != "none" {
         con.println(resume::load_from_weight(cfg, &mut tr)?);
     }
     Ok(tr)
 }
 
-/// The end of a log interval: its metric row (described over the global batch), the log line,
-/// the row appended to metrics.jsonl.
+/// The end of a log interval: its metric row (described over the global batch), the held-out
+/// loss where due, the log line, the row appended to metrics.jsonl.
 #[allow(clippy::too_many_arguments)]
 fn log_interval(
     interval: &mut Interval,
     end: IntervalEnd,
+    score: Option<(&HeldOut, &Trainer)>,
     counted: usize,
     ranks: &Ranks,
     con: &Console,
@@ -319,15 +328,21 @@ fn log_interval(
     let epoch = end.epoch;
     let mut row = interval.finish(end)?;
     crate::parallel::globalize_metric_row(&*ranks.comm, &mut row, counted)?;
+    // Scored after the interval's throughput is taken, and the next interval starts after it.
+    let scored = score.map(|(h, tr)| h.score(tr)).transpose()?;
+    if scored.is_some() {
+        interval.restart();
+    }
+    row.eval_loss = scored.as_ref().map(|s| s.loss);
     let eta = batches.eta_min();
-    con.println(log_line(
-        cfg.epochs,
-        plan.iters,
-        epoch,
-        batches.step,
-        eta,
-        &row,
-    ));
+    let mut line = log_line(cfg.epochs, plan.iters, epoch, batches.step, eta, &row);
+    if let Some(s) = &scored {
+        line += &format!(
+            " | held-out {:.4} ({} tokens, {:.1}s, at {:.1}s)",
+            s.loss, s.tokens, s.secs, row.elapsed_s
+        );
+    }
+    con.println(line);
     if ranks.main {
         metrics::append(metrics_path, &row)?;
     }

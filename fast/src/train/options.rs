@@ -13,10 +13,13 @@ use serde::{Deserialize, Serialize};
 use crate::data::dataset::DataMode;
 use crate::data::tokenizer::SpecialTokenStrings;
 use crate::kernels::KernelConfig;
+use crate::model::loss::Objective;
 use crate::model::precision::device_name;
 use crate::model::presets::ModelArgs;
 use crate::model::ModelConfig;
 use crate::optim::accumulation::Normalisation;
+use crate::optim::schedule::Schedule;
+use crate::optim::OptimizerConfig;
 use crate::train::setup::DataSpec;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -38,6 +41,14 @@ impl From<DType> for crate::model::precision::Precision {
             DType::Float32 => Self::Fp32,
         }
     }
+}
+
+/// `--lr-schedule` (the schedule's own parameters are separate options).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScheduleKind {
+    Cosine,
+    Linear,
+    Wsd,
 }
 
 /// How the loss of an accumulation window is normalised.
@@ -114,9 +125,25 @@ pub struct PretrainArgs {
     /// Seed of the weight init and of every epoch's data permutation.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Linear warmup micro-steps before the cosine schedule (0 = MiniMind's schedule).
+    /// Warmup: linear from 0 over this many micro-steps before the cosine (0 = MiniMind's
+    /// schedule), or optimizer steps with --lr-schedule linear / wsd (transformers' convention).
     #[arg(long, alias = "warmup_steps", default_value_t = 0)]
     pub warmup_steps: usize,
+    /// cosine: MiniMind's, to a tenth of the rate, per micro-step; linear: transformers'
+    /// get_linear_schedule_with_warmup, to 0, per optimizer step; wsd: warmup, stable, then a
+    /// linear decay over the last --decay-fraction of the optimizer steps to --min-lr-ratio.
+    #[arg(long, alias = "lr_schedule", value_enum, default_value_t = ScheduleKind::Cosine)]
+    pub lr_schedule: ScheduleKind,
+    /// wsd: the fraction of the optimizer steps spent decaying.
+    #[arg(long, alias = "decay_fraction", default_value_t = 0.2)]
+    pub decay_fraction: f64,
+    /// wsd: the rate at the end, as a fraction of --learning-rate.
+    #[arg(long, alias = "min_lr_ratio", default_value_t = 0.0)]
+    pub min_lr_ratio: f64,
+    /// clm: causal LM (MiniMind); mlm: masked LM (bidirectional attention, the loss over masked
+    /// positions only, unshifted).
+    #[arg(long, value_enum, default_value_t = Objective::CausalLm)]
+    pub objective: Objective,
     /// AdamW decoupled weight decay (torch's default).
     #[arg(long, alias = "weight_decay", default_value_t = 0.01)]
     pub weight_decay: f64,
@@ -195,6 +222,24 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 5)]
     pub profile_steps: usize,
 
+    /// Held-out JSONL scored during training as `fast eval` scores it (one document per row from
+    /// bos, token-weighted): the loss goes into the log line, metrics.jsonl and the curve.
+    #[arg(long, alias = "eval_data")]
+    pub eval_data: Option<PathBuf>,
+    /// Score --eval-data every this many micro-steps (and at the end) [default: the save interval].
+    #[arg(long, alias = "eval_interval")]
+    pub eval_interval: Option<usize>,
+    /// Score only the first N documents of --eval-data [default: all].
+    #[arg(long, alias = "eval_docs")]
+    pub eval_docs: Option<usize>,
+    /// Rows per held-out batch.
+    #[arg(long, alias = "eval_batch_size", default_value_t = 64)]
+    pub eval_batch_size: usize,
+
+    // ---- optimizer ----
+    #[command(flatten)]
+    pub optimizer: OptimizerConfig,
+
     // ---- model ----
     #[command(flatten)]
     pub model: ModelArgs,
@@ -236,7 +281,14 @@ pub struct RunConfig {
     pub from_resume: bool,
     pub seed: u64,
     pub warmup_steps: usize,
+    #[serde(default)]
+    pub lr_schedule: Schedule,
+    #[serde(default)]
+    pub objective: Objective,
     pub weight_decay: f64,
+    /// `--optimizer` and Muon's hyper-parameters.
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
     pub data_mode: DataMode,
     pub loss_normalization: LossNormalization,
     pub max_steps: Option<usize>,
@@ -268,6 +320,15 @@ pub struct RunConfig {
     /// Which kernels run (`--kernels`, `--attention`, ...).
     #[serde(default)]
     pub kernels: KernelConfig,
+    /// `--eval-data` and how it is scored.
+    #[serde(default)]
+    pub eval_data: Option<PathBuf>,
+    #[serde(default = "one")]
+    pub eval_interval: usize,
+    #[serde(default)]
+    pub eval_docs: Option<usize>,
+    #[serde(default = "one")]
+    pub eval_batch_size: usize,
     /// Why defaults differ from MiniMind's (device-sized model, CPU subset, ...).
     pub notes: Vec<String>,
 }
@@ -288,6 +349,10 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D
         OneOrMany::One(p) => vec![p],
         OneOrMany::Many(v) => v,
     })
+}
+
+fn one() -> usize {
+    1
 }
 
 /// `--tokenizer`: a path, or the name of a built-in tokenizer when no such path exists.
@@ -433,7 +498,17 @@ impl PretrainArgs {
             from_resume: self.from_resume == 1,
             seed: self.seed,
             warmup_steps: self.warmup_steps,
+            lr_schedule: match self.lr_schedule {
+                ScheduleKind::Cosine => Schedule::Cosine,
+                ScheduleKind::Linear => Schedule::Linear,
+                ScheduleKind::Wsd => Schedule::Wsd {
+                    decay_fraction: self.decay_fraction,
+                    min_ratio: self.min_lr_ratio,
+                },
+            },
+            objective: self.objective,
             weight_decay: self.weight_decay,
+            optimizer: self.optimizer,
             data_mode: self.data_mode,
             loss_normalization: self.loss_normalization,
             max_steps: self.max_steps,
@@ -456,6 +531,12 @@ impl PretrainArgs {
                 .clone()
                 .map(|d| (d, self.profile_at, self.profile_steps)),
             kernels: self.kernels,
+            eval_data: self.eval_data.clone(),
+            eval_interval: self
+                .eval_interval
+                .unwrap_or_else(|| pick(self.save_interval, 1000, 100)),
+            eval_docs: self.eval_docs,
+            eval_batch_size: self.eval_batch_size,
             notes,
         };
         cfg.validate()?;
@@ -479,6 +560,11 @@ impl RunConfig {
         at_least("save-interval", self.save_interval, 1)?;
         at_least("num-workers", self.num_workers, 1)?;
         at_least("max-seq-len", self.max_seq_len, 2)?;
+        at_least("eval-interval", self.eval_interval, 1)?;
+        at_least("eval-batch-size", self.eval_batch_size, 1)?;
+        if let Some(n) = self.eval_docs {
+            at_least("eval-docs", n, 1)?;
+        }
         if let Some(m) = self.max_steps {
             at_least("max-steps", m, 1)?;
         }
@@ -514,6 +600,19 @@ impl RunConfig {
             );
         }
         crate::model::presets::check(&self.model)?;
+        self.optimizer.validate()?;
+        if let Schedule::Wsd {
+            decay_fraction,
+            min_ratio,
+        } = self.lr_schedule
+        {
+            if !(0.0..=1.0).contains(&decay_fraction) {
+                bail!("--decay-fraction must be between 0 and 1 (got {decay_fraction})");
+            }
+            if !(0.0..=1.0).contains(&min_ratio) {
+                bail!("--min-lr-ratio must be between 0 and 1 (got {min_ratio})");
+            }
+        }
         if self.save_weight.is_empty() || self.save_weight.contains(['/', '\\']) {
             bail!(
                 "--save-weight must be a plain file-name prefix (got {:?})",
@@ -621,11 +720,13 @@ impl RunConfig {
         }
     }
 
-    /// The learning rate of micro-step `global` (1-based) of `total`.
-    pub fn lr_at(&self, global: usize, total: usize) -> f64 {
-        crate::optim::schedule::lr_at(
+    /// The learning rate of micro-step `global` (1-based) of a run of `iters` micro-steps an epoch.
+    pub fn lr_at(&self, global: usize, iters: usize) -> f64 {
+        self.lr_schedule.lr(
             global as u64,
-            total as u64,
+            iters as u64,
+            self.epochs as u64,
+            self.accumulation_steps as u64,
             self.learning_rate,
             self.warmup_steps as u64,
         )
@@ -657,10 +758,10 @@ impl RunConfig {
                     // The kernel choices, one per line.
                     serde_json::Value::Object(inner) => {
                         for (sub, v) in inner {
-                            println!("  {:<20} {}", format!("{k}.{sub}"), shown(v));
+                            println!("  {:<28} {}", format!("{k}.{sub}"), shown(v));
                         }
                     }
-                    _ => println!("  {k:<20} {}", shown(&v)),
+                    _ => println!("  {k:<28} {}", shown(&v)),
                 }
             }
         }

@@ -110,8 +110,18 @@ impl Stepper {
         match (self.graphed.as_ref().filter(|g| g.fits(batch)), &weight_dev) {
             (Some(g), Some(w)) => g.micro_step(batch, w),
             (Some(g), None) => g.micro_step(batch, &graph::weight_tensor(tr, weight)),
-            (None, Some(w)) => tr.micro_step_weighted(&batch.input_ids, &batch.labels, w),
-            (None, None) => tr.micro_step(&batch.input_ids, &batch.labels, weight),
+            (None, Some(w)) => {
+                tr.micro_step_on(&batch.input_ids, &batch.labels, batch.seg_start.as_ref(), w)
+            }
+            (None, None) => {
+                let w = graph::weight_tensor(tr, weight);
+                tr.micro_step_on(
+                    &batch.input_ids,
+                    &batch.labels,
+                    batch.seg_start.as_ref(),
+                    &w,
+                )
+            }
         }
     }
 

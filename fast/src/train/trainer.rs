@@ -18,7 +18,8 @@
 //!
 //! `micro_step` backpropagates `(ce + aux) * weight` (times the loss scale in fp16) into the
 //! parameters' `.grad`, which accumulate until `optimizer_step` clips them jointly, runs AdamW
-//! and zeroes them. Gradients are defined (zero) from construction on, so parameters a
+//! (with `--optimizer muon`: Muon on the block matrices, AdamW on the rest, on the averaged
+//! and accumulated gradients) and zeroes them. Gradients are defined (zero) from construction on, so parameters a
 //! micro-batch never reaches (an MoE expert that got no token) still have a gradient tensor for
 //! the multi-tensor kernels and collectives. Only MoE dispatch reads the host (expert sizes).
 //! [`Trainer::state_dict`] / [`Trainer::load_state_dict`] are everything a resume needs.
@@ -31,9 +32,11 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::kernels::{ops, KernelConfig, Kernels};
+use crate::model::loss::Objective;
 use crate::model::precision::Precision;
 use crate::model::{load_named, named_parameters, MiniMindForCausalLM, ModelConfig};
 use crate::optim::adamw::{AdamW, AdamWConfig, AdamWImpl};
+use crate::optim::muon::{is_muon_param, Muon, MuonConfig};
 use crate::optim::scaler::GradScaler;
 use crate::parallel::overlap::{Overlap, Plan};
 use crate::parallel::{Communicator, GradAverage};
@@ -46,7 +49,12 @@ pub struct TrainerConfig {
     pub seed: i64,
     pub adamw: AdamWConfig,
     pub adamw_impl: AdamWImpl,
+    /// `--optimizer muon`: Muon for the block matrices, AdamW for the rest; `None`: AdamW for all.
+    pub muon: Option<MuonSettings>,
     pub kernels: KernelConfig,
+    /// Causal LM (shifted loss, causal attention) or masked LM (unshifted loss over the masked
+    /// positions, bidirectional attention).
+    pub objective: Objective,
 }
 
 impl Default for TrainerConfig {
@@ -57,9 +65,19 @@ impl Default for TrainerConfig {
             seed: 42,
             adamw: AdamWConfig::default(),
             adamw_impl: AdamWImpl::Fused,
+            muon: None,
             kernels: KernelConfig::default(),
+            objective: Objective::CausalLm,
         }
     }
+}
+
+/// Muon's hyper-parameters and its peak rate relative to AdamW's: the schedule's rate `lr` runs
+/// AdamW at `lr` and Muon at `lr * lr_ratio`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MuonSettings {
+    pub cfg: MuonConfig,
+    pub lr_ratio: f64,
 }
 
 /// Outputs of one micro-step, detached device scalars: `loss = ce + aux` (before weighting),
@@ -77,7 +95,11 @@ pub struct Trainer {
     model: MiniMindForCausalLM,
     /// Parameters sorted by name (shallow handles into `vs`).
     params: Vec<(String, Tensor)>,
+    /// AdamW over the parameters `adamw_index` names (all of them without Muon).
     opt: AdamW,
+    /// Per parameter (name order): its index among AdamW's tensors, or `None` if Muon's.
+    adamw_index: Vec<Option<usize>>,
+    muon: Option<(Muon, f64)>,
     /// fp16 only.
     scaler: Option<GradScaler>,
     /// Without a scaler: after each optimizer step, a one-element device tensor, 1 if that step
@@ -88,6 +110,7 @@ pub struct Trainer {
     flat_grads: Tensor,
     /// Data parallel: the all-reduce overlapped with backward ([`Trainer::enable_overlap`]).
     overlap: Option<Overlap>,
+    objective: Objective,
 }
 
 impl Trainer {
@@ -101,6 +124,7 @@ impl Trainer {
         }
         model.set_compute_kind(tc.precision.compute_kind());
         model.kernels = Kernels::new(tc.kernels);
+        model.causal = tc.objective == Objective::CausalLm;
         let params = named_parameters(&vs);
         // Every .grad a zeroed view into one flat buffer (all parameters share one kind).
         let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
@@ -114,7 +138,27 @@ impl Trainer {
             offset += n;
         }
         let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        let opt = AdamW::new(&tensors, tc.adamw, tc.adamw_impl);
+        let to_muon: Vec<bool> = params
+            .iter()
+            .map(|(n, p)| tc.muon.is_some() && is_muon_param(n, &p.size()))
+            .collect();
+        let mut adamw_index = Vec::with_capacity(params.len());
+        let mut adamw_tensors = Vec::new();
+        for (p, &m) in tensors.iter().zip(&to_muon) {
+            adamw_index.push((!m).then_some(adamw_tensors.len()));
+            if !m {
+                adamw_tensors.push(p.shallow_clone());
+            }
+        }
+        let opt = AdamW::new(&adamw_tensors, tc.adamw, tc.adamw_impl);
+        let muon = match tc.muon {
+            Some(m) => {
+                let idx: Vec<usize> = (0..params.len()).filter(|&i| to_muon[i]).collect();
+                let ns_kind = tc.precision.compute_kind();
+                Some((Muon::new(&tensors, &idx, m.cfg, ns_kind)?, m.lr_ratio))
+            }
+            None => None,
+        };
         let scaler = tc
             .precision
             .needs_scaler()
@@ -125,10 +169,13 @@ impl Trainer {
             model,
             params,
             opt,
+            adamw_index,
+            muon,
             scaler,
             nonfinite: None,
             flat_grads,
             overlap: None,
+            objective: tc.objective,
         })
     }
 
@@ -174,8 +221,38 @@ impl Trainer {
         self.model.kernels = Kernels::new(k);
     }
 
+    /// AdamW (over every parameter without Muon; see [`Trainer::muon`]).
     pub fn optimizer(&self) -> &AdamW {
         &self.opt
+    }
+
+    /// One line: which optimizer steps which parameters.
+    pub fn describe_optimizer(&self) -> String {
+        let adamw = self.adamw_index.iter().filter(|a| a.is_some()).count();
+        match &self.muon {
+            None => format!("optimizer: AdamW for all {adamw} tensors"),
+            Some((m, ratio)) => {
+                let (n, groups) = m.layout();
+                let c = &m.cfg;
+                format!(
+                    "optimizer: Muon for {n} block matrices in {groups} batched shape groups (rate {ratio:.4}x AdamW's, momentum {}{}, {} Newton-Schulz steps in {}, weight decay {}, {} shape scaling), AdamW for the other {adamw} tensors",
+                    c.momentum,
+                    if c.nesterov { " Nesterov" } else { "" },
+                    c.ns_steps,
+                    crate::model::precision::kind_name(m.ns_kind()),
+                    c.weight_decay,
+                    match c.adjust_lr {
+                        crate::optim::muon::AdjustLr::Original => "original",
+                        crate::optim::muon::AdjustLr::MatchRmsAdamw => "match-rms-adamw",
+                    },
+                )
+            }
+        }
+    }
+
+    /// Muon and its rate relative to AdamW's, under `--optimizer muon`.
+    pub fn muon(&self) -> Option<&(Muon, f64)> {
+        self.muon.as_ref()
     }
 
     pub fn scaler(&self) -> Option<&GradScaler> {
@@ -216,6 +293,9 @@ impl Trainer {
     /// Sets the device learning rate the next [`Trainer::optimizer_step_at_set_lr`] reads.
     pub fn set_lr(&mut self, lr: f64) {
         self.opt.set_lr(lr);
+        if let Some((m, ratio)) = self.muon.as_mut() {
+            m.set_lr(lr * *ratio);
+        }
     }
 
     /// Every tensor a step writes that outlives it (weights, gradients, AdamW state): what a CUDA
@@ -226,6 +306,9 @@ impl Trainer {
         s.extend(self.opt.exp_avg.iter().map(Tensor::shallow_clone));
         s.extend(self.opt.exp_avg_sq.iter().map(Tensor::shallow_clone));
         s.extend(self.opt.steps.iter().map(Tensor::shallow_clone));
+        if let Some((m, _)) = &self.muon {
+            s.extend(m.buffers());
+        }
         s
     }
 
@@ -287,14 +370,32 @@ impl Trainer {
         labels: &Tensor,
         weight: &Tensor,
     ) -> Result<MicroStep> {
+        self.micro_step_on(input_ids, labels, None, weight)
+    }
+
+    /// [`Trainer::micro_step_weighted`] over packed rows whose documents `seg_start` (int32
+    /// `[B, T]`: every token's document start) keeps apart.
+    pub fn micro_step_on(
+        &mut self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        seg_start: Option<&Tensor>,
+        weight: &Tensor,
+    ) -> Result<MicroStep> {
         let (h, aux) = match &self.overlap {
             Some(o) => self
                 .model
-                .forward_hidden_marked(input_ids, &|i, f| o.mark(i, f))?,
-            None => self.model.forward_hidden(input_ids),
+                .forward_hidden_with(input_ids, seg_start, &|i, f| o.mark(i, f))?,
+            None => self
+                .model
+                .forward_hidden_with(input_ids, seg_start, &|_, _| Ok(()))?,
         };
         let aux = aux.to_kind(crate::model::upcast_kind(h.kind()));
         super::head::backward(self, &h, aux, labels, weight)
+    }
+
+    pub fn objective(&self) -> Objective {
+        self.objective
     }
 
     /// Pieces the chunked lm_head + loss of `train/head.rs` needs.
@@ -302,11 +403,11 @@ impl Trainer {
         (&self.model, self.scaler.as_ref())
     }
 
-    /// Unscale (fp16), clip to `clip` (joint L2; `f64::INFINITY` = no clip), AdamW at `lr`,
-    /// scaler update, zero gradients. Returns the total gradient norm before clipping (device
+    /// Unscale (fp16), clip to `clip` (joint L2; `f64::INFINITY` = no clip), AdamW at `lr`
+    /// (and Muon at `lr` times its ratio), scaler update, zero gradients. Returns the total gradient norm before clipping (device
     /// scalar; inf/NaN on a non-finite step, which is then skipped: see [`Trainer::nonfinite`]).
     pub fn optimizer_step(&mut self, lr: f64, clip: f64) -> Result<Tensor> {
-        self.opt.set_lr(lr);
+        self.set_lr(lr);
         self.optimizer_step_at_set_lr(clip)
     }
 
@@ -332,7 +433,18 @@ impl Trainer {
                     .reshape([1])
             }
         };
-        self.opt.step_at_set_lr(&params, &grads, Some(&found))?;
+        let adamw = |v: &[Tensor]| -> Vec<Tensor> {
+            v.iter()
+                .zip(&self.adamw_index)
+                .filter(|(_, a)| a.is_some())
+                .map(|(t, _)| t.shallow_clone())
+                .collect()
+        };
+        let (ap, ag) = (adamw(&params), adamw(&grads));
+        self.opt.step_at_set_lr(&ap, &ag, Some(&found))?;
+        if let Some((m, _)) = &self.muon {
+            m.step(&params, &grads, Some(&found))?;
+        }
         self.nonfinite = self.scaler.is_none().then_some(found);
         if let Some(s) = self.scaler.as_mut() {
             s.update();
@@ -381,18 +493,28 @@ impl Trainer {
         for (i, (name, p)) in self.params.iter().enumerate() {
             out.push((format!("param.{name}"), p.detach()));
             out.push((format!("grad.{name}"), p.grad()));
-            out.push((
-                format!("adam.exp_avg.{name}"),
-                self.opt.exp_avg[i].shallow_clone(),
-            ));
-            out.push((
-                format!("adam.exp_avg_sq.{name}"),
-                self.opt.exp_avg_sq[i].shallow_clone(),
-            ));
-            out.push((
-                format!("adam.step.{name}"),
-                self.opt.steps[i].shallow_clone(),
-            ));
+            match (self.adamw_index[i], &self.muon) {
+                (Some(a), _) => {
+                    out.push((
+                        format!("adam.exp_avg.{name}"),
+                        self.opt.exp_avg[a].shallow_clone(),
+                    ));
+                    out.push((
+                        format!("adam.exp_avg_sq.{name}"),
+                        self.opt.exp_avg_sq[a].shallow_clone(),
+                    ));
+                    out.push((
+                        format!("adam.step.{name}"),
+                        self.opt.steps[a].shallow_clone(),
+                    ));
+                }
+                (None, Some((m, _))) => {
+                    if let Some(b) = m.momentum_of(i) {
+                        out.push((format!("muon.momentum.{name}"), b.contiguous()));
+                    }
+                }
+                (None, None) => unreachable!("a parameter without AdamW is Muon's"),
+            }
         }
         let host = json!({
             "adam_t": self.opt.t,
@@ -439,9 +561,20 @@ impl Trainer {
         };
         for (i, (name, p)) in self.params.iter().enumerate() {
             copy(&p.grad(), format!("grad.{name}"))?;
-            copy(&self.opt.exp_avg[i], format!("adam.exp_avg.{name}"))?;
-            copy(&self.opt.exp_avg_sq[i], format!("adam.exp_avg_sq.{name}"))?;
-            copy(&self.opt.steps[i], format!("adam.step.{name}"))?;
+            match (self.adamw_index[i], &self.muon) {
+                (Some(a), _) => {
+                    copy(&self.opt.exp_avg[a], format!("adam.exp_avg.{name}"))?;
+                    copy(&self.opt.exp_avg_sq[a], format!("adam.exp_avg_sq.{name}"))?;
+                    copy(&self.opt.steps[a], format!("adam.step.{name}"))?;
+                }
+                (None, Some((m, _))) => {
+                    let b = m
+                        .momentum_of(i)
+                        .with_context(|| format!("Muon has no buffer for {name}"))?;
+                    copy(&b, format!("muon.momentum.{name}"))?;
+                }
+                (None, None) => unreachable!("a parameter without AdamW is Muon's"),
+            }
         }
         self.opt.t = host["adam_t"].as_u64().unwrap_or(0);
         if let (Some(s), Some(v)) = (self.scaler.as_mut(), host.get("scaler")) {
