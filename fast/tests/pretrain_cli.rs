@@ -935,3 +935,168 @@ fn held_out_loss_is_logged_during_training_as_fast_eval_computes_it() {
         "during training {during}, fast eval {eval}"
     );
 }
+
+/// A tokenizer with `<mask>` (train-tokenizer --special-tokens) trained on the poems into `dir`.
+fn mask_tokenizer(dir: &Path) -> PathBuf {
+    let corpus: PathBuf = fast::data::defaults::materialize().unwrap().corpus;
+    let tok = dir.join("tok-mask");
+    let out = fast()
+        .args([
+            "train-tokenizer",
+            "--data-path",
+            corpus.to_str().unwrap(),
+            "--vocab-size",
+            "600",
+            "--special-tokens",
+            "<mask>",
+        ])
+        .args(["--out", tok.to_str().unwrap()])
+        .output()
+        .unwrap();
+    ok(&out);
+    tok
+}
+
+/// packed-docs rows (seg_start in every batch) stopped mid-window resume bit-identically.
+#[test]
+fn packed_docs_run_stopped_mid_window_resumes_bit_identically() {
+    resumed_equals_uninterrupted(&["--data-mode", "packed-docs"], "7");
+}
+
+/// Masked LM: the masking is drawn per (seed, epoch, row), so a run stopped mid-window and
+/// resumed draws the same masks and ends bit-identical; chunked rows, as the textbook recipe.
+#[test]
+fn a_masked_lm_run_stopped_mid_window_resumes_bit_identically() {
+    let t = tempfile::tempdir().unwrap();
+    let tok = mask_tokenizer(t.path());
+    resumed_equals_uninterrupted(
+        &[
+            "--objective",
+            "mlm",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--data-mode",
+            "chunked",
+        ],
+        "7",
+    );
+}
+
+/// The textbook recipe (chunked rows, linear schedule with warmup) runs end to end, and an MLM
+/// run's held-out loss (fixed masking seed) is what `fast eval` reports for its weights (the
+/// objective read from run_config.json beside them); a tokenizer without a mask token is refused
+/// naming the option.
+#[test]
+fn the_textbook_recipe_and_masked_lm_eval_run_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = ok(&run_in(
+        dir.path(),
+        &[
+            "--data-mode",
+            "chunked",
+            "--lr-schedule",
+            "linear",
+            "--warmup-steps",
+            "100",
+            "--max-steps",
+            "4",
+            "--sample-tokens",
+            "0",
+        ],
+    ));
+    assert!(stdout.contains("chunked rows of 32 tokens"), "{stdout}");
+    let rows = metrics(dir.path());
+    // Linear warmup over 100 steps: at step 4 the lr is positive and at most 4/100 of the peak
+    // 5e-3 (transformers' step / warmup; 1e-9 relative slack for the float formatting).
+    let at4 = rows.iter().find(|r| r["step"] == 4).expect("step 4 logged");
+    let lr = at4["lr"].as_f64().unwrap();
+    assert!(
+        lr > 0.0 && lr <= 5e-3 * 4.0 / 100.0 * (1.0 + 1e-9),
+        "lr {lr} is still warming up"
+    );
+    let run: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/run_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run["data_mode"], "chunked");
+    assert_eq!(run["mlm_probability"], 0.15);
+
+    fails_with(
+        &[TINY, &["--objective", "mlm", "--max-steps", "1"]].concat(),
+        dir.path(),
+        "--mask-token was not given",
+    );
+
+    let tok = mask_tokenizer(dir.path());
+    let corpus = fast::data::defaults::materialize().unwrap().corpus;
+    let text = std::fs::read_to_string(&corpus).unwrap();
+    let held: Vec<&str> = text.lines().rev().take(40).collect();
+    std::fs::write(dir.path().join("held.jsonl"), held.join("\n") + "\n").unwrap();
+    let stdout = ok(&run_in(
+        dir.path(),
+        &[
+            "--objective",
+            "mlm",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--eval-data",
+            "held.jsonl",
+            "--max-steps",
+            "6",
+            "--sample-tokens",
+            "0",
+        ],
+    ));
+    assert!(
+        stdout.contains("masked LM: 15% of non-special tokens"),
+        "{stdout}"
+    );
+    let during = metrics(dir.path())
+        .iter()
+        .filter_map(|r| r["eval_loss"].as_f64())
+        .last()
+        .expect("an eval_loss row");
+    let eval = |extra: &[&str]| {
+        let out = fast()
+            .current_dir(dir.path())
+            .args([
+                "eval",
+                "--weights",
+                "out/pretrain_32.safetensors",
+                "--data-path",
+                "held.jsonl",
+            ])
+            .args(["--tokenizer", tok.to_str().unwrap()])
+            .args(["--max-seq-len", "32", "--device", "cpu", "--dtype", "f32"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let line = ok(&out);
+        let num = |key: &str| -> f64 {
+            line.split(key)
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("{line}"))
+        };
+        (line.clone(), num("loss "), num("counted tokens "))
+    };
+    let (line, loss, counted) = eval(&[]);
+    assert!(line.contains("(masked LM: 0.15"), "{line}");
+    // The same function on the float16 copy of the weights: agreement to float16 rounding of the
+    // weights (about 1e-3 of the loss), as for the causal held-out test.
+    assert!(
+        ((loss - during) / loss).abs() < 1e-2,
+        "during training {during}, fast eval {loss}"
+    );
+    // A fixed masking seed: a second evaluation scores the very same positions.
+    assert_eq!(eval(&[]).0, line);
+    // Another seed masks other positions (a different count, almost surely: two binomial
+    // draws over thousands of tokens agree with probability well under 1%).
+    let (_, _, other) = eval(&["--mask-seed", "1"]);
+    assert_ne!(counted, other);
+    // Read as a causal LM, every non-padding label counts: far more than 15% of them.
+    let (line, _, causal) = eval(&["--objective", "clm"]);
+    assert!(!line.contains("masked LM"), "{line}");
+    assert!(causal > 3.0 * counted, "causal {causal}, masked {counted}");
+}

@@ -19,6 +19,10 @@ use super::rows::Row;
 use super::tokenizer::TextTokenizer;
 use crate::model::loss::IGNORE_INDEX;
 
+/// The masking seed of `fast eval` and of `--eval-data` in a masked-LM run (`fast eval
+/// --mask-seed`'s default): a held-out loss always scores the same masked positions.
+pub const EVAL_MASK_SEED: u64 = 0;
+
 /// The data side of a masked-LM run: `--mlm-probability`, `--mask-token`, the run's seed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MlmSpec {

@@ -149,7 +149,9 @@ pub struct PretrainArgs {
     pub weight_decay: f64,
     /// padded: one document per row (MiniMind); packed: documents concatenated into full rows;
     /// packed-docs: [bos] + doc + [eos] concatenated into full rows, each token carrying its
-    /// document's start (seg_start) so attention can stay within documents.
+    /// document's start (seg_start) so attention can stay within documents; chunked: Hugging
+    /// Face's group_texts (ids concatenated without separators, cut into rows, the remainder
+    /// dropped, labels = input_ids), the textbook recipe.
     #[arg(long, alias = "data_mode", value_enum, default_value_t = DataMode::Padded)]
     pub data_mode: DataMode,
     /// mean: MiniMind's per-micro-batch mean; token: every counted token of a window weighs the same.
@@ -650,13 +652,13 @@ impl RunConfig {
         ))
     }
 
-    /// What [`crate::train::setup::Data::load`] reads for this run, causal LM.
+    /// What [`crate::train::setup::Data::load`] reads for this run: for `--objective mlm` the
+    /// rows are masked with --mlm-probability, --mask-token and --seed.
     pub fn data_spec(&self) -> DataSpec {
-        self.data_spec_for(false)
+        self.data_spec_for(self.objective == Objective::MaskedLm)
     }
 
-    /// What [`crate::train::setup::Data::load`] reads for this run; `masked_lm` when the run's
-    /// objective is masked LM (rows masked with --mlm-probability, --mask-token and --seed).
+    /// [`Self::data_spec`] with masking chosen by `masked_lm` rather than by the objective.
     pub fn data_spec_for(&self, masked_lm: bool) -> DataSpec {
         DataSpec {
             data_path: self.data_path.clone(),
