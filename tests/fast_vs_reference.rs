@@ -685,3 +685,72 @@ fn chunked_rows_reproduce_the_seed004_group_texts_cases() {
         );
     }
 }
+
+/// Counts of a masking: (selected, of those set to the mask id, set to another id, kept).
+fn masking_counts(ids: &[i64], input: &[i64], labels: &[i64], mask: i64) -> [usize; 4] {
+    let mut c = [0usize; 4];
+    for ((&id, &x), &l) in ids.iter().zip(input).zip(labels) {
+        if l == -100 {
+            assert_eq!(x, id, "an unselected position keeps its id");
+            continue;
+        }
+        assert_eq!(l, id, "a selected position's label is its original id");
+        c[0] += 1;
+        c[if x == mask {
+            1
+        } else if x != id {
+            2
+        } else {
+            3
+        }] += 1;
+    }
+    c
+}
+
+/// fast's and the reference's masking have transformers' statistics over 25,600 positions:
+/// each non-special id selected with p = 0.15, of the selected 80% masked, 10% replaced, 10%
+/// kept, specials never selected. Bounds are 6 binomial standard deviations (a false failure
+/// about 1e-9); a random replacement equal to the mask id or to the original (1/1000 each)
+/// shifts the shares by under 0.1% of the selected, far inside them.
+#[test]
+fn mlm_masking_has_the_documented_statistics_in_fast_and_the_reference() {
+    let (vocab, mask, specials) = (1000usize, 3i64, vec![0i64, 1, 2, 3]);
+    let m = fast::data::mlm::MlmMasking::new(0.15, mask, vocab, specials.clone());
+    let mut rng = fast::data::order::SplitMix64::new(2024);
+    let mut fast_c = [0usize; 4];
+    let mut ref_c = [0usize; 4];
+    let mut non_special = 0usize;
+    for index in 0..200u64 {
+        let ids: Vec<i64> = (0..128)
+            .map(|_| (rng.next_u64() % vocab as u64) as i64)
+            .collect();
+        non_special += ids.iter().filter(|i| !specials.contains(i)).count();
+        let mut row = fast::data::rows::Row::new(ids.clone(), ids.clone());
+        fast::data::mlm::mask_row(&mut row, &m, 11, 0, index);
+        for (id, l) in ids.iter().zip(&row.labels) {
+            if specials.contains(id) {
+                assert_eq!(*l, -100, "special id {id} selected");
+            }
+        }
+        let c = masking_counts(&ids, &row.input_ids, &row.labels, mask);
+        let r = reference::mlm::mask_tokens(&ids, &reference_masking(&m), 11, 0, index);
+        let d = masking_counts(&ids, &r.input_ids, &r.labels, mask);
+        for k in 0..4 {
+            fast_c[k] += c[k];
+            ref_c[k] += d[k];
+        }
+    }
+    let within = |k: usize, n: usize, p: f64| {
+        let sd = (n as f64 * p * (1.0 - p)).sqrt();
+        (k as f64 - n as f64 * p).abs() <= 6.0 * sd
+    };
+    for (who, c) in [("fast", fast_c), ("reference", ref_c)] {
+        assert!(
+            within(c[0], non_special, 0.15),
+            "{who}: {c:?} of {non_special}"
+        );
+        assert!(within(c[1], c[0], 0.8), "{who} masked: {c:?}");
+        assert!(within(c[2], c[0], 0.1), "{who} replaced: {c:?}");
+        assert!(within(c[3], c[0], 0.1), "{who} kept: {c:?}");
+    }
+}

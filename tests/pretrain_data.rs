@@ -371,3 +371,74 @@ fn masked_lm_finds_its_mask_token_or_names_the_option_and_the_tokenizer_file() {
         "some positions become the mask id"
     );
 }
+
+/// The data a global batch holds does not depend on the number of ranks: for every layout
+/// (packed-docs with its seg_start, chunked, padded, and masked LM whose draw is per row), the
+/// loaders of W ranks with per-rank batch G/W give, concatenated in rank order, exactly the host
+/// batches of one process with batch G (independently: rows straight from the dataset by the
+/// reference's permutation cut into batches of G), from any resume skip.
+#[test]
+fn a_global_batch_holds_the_same_rows_for_any_number_of_ranks() {
+    use fast::data::order::{epoch_permutation_u32, EpochOrder};
+    let texts = poems(150);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_jsonl(dir.path(), &texts);
+    let (cache, tok) = open(&path, &root().join("data/tokenizer"));
+    let g = 12;
+    for (mode, mlm) in [
+        (DataMode::PackedDocs, false),
+        (DataMode::Chunked, false),
+        (DataMode::Padded, false),
+        (DataMode::PackedDocs, true),
+    ] {
+        let mut ds = dataset(&cache, &tok, mode, 40);
+        if mlm {
+            let m = fast::data::mlm::MlmMasking::new(0.3, 5, tok.vocab_size(), vec![0, 1, 2]);
+            ds = ds.with_mlm(m, 99);
+        }
+        let ds = Arc::new(ds);
+        let n = ds.len();
+        let perm = reference::sampler::epoch_permutation(n, 7, 2);
+        for skip in [0, 3] {
+            // Full global batches only: a trailing partial one is split unevenly on purpose
+            // (order::rank_positions), so only its union is rank-independent.
+            let full = n / g;
+            let want: Vec<HostBatch> = (skip..full)
+                .map(|b| ds.batch(&perm[b * g..(b + 1) * g], 2).unwrap())
+                .collect();
+            for world in [1, 2, 3, 4] {
+                let shared = Arc::new(epoch_permutation_u32(n, 7, 2));
+                let per_rank: Vec<Vec<HostBatch>> = (0..world)
+                    .map(|rank| {
+                        let order = EpochOrder::new(shared.clone(), g / world, world, rank, skip);
+                        let total = order.remaining();
+                        Prefetcher::from_iter(ds.clone(), Box::new(order), total, 2, 2, 4)
+                            .take(full - skip)
+                            .collect::<anyhow::Result<_>>()
+                            .unwrap()
+                    })
+                    .collect();
+                for (k, w) in want.iter().enumerate() {
+                    let mut ids = Vec::new();
+                    let mut labels = Vec::new();
+                    let mut seg = Vec::new();
+                    let mut counted = 0;
+                    for r in &per_rank {
+                        ids.extend_from_slice(&r[k].input_ids);
+                        labels.extend_from_slice(&r[k].labels);
+                        seg.extend_from_slice(r[k].seg_start.as_deref().unwrap_or(&[]));
+                        counted += r[k].counted_labels;
+                    }
+                    let what = format!(
+                        "{} mlm {mlm} world {world} skip {skip} batch {k}",
+                        mode.name()
+                    );
+                    assert_eq!(ids, w.input_ids, "{what}");
+                    assert_eq!(labels, w.labels, "{what}");
+                    assert_eq!(seg, w.seg_start.clone().unwrap_or_default(), "{what}");
+                    assert_eq!(counted, w.counted_labels, "{what}");
+                }
+            }
+        }
+    }
+}
