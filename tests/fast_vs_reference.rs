@@ -508,3 +508,249 @@ proptest! {
         }
     }
 }
+
+/// Rows of `mode` read from a token cache written from `docs` (3 documents a shard, so rows
+/// cross shards), all of them in index order.
+fn cache_rows(
+    docs: &[Vec<u32>],
+    mode: fast::data::dataset::DataMode,
+    max_len: usize,
+    epoch: u64,
+) -> Vec<fast::data::rows::Row> {
+    let dir = tempfile::tempdir().unwrap();
+    let cache =
+        std::sync::Arc::new(fast::data::cache::write_from_ids(dir.path(), docs, 64, 3).unwrap());
+    let sp = fast::data::rows::SpecialTokens::default();
+    let ds = fast::data::dataset::TokenDataset::new(cache, mode, max_len, sp, 64).unwrap();
+    (0..ds.len()).map(|i| ds.item(i, epoch).unwrap()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The rows the training loop reads from the token cache equal the reference's rows of the
+    /// same documents: padded and packed.
+    #[test]
+    fn rows_from_the_token_cache_agree_exactly(
+        docs in prop::collection::vec(prop::collection::vec(0u32..50, 0..20), 1..9), max_len in 2usize..24,
+    ) {
+        use fast::data::dataset::DataMode;
+        let rsp = reference::dataset::SpecialTokens::default();
+        let got = cache_rows(&docs, DataMode::Padded, max_len, 0);
+        prop_assert_eq!(got.len(), docs.len());
+        for (g, d) in got.iter().zip(&docs) {
+            let r = reference::dataset::encode_padded(d, max_len, rsp);
+            prop_assert_eq!((&g.input_ids, &g.labels), (&r.input_ids, &r.labels));
+        }
+        let got = cache_rows(&docs, DataMode::Packed, max_len, 0);
+        let want = reference::dataset::pack(&docs, max_len, rsp);
+        prop_assert_eq!(got.len(), want.len());
+        for (g, r) in got.iter().zip(&want) {
+            prop_assert_eq!((&g.input_ids, &g.labels), (&r.input_ids, &r.labels));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// packed-docs rows from the token cache equal the reference's pack_docs: ids, labels (-100
+    /// at every document start and the padding), segment starts (a document split across rows
+    /// continues as the segment at 0), and the batch's per-token seg_start and counted labels.
+    #[test]
+    fn packed_doc_rows_agree_with_the_reference_pack_docs(
+        docs in prop::collection::vec(prop::collection::vec(0u32..50, 0..20), 1..9), max_len in 1usize..24,
+    ) {
+        let max_len = max_len.max(2);
+        let rsp = reference::dataset::SpecialTokens::default();
+        let want = reference::dataset::pack_docs(&docs, max_len, rsp);
+        let got = cache_rows(&docs, fast::data::dataset::DataMode::PackedDocs, max_len, 0);
+        prop_assert_eq!(got.len(), want.len());
+        for (g, r) in got.iter().zip(&want) {
+            prop_assert_eq!((&g.input_ids, &g.labels), (&r.input_ids, &r.labels));
+            prop_assert_eq!(g.segment_starts.as_ref(), Some(&r.segment_starts));
+            // seg_start: each position's segment start, from the reference's starts.
+            let seg: Vec<i32> = (0..max_len)
+                .map(|t| *r.segment_starts.iter().rev().find(|&&s| s <= t).unwrap() as i32)
+                .collect();
+            prop_assert_eq!(g.seg_start(), Some(seg));
+        }
+        let hb = fast::data::batch::HostBatch::from_rows(&got, max_len);
+        let counted: usize = want
+            .iter()
+            .map(|r| r.labels[1..].iter().filter(|&&l| l != -100).count())
+            .sum();
+        prop_assert_eq!(hb.counted_labels, counted);
+        prop_assert_eq!(hb.seg_start.as_ref().map(Vec::len), Some(got.len() * max_len));
+    }
+}
+
+/// reference::mlm's options for fast's.
+fn reference_masking(m: &fast::data::mlm::MlmMasking) -> reference::mlm::MlmMasking {
+    let mut r =
+        reference::mlm::MlmMasking::new(m.mask_token_id, m.vocab_size, m.special_ids.clone());
+    r.probability = m.probability;
+    r
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// chunked rows from the token cache equal the reference's group_texts.
+    #[test]
+    fn chunked_rows_agree_with_the_reference_group_texts(
+        docs in prop::collection::vec(prop::collection::vec(0u32..50, 0..20), 1..9), max_len in 1usize..24,
+    ) {
+        let max_len = max_len.max(2);
+        let want = reference::dataset::group_texts(&docs, max_len);
+        let got = cache_rows(&docs, fast::data::dataset::DataMode::Chunked, max_len, 0);
+        prop_assert_eq!(got.len(), want.len());
+        for (g, r) in got.iter().zip(&want) {
+            prop_assert_eq!((&g.input_ids, &g.labels), (&r.input_ids, &r.labels));
+        }
+    }
+
+    /// The masking draws the reference's bits for any ids, probability, seed, epoch and index.
+    #[test]
+    fn mlm_masking_agrees_with_the_reference_bit_for_bit(
+        ids in prop::collection::vec(0i64..40, 0..64), p in prop_oneof![Just(0.0), Just(1.0), 0.0f64..1.0],
+        seed in any::<u64>(), epoch in 0u64..1000, index in any::<u64>(), vocab in 40usize..100,
+    ) {
+        let m = fast::data::mlm::MlmMasking::new(p, 3, vocab, vec![2, 0, 1, 3]);
+        let mut row = fast::data::rows::Row::new(ids.clone(), ids.clone());
+        fast::data::mlm::mask_row(&mut row, &m, seed, epoch, index);
+        let r = reference::mlm::mask_tokens(&ids, &reference_masking(&m), seed, epoch, index);
+        prop_assert_eq!((&row.input_ids, &row.labels), (&r.input_ids, &r.labels));
+        let selected = r.labels.iter().filter(|&&l| l != -100).count();
+        prop_assert_eq!(
+            fast::data::rows::count_labels(&row.labels, fast::data::rows::Counting::Unshifted),
+            selected
+        );
+    }
+
+    /// Masked rows from the dataset are the reference's masking of the reference's rows, drawn by
+    /// each row's index and the epoch (so any batch order, size or rank split draws the same).
+    #[test]
+    fn masked_dataset_rows_are_drawn_by_sample_index_and_epoch(
+        docs in prop::collection::vec(prop::collection::vec(4u32..50, 0..20), 1..9), max_len in 2usize..24,
+        seed in any::<u64>(), epoch in 0u64..5, chunked in any::<bool>(),
+    ) {
+        use fast::data::dataset::{DataMode, TokenDataset};
+        let dir = tempfile::tempdir().unwrap();
+        let cache = std::sync::Arc::new(fast::data::cache::write_from_ids(dir.path(), &docs, 64, 3).unwrap());
+        let sp = fast::data::rows::SpecialTokens::default();
+        let mode = if chunked { DataMode::Chunked } else { DataMode::Padded };
+        let m = fast::data::mlm::MlmMasking::new(0.3, 3, 64, vec![0, 1, 2, 3]);
+        let ds = TokenDataset::new(cache, mode, max_len, sp, 64).unwrap().with_mlm(m.clone(), seed);
+        let plain: Vec<reference::dataset::Row> = if chunked {
+            reference::dataset::group_texts(&docs, max_len)
+        } else {
+            docs.iter().map(|d| reference::dataset::encode_padded(d, max_len, reference::dataset::SpecialTokens::default())).collect()
+        };
+        prop_assert_eq!(ds.len(), plain.len());
+        for (i, r) in plain.iter().enumerate().rev() {
+            let want = reference::mlm::mask_tokens(&r.input_ids, &reference_masking(&m), seed, epoch, i as u64);
+            let got = ds.item(i, epoch).unwrap();
+            prop_assert_eq!((&got.input_ids, &got.labels), (&want.input_ids, &want.labels));
+        }
+        let items: Vec<usize> = (0..ds.len()).collect();
+        let hb = ds.batch(&items, epoch).unwrap();
+        let selected = hb.labels.iter().filter(|&&l| l != -100).count();
+        prop_assert_eq!(hb.counted_labels, selected, "MLM counts every selected position");
+    }
+}
+
+/// The group_texts cases of golden/seed004 (Hugging Face's run_clm recipe), through the cache.
+#[test]
+fn chunked_rows_reproduce_the_seed004_group_texts_cases() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden/seed004/components_seed004.json");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = j["group_texts"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for c in cases {
+        let docs: Vec<Vec<u32>> = serde_json::from_value(c["token_lists"].clone()).unwrap();
+        let bs = c["block_size"].as_u64().unwrap() as usize;
+        let ids: Vec<Vec<i64>> = serde_json::from_value(c["result"]["input_ids"].clone()).unwrap();
+        let labels: Vec<Vec<i64>> = serde_json::from_value(c["result"]["labels"].clone()).unwrap();
+        let rows = cache_rows(&docs, fast::data::dataset::DataMode::Chunked, bs, 0);
+        assert_eq!(
+            rows.iter().map(|r| r.input_ids.clone()).collect::<Vec<_>>(),
+            ids
+        );
+        assert_eq!(
+            rows.iter().map(|r| r.labels.clone()).collect::<Vec<_>>(),
+            labels
+        );
+    }
+}
+
+/// Counts of a masking: (selected, of those set to the mask id, set to another id, kept).
+fn masking_counts(ids: &[i64], input: &[i64], labels: &[i64], mask: i64) -> [usize; 4] {
+    let mut c = [0usize; 4];
+    for ((&id, &x), &l) in ids.iter().zip(input).zip(labels) {
+        if l == -100 {
+            assert_eq!(x, id, "an unselected position keeps its id");
+            continue;
+        }
+        assert_eq!(l, id, "a selected position's label is its original id");
+        c[0] += 1;
+        c[if x == mask {
+            1
+        } else if x != id {
+            2
+        } else {
+            3
+        }] += 1;
+    }
+    c
+}
+
+/// fast's and the reference's masking have transformers' statistics over 25,600 positions:
+/// each non-special id selected with p = 0.15, of the selected 80% masked, 10% replaced, 10%
+/// kept, specials never selected. Bounds are 6 binomial standard deviations (a false failure
+/// about 1e-9); a random replacement equal to the mask id or to the original (1/1000 each)
+/// shifts the shares by under 0.1% of the selected, far inside them.
+#[test]
+fn mlm_masking_has_the_documented_statistics_in_fast_and_the_reference() {
+    let (vocab, mask, specials) = (1000usize, 3i64, vec![0i64, 1, 2, 3]);
+    let m = fast::data::mlm::MlmMasking::new(0.15, mask, vocab, specials.clone());
+    let mut rng = fast::data::order::SplitMix64::new(2024);
+    let mut fast_c = [0usize; 4];
+    let mut ref_c = [0usize; 4];
+    let mut non_special = 0usize;
+    for index in 0..200u64 {
+        let ids: Vec<i64> = (0..128)
+            .map(|_| (rng.next_u64() % vocab as u64) as i64)
+            .collect();
+        non_special += ids.iter().filter(|i| !specials.contains(i)).count();
+        let mut row = fast::data::rows::Row::new(ids.clone(), ids.clone());
+        fast::data::mlm::mask_row(&mut row, &m, 11, 0, index);
+        for (id, l) in ids.iter().zip(&row.labels) {
+            if specials.contains(id) {
+                assert_eq!(*l, -100, "special id {id} selected");
+            }
+        }
+        let c = masking_counts(&ids, &row.input_ids, &row.labels, mask);
+        let r = reference::mlm::mask_tokens(&ids, &reference_masking(&m), 11, 0, index);
+        let d = masking_counts(&ids, &r.input_ids, &r.labels, mask);
+        for k in 0..4 {
+            fast_c[k] += c[k];
+            ref_c[k] += d[k];
+        }
+    }
+    let within = |k: usize, n: usize, p: f64| {
+        let sd = (n as f64 * p * (1.0 - p)).sqrt();
+        (k as f64 - n as f64 * p).abs() <= 6.0 * sd
+    };
+    for (who, c) in [("fast", fast_c), ("reference", ref_c)] {
+        assert!(
+            within(c[0], non_special, 0.15),
+            "{who}: {c:?} of {non_special}"
+        );
+        assert!(within(c[1], c[0], 0.8), "{who} masked: {c:?}");
+        assert!(within(c[2], c[0], 0.1), "{who} replaced: {c:?}");
+        assert!(within(c[3], c[0], 0.1), "{who} kept: {c:?}");
+    }
+}

@@ -20,6 +20,8 @@ enum Command {
     Bench(fast::commands::bench::BenchArgs),
     /// Check the fused CUDA kernels against libtorch's unfused ops and time both (GPU only).
     Kernels(fast::commands::kernels::KernelsArgs),
+    /// Tokenize a JSONL corpus once into the token cache pretrain, bench and eval read.
+    Tokenize(fast::commands::tokenize::TokenizeArgs),
     /// Train MiniMind's byte-level BPE tokenizer on a JSONL corpus.
     TrainTokenizer(fast::commands::train_tokenizer::TrainTokenizerArgs),
     /// Check the data-parallel communicator (run under torchrun) and time a gradient all-reduce.
@@ -39,6 +41,7 @@ fn main() {
         Command::Pretrain(args) => fast::train::run(&args).map(|_| ()),
         Command::Bench(args) => fast::commands::bench::run(&args),
         Command::Kernels(args) => fast::commands::kernels::run(&args),
+        Command::Tokenize(args) => fast::commands::tokenize::run(&args),
         Command::TrainTokenizer(args) => fast::commands::train_tokenizer::run(&args),
         Command::DistCheck(args) => fast::commands::dist_check::run(&args),
         Command::Generate(args) => fast::commands::generate::run(&args),

@@ -123,10 +123,17 @@ fn bad_data_files_are_refused_by_file_and_line() {
         run(corpus(d, "empty.jsonl", b"")),
         "is empty",
     );
+    std::fs::create_dir(d.join("nodata")).unwrap();
+    std::fs::write(d.join("nodata/readme.txt"), "no corpus here").unwrap();
     t.refused(
-        "a directory as the data file",
-        pretrain(d, &["--data-path", "."]),
-        "is a directory",
+        "a directory without JSONL files as the data path",
+        pretrain(d, &["--data-path", "nodata"]),
+        "nodata is a directory with no .jsonl, .jsonl.gz or .jsonl.zst files",
+    );
+    t.refused(
+        "a glob that matches nothing",
+        pretrain(d, &["--data-path", "nodata/*.jsonl"]),
+        "--data-path nodata/*.jsonl: the pattern matches no file",
     );
     let body = format!("{}{{\"text\": \"a\"\n", good_lines(2));
     t.refused(

@@ -19,7 +19,6 @@ use tch::{Device, Kind, Tensor};
 use crate::data::batch::{Batch, HostBatch};
 use crate::data::dataset::DataMode;
 use crate::data::loader::Prefetcher;
-use crate::data::tokenizer::SpecialTokenStrings;
 use crate::kernels::KernelConfig;
 use crate::model::precision::Precision;
 use crate::model::presets::ModelArgs;
@@ -32,9 +31,16 @@ use crate::train::trainer::{Trainer, TrainerConfig};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// JSONL corpus ({"text": ...} per line); without it, synthetic full rows of random tokens.
-    #[arg(long, alias = "data_path")]
-    pub data_path: Option<std::path::PathBuf>,
+    /// JSONL corpus ({"text": ...} per line; files, quoted globs or directories, as in
+    /// pretrain); without it, synthetic full rows of random tokens.
+    #[arg(long, alias = "data_path", num_args = 1..)]
+    pub data_path: Vec<std::path::PathBuf>,
+    /// Token cache directory [default: <data-path>.tokens/tok-<key>], as in pretrain.
+    #[arg(long, alias = "token_cache")]
+    pub token_cache: Option<std::path::PathBuf>,
+    /// Rebuild a --token-cache that does not fit instead of refusing it.
+    #[arg(long, alias = "rebuild_cache")]
+    pub rebuild_cache: bool,
     /// Tokenizer directory, tokenizer.json, or poems / minimind2 / minimind3 [default: the
     /// --model's own, else the embedded poems tokenizer].
     #[arg(long)]
@@ -112,6 +118,7 @@ impl Source {
                     input_ids: ids,
                     rows: *b,
                     cols: *t,
+                    seg_start: None,
                     counted_labels: *b * (*t - 1),
                 })
             }
@@ -161,7 +168,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (b, t) = (args.batch_size, args.max_seq_len);
 
     // ---- data: pretrain's set-up, the first batches of an epoch permutation ----
-    let (mut source, vocab) = match &args.data_path {
+    let (mut source, vocab) = match args.data_path.first() {
         Some(path) => {
             let tokenizer = match (&args.tokenizer, args.model.model) {
                 (Some(p), _) => crate::train::options::resolve_tokenizer(p)?,
@@ -170,16 +177,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 }
                 (None, None) => crate::data::defaults::materialize()?.tokenizer_dir,
             };
-            let spec = DataSpec {
-                data_path: path.clone(),
-                tokenizer,
-                specials: SpecialTokenStrings::default(),
-                max_seq_len: t,
-                data_mode: args.data_mode,
-                threads: args.num_workers,
-                skip_bad_lines: false,
-                max_docs: None,
-            };
+            let mut spec = DataSpec::new(args.data_path.clone(), tokenizer, t, args.data_mode);
+            spec.threads = args.num_workers.max(1);
+            spec.token_cache = args.token_cache.clone();
+            spec.rebuild_cache = args.rebuild_cache;
             let data = Data::load(&spec, &|l| eprintln!("{l}"))?;
             let need = (args.warmup + args.steps) * b;
             if data.dataset.len() < need {
@@ -194,7 +195,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let perm = crate::data::order::epoch_permutation(data.dataset.len(), args.seed, 0);
             let batches: Vec<Vec<usize>> = perm[..need].chunks(b).map(<[usize]>::to_vec).collect();
             let workers = args.num_workers.max(1);
-            let loader = Prefetcher::new(data.dataset.clone(), batches, workers, 2 * workers + 2);
+            let loader =
+                Prefetcher::new(data.dataset.clone(), batches, 0, workers, 2 * workers + 2);
             (Source::Loader(loader), data.tokenizer.vocab_size())
         }
         None => (
@@ -254,7 +256,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 hb: &HostBatch,
                 step_no: u64|
      -> Result<Tensor> {
-        let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+        let batch = Batch::from_host(&hb, device);
         let lr = lr_at(step_no);
         match graphed.as_ref().filter(|g| g.fits(&batch)) {
             Some(g) => {
@@ -281,7 +283,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         step_no += 1;
         last_loss = Some(step(&mut tr, &graphed, &hb, step_no)?);
         if args.cuda_graph && graphed.is_none() && step_no as usize >= eager_warmup {
-            let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+            let batch = Batch::from_host(&hb, device);
             graphed = Some(GraphedStep::capture(&mut tr, &batch, args.grad_clip)?);
         }
     }
@@ -333,8 +335,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "device": crate::model::precision::device_name(device),
             "dtype": format!("{precision}"),
             "batch_size": b, "max_seq_len": t,
-            "data": match &args.data_path { Some(p) => p.display().to_string(), None => "synthetic".into() },
-            "data_mode": format!("{:?}", args.data_mode).to_lowercase(),
+            "data": if args.data_path.is_empty() { "synthetic".to_string() } else { args.data_path.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ") },
+            "data_mode": args.data_mode.name(),
             "model": &cfg, "preset": args.model.model.map(|p| p.name()), "params": cfg.num_params(),
             "cuda_graph": args.cuda_graph, "warmup": args.warmup, "steps": args.steps,
             "kernels": args.kernels,
@@ -356,7 +358,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     if let (Some(dir), Some(hb)) = (&args.profile, &last_hb) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let batch = Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, device);
+        let batch = Batch::from_host(&hb, device);
         let n = args.profile_steps.max(1);
         sync();
         let rows =

@@ -7,4 +7,5 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod kernels;
+pub mod tokenize;
 pub mod train_tokenizer;

@@ -3,7 +3,8 @@
 //! ByteLevel decoder, special tokens `<|endoftext|>`=0, `<|im_start|>`=1, `<|im_end|>`=2 first,
 //! the 256-symbol ByteLevel alphabet as the initial alphabet. Writes `tokenizer.json` and a
 //! `tokenizer_config.json` in MiniMind's format (bos `<|im_start|>`, eos `<|im_end|>`,
-//! pad/unk `<|endoftext|>`).
+//! pad/unk `<|endoftext|>`). `--special-tokens` adds more special tokens after those three (ids
+//! 3, 4, ...), e.g. `<mask>` for masked LM (written as tokenizer_config.json's `mask_token`).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -35,14 +36,25 @@ pub struct TrainTokenizerArgs {
     /// Skip lines that are not valid `{"text": "..."}` objects (with a count) instead of failing.
     #[arg(long, alias = "skip_bad_lines")]
     pub skip_bad_lines: bool,
+    /// More special tokens, comma-separated, after MiniMind's three (ids 3, 4, ...): never split
+    /// and never merged into other tokens. `<mask>` or `[MASK]` also becomes mask_token.
+    #[arg(long, alias = "special_tokens", value_delimiter = ',')]
+    pub special_tokens: Vec<String>,
 }
 
 pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
-    if args.vocab_size < 259 {
+    let least = 259 + args.special_tokens.len();
+    if args.vocab_size < least {
         bail!(
-            "--vocab-size {} is too small: byte-level BPE needs the 3 special tokens and 256 byte symbols (at least 259)",
-            args.vocab_size
+            "--vocab-size {} is too small: byte-level BPE needs the {} special tokens and 256 byte symbols (at least {least})",
+            args.vocab_size,
+            3 + args.special_tokens.len()
         );
+    }
+    for t in &args.special_tokens {
+        if t.is_empty() || [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN].contains(&t.as_str()) {
+            bail!("--special-tokens {t:?}: empty or already one of MiniMind's three");
+        }
     }
     let policy = if args.skip_bad_lines {
         LinePolicy::Skip
@@ -58,8 +70,12 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
     );
     let start = std::time::Instant::now();
     let texts = corpus.iter_texts().collect::<Result<Vec<String>>>()?;
-    let tokenizer = train_bpe(texts.iter().map(String::as_str), args.vocab_size)?;
-    write_tokenizer_dir(&tokenizer, &args.out)?;
+    let tokenizer = train_bpe_with_specials(
+        texts.iter().map(String::as_str),
+        args.vocab_size,
+        &args.special_tokens,
+    )?;
+    write_tokenizer_dir_with_specials(&tokenizer, &args.out, &args.special_tokens)?;
     println!(
         "wrote {} and {} ({} tokens) in {:.1}s",
         args.out.join("tokenizer.json").display(),
@@ -83,14 +99,27 @@ pub fn train_bpe<'a, I>(texts: I, vocab_size: usize) -> Result<BpeTokenizer>
 where
     I: Iterator<Item = &'a str> + Send,
 {
+    train_bpe_with_specials(texts, vocab_size, &[])
+}
+
+/// [`train_bpe`] with `extra` special tokens after MiniMind's three (ids 3, 4, ...).
+pub fn train_bpe_with_specials<'a, I>(
+    texts: I,
+    vocab_size: usize,
+    extra: &[String],
+) -> Result<BpeTokenizer>
+where
+    I: Iterator<Item = &'a str> + Send,
+{
     let mut tokenizer: BpeTokenizer = TokenizerImpl::new(BPE::default());
     tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(
         ByteLevel::default().add_prefix_space(false),
     )));
-    let special: Vec<AddedToken> = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
-        .iter()
-        .map(|t| AddedToken::from(*t, true))
+    let names: Vec<&str> = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+        .into_iter()
+        .chain(extra.iter().map(String::as_str))
         .collect();
+    let special: Vec<AddedToken> = names.iter().map(|t| AddedToken::from(*t, true)).collect();
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .special_tokens(special)
@@ -102,7 +131,7 @@ where
         .map_err(|e| anyhow::anyhow!("BPE training failed: {e}"))?;
     // Python's decoders.ByteLevel() keeps its defaults (add_prefix_space true); so do we.
     tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
-    for (id, tok) in [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN].iter().enumerate() {
+    for (id, tok) in names.iter().enumerate() {
         if tokenizer.token_to_id(tok) != Some(id as u32) {
             bail!("special token {tok} did not get id {id}");
         }
@@ -112,6 +141,15 @@ where
 
 /// Write `tokenizer.json` and MiniMind's `tokenizer_config.json` into `dir`.
 pub fn write_tokenizer_dir(tokenizer: &BpeTokenizer, dir: &Path) -> Result<()> {
+    write_tokenizer_dir_with_specials(tokenizer, dir, &[])
+}
+
+/// [`write_tokenizer_dir`] for a tokenizer trained with `extra` special tokens.
+pub fn write_tokenizer_dir_with_specials(
+    tokenizer: &BpeTokenizer,
+    dir: &Path,
+    extra: &[String],
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let json = tokenizer
         .to_string(true)
@@ -119,20 +157,32 @@ pub fn write_tokenizer_dir(tokenizer: &BpeTokenizer, dir: &Path) -> Result<()> {
     let path = dir.join("tokenizer.json");
     std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
     let path = dir.join("tokenizer_config.json");
-    let config = serde_json::to_string_pretty(&tokenizer_config_json())?;
+    let mut config = tokenizer_config_json();
+    for (i, t) in extra.iter().enumerate() {
+        config["added_tokens_decoder"][(3 + i).to_string()] = added_token_json(t);
+        if let Some(list) = config["additional_special_tokens"].as_array_mut() {
+            list.push(serde_json::json!(t));
+        }
+        if t == "<mask>" || t == "[MASK]" {
+            config["mask_token"] = serde_json::json!(t);
+        }
+    }
+    let config = serde_json::to_string_pretty(&config)?;
     std::fs::write(&path, config + "\n").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 /// The fields of MiniMind's tokenizer_config.json that a loader reads (the chat template is
 /// omitted: pretraining does not use it).
+fn added_token_json(content: &str) -> serde_json::Value {
+    serde_json::json!({
+        "content": content, "lstrip": false, "normalized": false,
+        "rstrip": false, "single_word": false, "special": true
+    })
+}
+
 pub fn tokenizer_config_json() -> serde_json::Value {
-    let added = |content: &str| {
-        serde_json::json!({
-            "content": content, "lstrip": false, "normalized": false,
-            "rstrip": false, "single_word": false, "special": true
-        })
-    };
+    let added = added_token_json;
     serde_json::json!({
         "add_bos_token": false,
         "add_eos_token": false,

@@ -1,12 +1,12 @@
 //! Batches built on worker threads ahead of the training loop.
 //!
 //! The loop hands over the epoch's batches (lists of item indices, already permuted, skipped and
-//! sharded by the samplers); `workers` threads tokenize and lay out rows while the device trains
-//! on earlier batches. At most `depth` batches are in flight (dispatched and not yet taken), so
+//! sharded by the samplers); `workers` threads lay out rows from the memory-mapped token cache
+//! while the device trains on earlier batches. At most `depth` batches are in flight (dispatched and not yet taken), so
 //! memory stays bounded however far ahead the workers could run. Batches come out in order;
 //! the time the loop spends blocked waiting for one is recorded, so a run can report what share
 //! of its step time went to waiting for data.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,7 +16,6 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 
 use super::batch::HostBatch;
 use super::dataset::TokenDataset;
-use super::rows::Row;
 
 type Job = (usize, Vec<usize>);
 type Done = (usize, Result<HostBatch>);
@@ -25,7 +24,7 @@ pub struct Prefetcher {
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     pending: BTreeMap<usize, Result<HostBatch>>,
-    batches: std::vec::IntoIter<Vec<usize>>,
+    batches: Box<dyn Iterator<Item = Vec<usize>> + Send>,
     dispatched: usize,
     next: usize,
     total: usize,
@@ -35,9 +34,32 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
+    /// Batches of `epoch` (0-based; layouts drawn per epoch, such as masked LM, depend on it).
     pub fn new(
         dataset: Arc<TokenDataset>,
         batches: Vec<Vec<usize>>,
+        epoch: u64,
+        workers: usize,
+        depth: usize,
+    ) -> Self {
+        let total = batches.len();
+        Self::from_iter(
+            dataset,
+            Box::new(batches.into_iter()),
+            total,
+            epoch,
+            workers,
+            depth,
+        )
+    }
+
+    /// `total` batches drawn from `batches` as they are dispatched (an epoch's order need not
+    /// be materialised: see `order::EpochOrder`).
+    pub fn from_iter(
+        dataset: Arc<TokenDataset>,
+        batches: Box<dyn Iterator<Item = Vec<usize>> + Send>,
+        total: usize,
+        epoch: u64,
         workers: usize,
         depth: usize,
     ) -> Self {
@@ -50,10 +72,7 @@ impl Prefetcher {
                     .name(format!("data-{w}"))
                     .spawn(move || {
                         for (index, items) in jobs_rx {
-                            let mut cache = HashMap::new();
-                            let rows: Result<Vec<Row>> =
-                                items.iter().map(|&i| ds.item(i, &mut cache)).collect();
-                            let batch = rows.map(|rows| HostBatch::from_rows(&rows, ds.max_len));
+                            let batch = ds.batch(&items, epoch);
                             if done_tx.send((index, batch)).is_err() {
                                 return;
                             }
@@ -62,12 +81,11 @@ impl Prefetcher {
                     .expect("spawning a data worker thread")
             })
             .collect();
-        let total = batches.len();
         let mut p = Self {
             jobs: Some(jobs_tx),
             done: done_rx,
             pending: BTreeMap::new(),
-            batches: batches.into_iter(),
+            batches,
             dispatched: 0,
             next: 0,
             total,

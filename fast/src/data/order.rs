@@ -67,6 +67,77 @@ pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     perm
 }
 
+/// [`epoch_permutation`] as u32 indices (`n` must fit in u32): the same order in half the memory,
+/// the one structure of an epoch whose size grows with the corpus (4 bytes a row).
+pub fn epoch_permutation_u32(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
+    assert!(
+        n <= u32::MAX as usize + 1,
+        "{n} rows do not fit u32 indices"
+    );
+    let mut rng = SplitMix64::new(seed ^ mix64(epoch));
+    let mut perm: Vec<u32> = (0..n).map(|i| i as u32).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        perm.swap(i, j);
+    }
+    perm
+}
+
+/// One rank's batches of an epoch, produced one at a time from the permutation (nothing per
+/// batch is held ahead): global batches `skip..` of `perm`, this rank's share of each
+/// ([`rank_positions`]); for one rank exactly MiniMind's SkipBatchSampler.
+pub struct EpochOrder {
+    perm: std::sync::Arc<Vec<u32>>,
+    per_rank: usize,
+    world: usize,
+    rank: usize,
+    next: usize,
+    total: usize,
+}
+
+impl EpochOrder {
+    pub fn new(
+        perm: std::sync::Arc<Vec<u32>>,
+        per_rank: usize,
+        world: usize,
+        rank: usize,
+        skip: usize,
+    ) -> EpochOrder {
+        let total = num_global_batches(perm.len(), per_rank, world);
+        EpochOrder {
+            perm,
+            per_rank,
+            world,
+            rank,
+            next: skip.min(total),
+            total,
+        }
+    }
+
+    /// Batches left.
+    pub fn remaining(&self) -> usize {
+        self.total - self.next
+    }
+}
+
+impl Iterator for EpochOrder {
+    type Item = Vec<usize>;
+
+    fn next(&mut self) -> Option<Vec<usize>> {
+        if self.next >= self.total {
+            return None;
+        }
+        let g = self.next;
+        self.next += 1;
+        Some(
+            rank_positions(self.perm.len(), g, self.per_rank, self.world, self.rank)
+                .into_iter()
+                .map(|p| self.perm[p] as usize)
+                .collect(),
+        )
+    }
+}
+
 /// MiniMind's SkipBatchSampler over a sampler's indices: batches of `batch_size`, the first
 /// `skip` dropped, a trailing partial batch kept.
 #[derive(Debug, Clone)]
@@ -266,6 +337,33 @@ mod tests {
         assert_eq!(got, vec![vec![6, 7, 8], vec![9]]);
         assert_eq!(s.len(), 2);
         assert_eq!(SkipBatchSampler::new(&idx, 3, 9).len(), 0);
+    }
+
+    #[test]
+    fn the_lazy_u32_order_is_the_sampler_order() {
+        for (n, bs, world, skip) in [(0, 3, 1, 0), (10, 3, 1, 2), (37, 4, 3, 1), (5, 4, 2, 0)] {
+            let perm = epoch_permutation(n, 9, 4);
+            let small = epoch_permutation_u32(n, 9, 4);
+            assert_eq!(small.iter().map(|&i| i as usize).collect::<Vec<_>>(), perm);
+            let small = std::sync::Arc::new(small);
+            for rank in 0..world {
+                let want: Vec<Vec<usize>> = if world == 1 {
+                    SkipBatchSampler::new(&perm, bs, skip)
+                        .iter()
+                        .map(<[usize]>::to_vec)
+                        .collect()
+                } else {
+                    rank_batches(&perm, bs, world, rank, skip).collect()
+                };
+                let order = EpochOrder::new(small.clone(), bs, world, rank, skip);
+                assert_eq!(order.remaining(), want.len());
+                assert_eq!(
+                    order.collect::<Vec<_>>(),
+                    want,
+                    "n {n} bs {bs} world {world}"
+                );
+            }
+        }
     }
 
     #[test]

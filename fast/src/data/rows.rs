@@ -4,6 +4,14 @@
 //!   pad; labels = input_ids with -100 wherever the input equals pad.
 //! - packed (ours): every document followed by eos, all concatenated, cut into rows of max_len;
 //!   only the final row's padding is labelled -100 (a real token equal to pad keeps its label).
+//! - packed-docs: every document as `[bos] + ids + [eos]`, concatenated, cut into rows of max_len;
+//!   labels -100 at each document's start (its bos) and at the final row's padding; each row
+//!   carries where its segments start (`Row::segment_starts`).
+//! - chunked (Hugging Face's `group_texts`): the ids concatenated without separators (no bos or
+//!   eos), cut into rows of max_len, the remainder dropped; labels = input_ids.
+//!
+//! These in-memory functions are the definitions; `dataset::TokenDataset` builds the same rows
+//! from a token cache one at a time, and tests hold the two equal.
 
 use crate::model::loss::IGNORE_INDEX;
 
@@ -30,13 +38,60 @@ impl Default for SpecialTokens {
 pub struct Row {
     pub input_ids: Vec<i64>,
     pub labels: Vec<i64>,
+    /// packed-docs only: sorted positions where a segment begins, always holding 0. A document
+    /// continued from the previous row is the segment at 0; the final row's padding tail is a
+    /// segment of its own (reference::dataset::pack_docs's choice).
+    pub segment_starts: Option<Vec<usize>>,
+}
+
+impl Row {
+    pub fn new(input_ids: Vec<i64>, labels: Vec<i64>) -> Row {
+        Row {
+            input_ids,
+            labels,
+            segment_starts: None,
+        }
+    }
+
+    /// For every position, the position of the first token of its segment (`seg_start`).
+    pub fn seg_start(&self) -> Option<Vec<i32>> {
+        let starts = self.segment_starts.as_ref()?;
+        let mut out = Vec::with_capacity(self.input_ids.len());
+        let mut s = 0usize;
+        for t in 0..self.input_ids.len() {
+            while s + 1 < starts.len() && starts[s + 1] <= t {
+                s += 1;
+            }
+            out.push(starts.get(s).copied().unwrap_or(0) as i32);
+        }
+        Some(out)
+    }
+}
+
+/// Which labels a loss counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counting {
+    /// Causal LM (every layout): the shifted loss reads `labels[1..]`, so position 0 never counts.
+    Shifted,
+    /// Masked LM: the loss is unshifted, every position whose label is not -100 counts (the
+    /// selected positions).
+    Unshifted,
 }
 
 /// Labels of `row` that the shifted loss counts (`labels[1..] != -100`).
 pub fn counted_labels(row: &Row) -> usize {
-    row.labels
+    count_labels(&row.labels, Counting::Shifted)
+}
+
+/// Labels a loss of `counting` counts in one row's labels.
+pub fn count_labels(labels: &[i64], counting: Counting) -> usize {
+    let skip = match counting {
+        Counting::Shifted => 1,
+        Counting::Unshifted => 0,
+    };
+    labels
         .iter()
-        .skip(1)
+        .skip(skip)
         .filter(|&&l| l != IGNORE_INDEX)
         .count()
 }
@@ -54,10 +109,7 @@ pub fn padded_row(ids: &[u32], max_len: usize, sp: SpecialTokens) -> Row {
         .iter()
         .map(|&i| if i == sp.pad as i64 { IGNORE_INDEX } else { i })
         .collect();
-    Row {
-        input_ids: input,
-        labels,
-    }
+    Row::new(input, labels)
 }
 
 /// The packed rows of a stream of documents.
@@ -74,11 +126,64 @@ pub fn packed_rows(docs: &[Vec<u32>], max_len: usize, sp: SpecialTokens) -> Vec<
             let mut labels = c.to_vec();
             input.resize(max_len, sp.pad as i64);
             labels.resize(max_len, IGNORE_INDEX);
+            Row::new(input, labels)
+        })
+        .collect()
+}
+
+/// The packed-docs rows of a stream of documents (see the module doc).
+pub fn packed_doc_rows(docs: &[Vec<u32>], max_len: usize, sp: SpecialTokens) -> Vec<Row> {
+    assert!(max_len >= 1, "max_len must be positive");
+    let mut stream: Vec<i64> = Vec::new();
+    let mut is_start: Vec<bool> = Vec::new();
+    for d in docs {
+        stream.push(sp.bos as i64);
+        is_start.push(true);
+        stream.extend(d.iter().map(|&i| i as i64));
+        stream.push(sp.eos as i64);
+        is_start.resize(stream.len(), false);
+    }
+    stream
+        .chunks(max_len)
+        .zip(is_start.chunks(max_len))
+        .map(|(c, starts)| {
+            let mut segs: Vec<usize> = starts
+                .iter()
+                .enumerate()
+                .filter(|(_, &s)| s)
+                .map(|(t, _)| t)
+                .collect();
+            if segs.first() != Some(&0) {
+                segs.insert(0, 0);
+            }
+            let mut labels: Vec<i64> = c
+                .iter()
+                .zip(starts)
+                .map(|(&id, &s)| if s { IGNORE_INDEX } else { id })
+                .collect();
+            let mut input = c.to_vec();
+            if c.len() < max_len {
+                segs.push(c.len());
+                input.resize(max_len, sp.pad as i64);
+                labels.resize(max_len, IGNORE_INDEX);
+            }
             Row {
                 input_ids: input,
                 labels,
+                segment_starts: Some(segs),
             }
         })
+        .collect()
+}
+
+/// Hugging Face's `group_texts`: the ids concatenated without separators, the remainder that
+/// does not fill a row dropped, rows of `max_len`; labels = input_ids.
+pub fn chunked_rows(docs: &[Vec<u32>], max_len: usize) -> Vec<Row> {
+    assert!(max_len >= 1, "max_len must be positive");
+    let stream: Vec<i64> = docs.iter().flatten().map(|&i| i as i64).collect();
+    stream
+        .chunks_exact(max_len)
+        .map(|c| Row::new(c.to_vec(), c.to_vec()))
         .collect()
 }
 
@@ -103,5 +208,33 @@ mod tests {
         assert_eq!(rows[1].input_ids, vec![5, 2, 0]);
         assert_eq!(rows[1].labels, vec![5, 2, -100]);
         assert_eq!(counted_labels(&rows[1]), 1);
+    }
+
+    #[test]
+    fn packed_doc_rows_start_segments_at_documents_and_the_padding() {
+        // stream: [1 10 11 2] [1 2] [1 20 21 22 23 2], rows of 5
+        let rows = packed_doc_rows(
+            &[vec![10, 11], vec![], vec![20, 21, 22, 23]],
+            5,
+            SpecialTokens::default(),
+        );
+        assert_eq!(rows[0].input_ids, vec![1, 10, 11, 2, 1]);
+        assert_eq!(rows[0].labels, vec![-100, 10, 11, 2, -100]);
+        assert_eq!(rows[0].segment_starts, Some(vec![0, 4]));
+        assert_eq!(rows[0].seg_start(), Some(vec![0, 0, 0, 0, 4]));
+        assert_eq!(rows[1].segment_starts, Some(vec![0, 1]));
+        assert_eq!(rows[2].input_ids, vec![23, 2, 0, 0, 0]);
+        assert_eq!(rows[2].labels, vec![23, 2, -100, -100, -100]);
+        assert_eq!(rows[2].seg_start(), Some(vec![0, 0, 2, 2, 2]));
+    }
+
+    #[test]
+    fn chunked_rows_drop_the_remainder_and_use_no_separators() {
+        let rows = chunked_rows(&[vec![5, 6, 7], vec![8], vec![9, 10, 11]], 3);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].input_ids, vec![8, 9, 10]);
+        assert_eq!(rows[1].labels, rows[1].input_ids);
+        assert_eq!(count_labels(&rows[1].labels, Counting::Unshifted), 3);
+        assert_eq!(count_labels(&rows[1].labels, Counting::Shifted), 2);
     }
 }

@@ -12,6 +12,9 @@ pub struct SpecialTokenStrings {
     pub pad: Option<String>,
 }
 
+/// A loaded tokenizer. Cloning copies it (each copy has its own BPE word cache, so threads
+/// that tokenize with their own copies share no lock).
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     pub bos: u32,
@@ -19,6 +22,11 @@ pub struct TextTokenizer {
     pub pad: u32,
     /// The tokenizer.json this was loaded from.
     pub path: PathBuf,
+    /// The tokenizer_config.json beside it (it may not exist).
+    pub config_path: PathBuf,
+    /// xxh3-128 of tokenizer.json and tokenizer_config.json, 32 hex digits: what a token cache
+    /// records of the tokenizer.
+    pub hash: String,
 }
 
 impl TextTokenizer {
@@ -85,21 +93,54 @@ impl TextTokenizer {
             resolve("eos", &given.eos, "eos_token")?.ok_or_else(|| missing("eos", "eos_token"))?;
         // Many tokenizers have no pad token; padding with eos is the usual stand-in.
         let pad = resolve("pad", &given.pad, "pad_token")?.unwrap_or(eos);
+        let hash = content_hash(&json, &config_path)?;
         Ok(Self {
             inner,
             bos,
             eos,
             pad,
             path: json,
+            config_path,
+            hash,
         })
+    }
+
+    /// The id of `token` (a whole token string, e.g. `<mask>`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// A string field of tokenizer_config.json (`mask_token`, ...), plain or `{"content": ..}`.
+    pub fn config_token(&self, key: &str) -> Option<String> {
+        let text = std::fs::read_to_string(&self.config_path).ok()?;
+        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+        match config.get(key)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+            _ => None,
+        }
+    }
+
+    /// Ids of the added tokens marked special in tokenizer.json, sorted.
+    pub fn special_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Token ids of `text` without added special tokens (`add_special_tokens=False`); special-token
     /// strings inside the text still become their ids, as in MiniMind.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        // encode_fast computes no offsets; the ids are encode's.
         let enc = self
             .inner
-            .encode(text, false)
+            .encode_fast(text, false)
             .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -114,4 +155,21 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// xxh3-128 over tokenizer.json's and tokenizer_config.json's bytes, each preceded by its length
+/// (a missing config hashes as the marker `u64::MAX`, distinct from an empty file).
+fn content_hash(json: &Path, config: &Path) -> Result<String> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let bytes = std::fs::read(json).with_context(|| format!("reading {}", json.display()))?;
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(&bytes);
+    match std::fs::read(config) {
+        Ok(bytes) => {
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+        }
+        Err(_) => h.update(&u64::MAX.to_le_bytes()),
+    }
+    Ok(format!("{:032x}", h.digest128()))
 }

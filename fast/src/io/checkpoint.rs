@@ -451,6 +451,7 @@ pub fn check_compatible(path: &Path, saved: &RunConfig, now: &RunConfig) -> Resu
         loss_normalization,
         dtype
     );
+    diffs.extend(now.data_differences(saved));
     if !diffs.is_empty() {
         bail!(
             "{} was written by a different run configuration:\n  {}\n(resume with the same options, or use another --checkpoint-dir / --from-resume 0 to start over)",

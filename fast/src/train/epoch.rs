@@ -11,7 +11,7 @@ use super::ranks::Ranks;
 use super::setup::Data;
 use crate::data::batch::HostBatch;
 use crate::data::loader::Prefetcher;
-use crate::data::order::{epoch_permutation, rank_batches, SkipBatchSampler};
+use crate::data::order::{epoch_permutation_u32, EpochOrder};
 use crate::optim::accumulation;
 
 pub struct EpochBatches {
@@ -52,18 +52,22 @@ impl EpochBatches {
             ));
         }
         let bs = cfg.batch_size;
-        let perm = epoch_permutation(data.dataset.len(), cfg.seed, epoch as u64);
-        let batches: Vec<Vec<usize>> = if ranks.world > 1 {
-            rank_batches(&perm, bs, ranks.world, ranks.rank, skip).collect()
-        } else {
-            SkipBatchSampler::new(&perm, bs, skip)
-                .iter()
-                .map(<[usize]>::to_vec)
-                .collect()
-        };
+        // The u32 permutation is the epoch's one structure that grows with the corpus (4 bytes a
+        // row); batches are cut from it as the loader dispatches them (SkipBatchSampler for one
+        // rank, data::order's global batches for several).
+        let perm = epoch_permutation_u32(data.dataset.len(), cfg.seed, epoch as u64);
+        let order = EpochOrder::new(std::sync::Arc::new(perm), bs, ranks.world, ranks.rank, skip);
+        let total = order.remaining();
         let workers = cfg.num_workers;
         let depth = (2 * workers).max(cfg.accumulation_steps) + 2;
-        let loader = Prefetcher::new(data.dataset.clone(), batches, workers, depth);
+        let loader = Prefetcher::from_iter(
+            data.dataset.clone(),
+            Box::new(order),
+            total,
+            epoch as u64,
+            workers,
+            depth,
+        );
         let waited_seen = loader.waited;
         EpochBatches {
             loader,

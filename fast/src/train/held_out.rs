@@ -1,6 +1,9 @@
 //! `--eval-data`: the held-out loss during training, computed as `fast eval` computes it (one
 //! document per row from bos, MiniMind's padded rows, shifted cross-entropy token-weighted over
-//! every counted label of the file), with the model being trained.
+//! every counted label of the file), with the model being trained. For `--objective mlm` the
+//! rows are masked as `fast eval` masks them: the run's --mlm-probability and --mask-token, but
+//! the fixed seed [`crate::data::mlm::EVAL_MASK_SEED`], so every evaluation scores the same
+//! masked positions.
 
 use std::time::Instant;
 
@@ -32,11 +35,18 @@ impl HeldOut {
             return Ok(None);
         };
         let spec = DataSpec {
-            data_path: path.clone(),
+            data_path: vec![path.clone()],
             data_mode: DataMode::Padded,
             max_docs: cfg.eval_docs,
             skip_bad_lines: false,
             ..cfg.data_spec()
+        };
+        let spec = DataSpec {
+            mlm: spec.mlm.map(|m| crate::data::mlm::MlmSpec {
+                seed: crate::data::mlm::EVAL_MASK_SEED,
+                ..m
+            }),
+            ..spec
         };
         let data = Data::load(&spec, &|l| say(format!("held-out {l}")))?;
         Ok(Some(HeldOut {

@@ -185,8 +185,7 @@ pub fn train(cfg: &RunConfig) -> Result<RunSummary> {
                 profile.before_step(p.global, ranks.device)?;
                 // forward and backward, then at the end of the window the optimizer step
                 let lr = cfg.lr_at(p.global, plan.iters);
-                let batch =
-                    Batch::from_vecs(&hb.input_ids, &hb.labels, hb.rows, hb.cols, ranks.device);
+                let batch = Batch::from_host(&hb, ranks.device);
                 let out = stepper.micro(&mut tr, cfg, &hb, &batch, &count)?;
                 if batches.is_optimizer_step() {
                     stepper.optimize(&mut tr, cfg, &ranks, lr, p.global, &con, p.last_saved)?;

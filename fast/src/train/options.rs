@@ -64,9 +64,11 @@ pub enum LossNormalization {
 #[derive(clap::Args, Debug, Clone)]
 pub struct PretrainArgs {
     // ---- MiniMind's options ----
-    /// JSONL corpus, one {"text": ...} per line [default: the embedded poems corpus].
-    #[arg(long, alias = "data_path")]
-    pub data_path: Option<PathBuf>,
+    /// JSONL corpus, one {"text": ...} per line: files, quoted glob patterns or directories of
+    /// .jsonl/.jsonl.gz/.jsonl.zst files, read as one corpus in sorted path order
+    /// [default: the embedded poems corpus].
+    #[arg(long, alias = "data_path", num_args = 1..)]
+    pub data_path: Vec<PathBuf>,
     /// Tokenizer directory (tokenizer.json + tokenizer_config.json), tokenizer.json file, or a
     /// built-in one: poems, minimind2, minimind3 [default: the --model's own, else poems].
     #[arg(long)]
@@ -94,7 +96,7 @@ pub struct PretrainArgs {
     /// [default: bfloat16 on CUDA, float32 on CPU].
     #[arg(long, value_enum)]
     pub dtype: Option<DType>,
-    /// Tokenizing worker threads of the data loader [default: min(8, cores)].
+    /// Worker threads of the data loader and of the tokenizing pass [default: min(8, cores)].
     #[arg(long, alias = "num_workers")]
     pub num_workers: Option<usize>,
     /// Micro-batches per optimizer step [default: 8 on CUDA, 1 on CPU].
@@ -147,8 +149,12 @@ pub struct PretrainArgs {
     /// AdamW decoupled weight decay (torch's default).
     #[arg(long, alias = "weight_decay", default_value_t = 0.01)]
     pub weight_decay: f64,
-    /// padded: one document per row (MiniMind); packed: documents concatenated into full rows
-    /// [default: padded; packed for the embedded poems on a CPU].
+    /// padded: one document per row (MiniMind); packed: documents concatenated into full rows;
+    /// packed-docs: [bos] + doc + [eos] concatenated into full rows, each token carrying its
+    /// document's start (seg_start) so attention can stay within documents; chunked: Hugging
+    /// Face's group_texts (ids concatenated without separators, cut into rows, the remainder
+    /// dropped, labels = input_ids), the textbook recipe [default: padded; packed for the
+    /// embedded poems on a CPU].
     #[arg(long, alias = "data_mode", value_enum)]
     pub data_mode: Option<DataMode>,
     /// mean: MiniMind's per-micro-batch mean; token: every counted token of a window weighs the same.
@@ -164,6 +170,21 @@ pub struct PretrainArgs {
     /// Leave out corpus lines that are not {"text": "..."} objects (counted and reported).
     #[arg(long, alias = "skip_bad_lines")]
     pub skip_bad_lines: bool,
+    /// Token cache directory (the corpus tokenized once, read memory-mapped; built when missing)
+    /// [default: <data-path>.tokens/tok-<key of the tokenizer and line policy>].
+    #[arg(long, alias = "token_cache")]
+    pub token_cache: Option<PathBuf>,
+    /// Masked LM: probability that a non-special token is selected (80% of those become the mask
+    /// token, 10% a random id, 10% stay), as transformers' DataCollatorForLanguageModeling.
+    #[arg(long, alias = "mlm_probability", default_value_t = 0.15)]
+    pub mlm_probability: f64,
+    /// Masked LM: the mask token string [default: tokenizer_config.json's mask_token].
+    #[arg(long, alias = "mask_token")]
+    pub mask_token: Option<String>,
+    /// Rebuild a --token-cache that does not fit this run (other sources, tokenizer or line
+    /// policy, damaged shards) instead of refusing it. The default location is always rebuilt.
+    #[arg(long, alias = "rebuild_cache")]
+    pub rebuild_cache: bool,
     /// Skip optimizer steps whose loss or gradients are not finite (counted and reported) instead
     /// of stopping at the first one (bf16/fp32; fp16's GradScaler always skips and backs off).
     #[arg(long, alias = "skip_nonfinite")]
@@ -251,7 +272,9 @@ pub struct PretrainArgs {
 /// with every checkpoint; a resume checks that the fields that shape the run still agree.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
-    pub data_path: PathBuf,
+    /// `--data-path` values as given (a run saved before several were allowed has one).
+    #[serde(deserialize_with = "one_or_many")]
+    pub data_path: Vec<PathBuf>,
     pub tokenizer: PathBuf,
     pub save_dir: PathBuf,
     pub save_weight: String,
@@ -289,6 +312,16 @@ pub struct RunConfig {
     pub loss_normalization: LossNormalization,
     pub max_steps: Option<usize>,
     pub skip_bad_lines: bool,
+    /// `--token-cache` (None: the default beside the data; the data line names the directory).
+    #[serde(default)]
+    pub token_cache: Option<PathBuf>,
+    #[serde(default)]
+    pub rebuild_cache: bool,
+    /// Masked LM's selection probability and mask token (used when the objective is masked LM).
+    #[serde(default = "default_mlm_probability")]
+    pub mlm_probability: f64,
+    #[serde(default)]
+    pub mask_token: Option<String>,
     #[serde(default)]
     pub skip_nonfinite: bool,
     #[serde(default)]
@@ -325,6 +358,24 @@ pub struct RunConfig {
     pub eval_batch_size: usize,
     /// Why defaults differ from MiniMind's (device-sized model, CPU subset, ...).
     pub notes: Vec<String>,
+}
+
+fn default_mlm_probability() -> f64 {
+    0.15
+}
+
+/// `data_path` as a list, or the single path of a configuration saved before lists.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 fn one() -> usize {
@@ -381,14 +432,11 @@ impl PretrainArgs {
             }
             Ok(embedded.clone().expect("set above"))
         };
-        let data_path = match &self.data_path {
-            Some(d) => d.clone(),
-            None => {
-                notes.push(
-                    "data: the embedded corpus (5,000 Tang poems, chinese-poetry, MIT)".into(),
-                );
-                embedded_data()?.0
-            }
+        let data_path = if self.data_path.is_empty() {
+            notes.push("data: the embedded corpus (5,000 Tang poems, chinese-poetry, MIT)".into());
+            vec![embedded_data()?.0]
+        } else {
+            self.data_path.clone()
         };
         let preset_tokenizer = self.model.model.map(|p| p.tokenizer());
         let tokenizer = match (&self.tokenizer, preset_tokenizer) {
@@ -425,7 +473,7 @@ impl PretrainArgs {
             },
         )?
         .vocab_size();
-        let first_run = !cuda && self.data_path.is_none() && self.max_docs.is_none();
+        let first_run = !cuda && self.data_path.is_empty() && self.max_docs.is_none();
         if !cuda {
             let unsized_model = m.model.is_none();
             let sized: Vec<&str> = [
@@ -535,6 +583,10 @@ impl PretrainArgs {
             loss_normalization: self.loss_normalization,
             max_steps: self.max_steps,
             skip_bad_lines: self.skip_bad_lines,
+            token_cache: self.token_cache.clone(),
+            rebuild_cache: self.rebuild_cache,
+            mlm_probability: self.mlm_probability,
+            mask_token: self.mask_token.clone(),
             skip_nonfinite: self.skip_nonfinite,
             cuda_graph: self.cuda_graph,
             max_docs: self.max_docs,
@@ -604,6 +656,12 @@ impl RunConfig {
             bail!(
                 "--learning-rate must be a positive number (got {})",
                 self.learning_rate
+            );
+        }
+        if !(0.0..=1.0).contains(&self.mlm_probability) {
+            bail!(
+                "--mlm-probability must be between 0 and 1 (got {})",
+                self.mlm_probability
             );
         }
         if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
@@ -681,8 +739,14 @@ impl RunConfig {
         ))
     }
 
-    /// What [`crate::train::setup::Data::load`] reads for this run.
+    /// What [`crate::train::setup::Data::load`] reads for this run: for `--objective mlm` the
+    /// rows are masked with --mlm-probability, --mask-token and --seed.
     pub fn data_spec(&self) -> DataSpec {
+        self.data_spec_for(self.objective == Objective::MaskedLm)
+    }
+
+    /// [`Self::data_spec`] with masking chosen by `masked_lm` rather than by the objective.
+    pub fn data_spec_for(&self, masked_lm: bool) -> DataSpec {
         DataSpec {
             data_path: self.data_path.clone(),
             tokenizer: self.tokenizer.clone(),
@@ -696,7 +760,46 @@ impl RunConfig {
             threads: self.num_workers,
             skip_bad_lines: self.skip_bad_lines,
             max_docs: self.max_docs,
+            token_cache: self.token_cache.clone(),
+            rebuild_cache: self.rebuild_cache,
+            progress: !self.no_progress,
+            mlm: masked_lm.then(|| crate::data::mlm::MlmSpec {
+                probability: self.mlm_probability,
+                mask_token: self.mask_token.clone(),
+                seed: self.seed,
+            }),
         }
+    }
+
+    /// The data options that change what a resumed run would train on, saved against now:
+    /// the resume check's data half (the corpus itself is checked through the token cache's
+    /// manifest). Each entry names the option.
+    pub fn data_differences(&self, saved: &RunConfig) -> Vec<String> {
+        let mut diffs = Vec::new();
+        let mut same = |name: &str, a: String, b: String| {
+            if a != b {
+                diffs.push(format!("--{name}: saved {a}, now {b}"));
+            }
+        };
+        same(
+            "skip-bad-lines",
+            saved.skip_bad_lines.to_string(),
+            self.skip_bad_lines.to_string(),
+        );
+        same(
+            "mlm-probability",
+            saved.mlm_probability.to_string(),
+            self.mlm_probability.to_string(),
+        );
+        for (name, a, b) in [
+            ("mask-token", &saved.mask_token, &self.mask_token),
+            ("bos-token", &saved.bos_token, &self.bos_token),
+            ("eos-token", &saved.eos_token, &self.eos_token),
+            ("pad-token", &saved.pad_token, &self.pad_token),
+        ] {
+            same(name, format!("{a:?}"), format!("{b:?}"));
+        }
+        diffs
     }
 
     pub fn normalisation(&self) -> Normalisation {

@@ -1,87 +1,147 @@
-//! The data a run trains on, set up one way for `pretrain`, `bench` and `eval`: the corpus, its
-//! tokenizer and the rows of the chosen layout.
+//! The data a run trains on, set up one way for `pretrain`, `bench` and `eval`: the corpus's
+//! files, its tokenizer, the token cache (built by a tokenizing pass when there is no valid one)
+//! and the rows of the chosen layout.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use crate::data::corpus::{JsonlCorpus, LinePolicy};
+use crate::data::cache::{open_or_build, CacheRequest, TokenCache};
 use crate::data::dataset::{DataMode, TokenDataset};
+use crate::data::mlm::{MlmMasking, MlmSpec};
+use crate::data::pass::DEFAULT_SHARD_TOKENS;
+use crate::data::rows::SpecialTokens;
 use crate::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
 
 /// What to read and how to lay it out.
 #[derive(Clone, Debug)]
 pub struct DataSpec {
-    pub data_path: PathBuf,
+    /// `--data-path` values: files, glob patterns, directories (see `data::sources`).
+    pub data_path: Vec<PathBuf>,
     pub tokenizer: PathBuf,
     /// Token strings overriding tokenizer_config.json's.
     pub specials: SpecialTokenStrings,
     pub max_seq_len: usize,
     pub data_mode: DataMode,
-    /// Threads of the packed layout's tokenizing pass.
+    /// Threads of the tokenizing pass (when the cache must be built).
     pub threads: usize,
     pub skip_bad_lines: bool,
     /// Only the first N documents.
     pub max_docs: Option<usize>,
+    /// `--token-cache` (None: the default beside the data, see `data::cache::default_dir`).
+    pub token_cache: Option<PathBuf>,
+    /// `--rebuild-cache`: rebuild an invalid `--token-cache` instead of refusing it.
+    pub rebuild_cache: bool,
+    /// Show the tokenizing pass's progress bar.
+    pub progress: bool,
+    /// Masked LM (the run's objective): mask every row (`data::mlm`); None for causal LM.
+    pub mlm: Option<MlmSpec>,
+}
+
+impl DataSpec {
+    /// A spec with the defaults of everything but the corpus, tokenizer, row length and layout.
+    pub fn new(
+        data_path: Vec<PathBuf>,
+        tokenizer: PathBuf,
+        max_seq_len: usize,
+        data_mode: DataMode,
+    ) -> DataSpec {
+        DataSpec {
+            data_path,
+            tokenizer,
+            specials: SpecialTokenStrings::default(),
+            max_seq_len,
+            data_mode,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            skip_bad_lines: false,
+            max_docs: None,
+            token_cache: None,
+            rebuild_cache: false,
+            progress: false,
+            mlm: None,
+        }
+    }
 }
 
 /// A corpus ready to be batched.
 pub struct Data {
-    pub corpus: Arc<JsonlCorpus>,
+    pub cache: Arc<TokenCache>,
     pub tokenizer: Arc<TextTokenizer>,
     pub dataset: Arc<TokenDataset>,
 }
 
 impl Data {
-    /// Opens the corpus and the tokenizer and lays out the rows; `say` gets one line about
-    /// skipped bad lines (if any) and one describing the data.
+    /// Opens the tokenizer and the token cache (tokenizing the corpus if needed) and lays out
+    /// the rows; `say` gets a line about the cache if it was built or refused, one about skipped
+    /// bad lines (if any) and one describing the data.
     pub fn load(spec: &DataSpec, say: &dyn Fn(String)) -> Result<Data> {
-        let policy = if spec.skip_bad_lines {
-            LinePolicy::Skip
-        } else {
-            LinePolicy::Fail
+        let files = crate::data::sources::resolve(&spec.data_path)?;
+        let tokenizer = Arc::new(TextTokenizer::load(&spec.tokenizer, &spec.specials)?);
+        let req = CacheRequest {
+            given: spec.data_path.clone(),
+            files,
+            dir: spec.token_cache.clone(),
+            rebuild: spec.rebuild_cache,
+            skip_bad_lines: spec.skip_bad_lines,
+            max_docs: spec.max_docs.map(|n| n as u64),
+            threads: spec.threads,
+            shard_tokens: DEFAULT_SHARD_TOKENS,
+            progress: spec.progress,
         };
-        let mut corpus = JsonlCorpus::open(&spec.data_path, policy)?;
-        if corpus.skipped > 0 {
+        let (cache, stats) = open_or_build(&req, &tokenizer, say)?;
+        if let Some(stats) = stats {
             say(format!(
-                "skipped {} bad line(s) of {}: {}",
-                corpus.skipped,
-                spec.data_path.display(),
-                corpus.skipped_examples.join("; ")
+                "tokenized into {}: {}",
+                cache.dir.display(),
+                stats.describe(spec.threads.max(1))
             ));
         }
-        if let Some(n) = spec.max_docs {
-            corpus.truncate(n);
+        let m = &cache.manifest;
+        if m.lines_skipped > 0 {
+            say(format!(
+                "skipped {} bad line(s) of {}: {}",
+                m.lines_skipped,
+                show_paths(&req.files),
+                m.skipped_examples.join("; ")
+            ));
         }
-        let tokenizer = Arc::new(TextTokenizer::load(&spec.tokenizer, &spec.specials)?);
-        let corpus = Arc::new(corpus);
-        let t0 = Instant::now();
-        let dataset = Arc::new(match spec.data_mode {
-            DataMode::Padded => {
-                TokenDataset::padded(corpus.clone(), tokenizer.clone(), spec.max_seq_len)
-            }
-            DataMode::Packed => TokenDataset::packed(
-                corpus.clone(),
-                tokenizer.clone(),
-                spec.max_seq_len,
-                spec.threads,
-            )?,
-        });
-        say(format!(
-            "data: {} documents from {} ({:.1} MB) -> {} {:?} rows of {} tokens{}; tokenizer {} (vocab {}, bos {}, eos {}, pad {})",
-            corpus.len(),
-            spec.data_path.display(),
-            corpus.file_bytes as f64 / 1e6,
-            dataset.len(),
+        let source_bytes: u64 = m.sources.iter().map(|s| s.size).sum();
+        let cache = Arc::new(cache);
+        let specials = SpecialTokens {
+            pad: tokenizer.pad,
+            bos: tokenizer.bos,
+            eos: tokenizer.eos,
+        };
+        let mut dataset = TokenDataset::new(
+            cache.clone(),
             spec.data_mode,
             spec.max_seq_len,
-            if spec.data_mode == DataMode::Packed {
-                format!(" (laid out in {:.1}s)", t0.elapsed().as_secs_f64())
-            } else {
-                String::new()
-            },
+            specials,
+            tokenizer.vocab_size(),
+        )?;
+        if let Some(mlm) = &spec.mlm {
+            let masking = MlmMasking::for_tokenizer(mlm, &tokenizer)?;
+            say(format!(
+                "masked LM: {:.0}% of non-special tokens selected (80% -> mask id {}, 10% random, 10% kept), {} special ids never selected",
+                masking.probability * 100.0,
+                masking.mask_token_id,
+                masking.special_ids.len()
+            ));
+            dataset = dataset.with_mlm(masking, mlm.seed);
+        }
+        let dataset = Arc::new(dataset);
+        say(format!(
+            "data: {} documents from {} ({:.1} MB; token cache {}) -> {} {} rows of {} tokens; tokenizer {} (vocab {}, bos {}, eos {}, pad {})",
+            cache.len(),
+            show_paths(&req.files),
+            source_bytes as f64 / 1e6,
+            cache.dir.display(),
+            dataset.len(),
+            spec.data_mode.name(),
+            spec.max_seq_len,
             tokenizer.path.display(),
             tokenizer.vocab_size(),
             tokenizer.bos,
@@ -89,12 +149,21 @@ impl Data {
             tokenizer.pad
         ));
         if dataset.is_empty() {
-            bail!("{} gives no training rows", spec.data_path.display());
+            bail!("{} gives no training rows", show_paths(&req.files));
         }
         Ok(Data {
-            corpus,
+            cache,
             tokenizer,
             dataset,
         })
+    }
+}
+
+/// One path, or the first and a count.
+fn show_paths(files: &[PathBuf]) -> String {
+    match files {
+        [one] => one.display().to_string(),
+        [first, rest @ ..] => format!("{} and {} more file(s)", first.display(), rest.len()),
+        [] => "no files".to_string(),
     }
 }
