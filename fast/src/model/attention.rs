@@ -169,14 +169,21 @@ impl Attention {
         let w_qkv = bf16_operand(&[&self.q_proj, &self.k_proj, &self.v_proj], k);
         let qkv = x.linear::<Tensor>(&w_qkv, None);
         if path == AttentionPath::Own {
-            let qk_norm = match (&self.q_norm, &self.k_norm) {
-                (Some(q), Some(kn)) => Some(fused::QkNorm {
-                    q: &q.weight,
-                    k: &kn.weight,
-                    eps: q.eps,
-                }),
+            // The kernel reads fp32 norm weights: training keeps them fp32; weights loaded for
+            // inference in bf16 are widened here ([head_dim] each).
+            let norm_w = match (&self.q_norm, &self.k_norm) {
+                (Some(q), Some(kn)) => Some((
+                    super::to_kind(&q.weight, Kind::Float),
+                    super::to_kind(&kn.weight, Kind::Float),
+                    q.eps,
+                )),
                 _ => None,
             };
+            let qk_norm = norm_w.as_ref().map(|(q, kn, eps)| fused::QkNorm {
+                q,
+                k: kn,
+                eps: *eps,
+            });
             let mask = match mask {
                 Mask::Causal => fused::AttnMask::Causal,
                 Mask::Segments(s) => fused::AttnMask::Segments(s),
