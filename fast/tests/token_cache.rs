@@ -153,6 +153,23 @@ fn a_second_pass_reuses_the_cache_and_pretrain_reads_it_without_tokenizing() {
             .unwrap();
     assert_eq!(run_cfg["token_cache"], "cache");
     assert_eq!(run_cfg["data_path"], serde_json::json!(["c.jsonl"]));
+    // The same file named from another directory (../c.jsonl) is the same source: sources are
+    // recorded by their canonical paths.
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let (o, _) = ok(&run(
+        &d.join("sub"),
+        &[
+            "tokenize",
+            "--data-path",
+            "../c.jsonl",
+            "--tokenizer",
+            &tok,
+            "--out",
+            "../cache",
+            "--no-progress",
+        ],
+    ));
+    assert!(o.contains("is up to date: 200 documents"), "{o}");
 }
 
 #[test]
@@ -201,7 +218,7 @@ fn stale_foreign_and_damaged_caches_are_refused_by_file_and_field_and_rebuilt_wh
     drop(f);
     refused(
         &go(&["--tokenizer", &tok]),
-        "source c.jsonl changed since the cache was built: size",
+        "/c.jsonl changed since the cache was built: size",
     );
     let (_, e) = ok(&go(&["--tokenizer", &tok, "--rebuild-cache"]));
     assert!(e.contains("rebuilding"), "{e}");

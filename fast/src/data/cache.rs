@@ -758,13 +758,15 @@ pub fn default_dir(req: &CacheRequest, tokenizer_hash: &str) -> PathBuf {
     base.join(format!("tok-{key:016x}"))
 }
 
-/// What the run reads now, as a manifest without shards (sources stated, not hashed).
+/// What the run reads now, as a manifest without shards (sources stated, not hashed). Sources
+/// are named by their canonical paths, so a cache built from `big.jsonl` serves a run in another
+/// directory that names the same file `../big.jsonl`.
 fn wanted(req: &CacheRequest, tok: &super::tokenizer::TextTokenizer) -> Result<Manifest> {
     let mut sources = Vec::with_capacity(req.files.len());
     for f in &req.files {
         let (size, mtime_ns) = super::sources::stat(f)?;
         sources.push(SourceRecord {
-            path: f.clone(),
+            path: std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()),
             size,
             mtime_ns,
             xxh3_128: String::new(),
