@@ -195,7 +195,7 @@ pub struct PretrainArgs {
     #[arg(long, alias = "cuda_graph")]
     pub cuda_graph: bool,
     /// Use only the first N documents of the corpus [default: all]. Giving it on a CPU with the
-    /// embedded poems also turns off the first-run recipe (packed rows, 4 epochs, warmup 50,
+    /// embedded poems also turns off the first-run recipe (packed rows, 3 epochs, warmup 50,
     /// learning rate 5e-3): the CPU's small defaults and MiniMind's schedule apply.
     #[arg(long, alias = "max_docs")]
     pub max_docs: Option<usize>,
@@ -403,12 +403,12 @@ pub fn resolve_tokenizer(given: &std::path::Path) -> Result<PathBuf> {
 
 /// The first run on a CPU (`make pretrain`: the embedded poems, no --data-path or --max-docs):
 /// the small CPU model on all 5,000 poems packed into full rows (no step spent on padding),
-/// 4 epochs with a short warmup and a higher peak rate, so that a few minutes on two cores end
+/// 3 epochs with a short warmup and a higher peak rate, so that a few minutes on two cores end
 /// with verse; each can still be given.
 pub struct FirstRunRecipe;
 
 impl FirstRunRecipe {
-    pub const EPOCHS: usize = 4;
+    pub const EPOCHS: usize = 3;
     pub const WARMUP_STEPS: usize = 50;
     pub const LEARNING_RATE: f64 = 5e-3;
     pub const DATA_MODE: DataMode = DataMode::Packed;

@@ -1,0 +1,79 @@
+# Sourced by the session scripts: binaries, data split, helpers. Everything under $OUT comes back.
+set -uo pipefail
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;d=os.path.dirname(torch.__file__);print(d+"/lib:"+d+"/../nvidia/cu13/lib")'):${LD_LIBRARY_PATH:-}
+D=$(pwd)/.device
+O=${OUT:-/tmp/out}
+W=/tmp/w
+mkdir -p $O $W
+S=$O/summary.txt
+touch $S
+row() { echo "$*" | tee -a $S; }
+stamp() { date +%s.%N; }
+took() { python3 -c "print(f'{$(stamp) - $1:.1f}')"; }
+for f in fast verify; do
+  [ -x $W/$f ] || { [ -f $D/$f.xz ] && xz -dc $D/$f.xz >$W/$f && chmod +x $W/$f; }
+done
+if [ ! -f $W/train.jsonl ] && [ -f $D/poems_full.jsonl.xz ]; then
+  xz -dc $D/poems_full.jsonl.xz >$W/full.jsonl
+  head -n -2000 $W/full.jsonl >$W/train.jsonl
+  tail -n 2000 $W/full.jsonl >$W/heldout.jsonl
+fi
+FAST=$W/fast
+VERIFY=$W/verify
+
+# bench NAME ARGS...: one fast bench line (its JSON in $O/bench_NAME.json).
+bench() {
+  local name=$1; shift
+  timeout 180 $FAST bench --data-path $W/train.jsonl --num-workers 12 "$@" >$O/bench_$name.json 2>$O/bench_$name.err
+  local rc=$?
+  python3 - "$name" "$rc" "$O/bench_$name.json" <<'EOF' | tee -a $S
+import json, sys
+name, rc, path = sys.argv[1:4]
+try:
+    j = json.loads(open(path).read().strip().splitlines()[-1])
+    m = j.get("peak_memory") or {}
+    print(f"bench {name:22s} {j['step_ms']:7.2f} ms  {j['padded_tokens_per_s']/1e3:6.0f}k padded  {j['useful_tokens_per_s']/1e3:6.0f}k useful  "
+          f"{100*j['ceiling_fraction']:4.1f}% of {j['matmul_ceiling_tflops']:.0f} TFLOP/s  peak {m.get('allocated_gib', float('nan')):.2f} GiB  wait {100*j['data_wait_share']:.1f}%")
+except Exception as e:
+    print(f"bench {name:22s} FAILED rc {rc}: {e}")
+EOF
+}
+
+# anchor NAME MINIMIND_DIR ARGS...: MiniMind's own trainer step (minimind_bench.py).
+anchor() {
+  local name=$1 mm=$2; shift 2
+  timeout 300 python3 $D/minimind_bench.py $mm $W/train.jsonl --workers 12 "$@" >$O/anchor_$name.json 2>$O/anchor_$name.err
+  local rc=$?
+  python3 - "$name" "$rc" "$O/anchor_$name.json" <<'EOF' | tee -a $S
+import json, sys
+name, rc, path = sys.argv[1:4]
+try:
+    j = json.loads(open(path).read().strip().splitlines()[-1])
+    print(f"anchor {name:21s} {j['step_ms']:7.2f} ms  {j['padded_tok_s']/1e3:6.0f}k padded  {j['useful_tok_s']/1e3:6.0f}k useful  "
+          f"peak {j['peak_mem_GiB']:.2f} GiB  params {j['params_M']}M  compile {j['compile']}")
+except Exception as e:
+    print(f"anchor {name:21s} FAILED rc {rc}: {e}")
+EOF
+}
+
+# run NAME ARGS...: one fast pretrain in $W/run_NAME scored on the held-out poems during training.
+run() {
+  local name=$1; shift
+  local dir=$W/run_$name
+  rm -rf $dir; mkdir -p $dir
+  t0=$(stamp)
+  (cd $dir && timeout 280 $FAST pretrain --device cuda --data-path $W/train.jsonl \
+     --eval-data $W/heldout.jsonl --eval-interval ${EVI:-400} --log-interval ${EVI:-400} --cuda-graph --no-progress \
+     --num-workers 12 --sample-tokens 32 "$@") >$O/pretrain_$name.txt 2>&1
+  rc=$?
+  cp $dir/out/metrics.jsonl $O/metrics_$name.jsonl 2>/dev/null
+  row "pretrain $name: rc $rc, $(took $t0)s wall (command); $(grep -E '^(done|stopped)' $O/pretrain_$name.txt | cut -c1-160)"
+  grep -E 'held-out' $O/pretrain_$name.txt | tail -1 | grep -oE 'held-out [0-9.]+ [(][^)]*[)]' | tee -a $S
+  grep -E '^optimizer:' $O/pretrain_$name.txt | cut -c1-200 | tee -a $S
+}
+
+# pack: the device brings back at most 8 files; everything but the summary goes in one tarball.
+pack() {
+  (cd $O && tar czf logs_${1:-x}.tar.gz $(ls | grep -vE '^(summary.txt|logs_.*\.tar\.gz)$') 2>/dev/null \
+     && ls | grep -vE '^(summary.txt|logs_.*\.tar\.gz)$' | xargs rm -rf)
+}

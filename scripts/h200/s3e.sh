@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Session 3, part E: fast eval of a MiniMind-3 checkpoint on CUDA (bf16 weights through our
+# attention with q/k norm), then one epoch of MoE pretraining on the whole poems corpus (the 26M
+# config with MiniMind2's MoE, b128 x 2), grouped + --cuda-graph against the per-expert loop.
+source "$(dirname "$0")/common.sh"
+# The packed-docs recipe as a user runs it (no --eval-data), timed as a whole, then fast eval.
+dir=$W/pd; rm -rf $dir; mkdir -p $dir
+t0=$(stamp)
+(cd $dir && timeout 60 $FAST pretrain --device cuda --data-path $W/train.jsonl --tokenizer minimind2 --cuda-graph \
+   --data-mode packed-docs --batch-size 32 --accumulation-steps 2 --no-progress --num-workers 12 --sample-tokens 0) >$O/pd.txt 2>&1
+row "pretrain packed-docs b32x2 (no --eval-data): rc $?, $(took $t0)s wall (command); $(grep -E '^done' $O/pd.txt | cut -c1-160)"
+timeout 40 $FAST eval --weights $dir/out/pretrain_512.safetensors --data-path $W/heldout.jsonl --device cuda >$O/pd_eval.txt 2>&1
+row "eval packed-docs: rc $? $(tail -1 $O/pd_eval.txt)"
+dir=$W/m3short; rm -rf $dir; mkdir -p $dir
+(cd $dir && timeout 60 $FAST pretrain --device cuda --data-path $W/heldout.jsonl --model minimind3 --cuda-graph \
+   --max-steps 100 --batch-size 32 --accumulation-steps 1 --no-progress --sample-tokens 0 --log-interval 50) >$O/m3short.txt 2>&1
+row "m3 short pretrain: rc $?"
+WT=$(ls $dir/out/*.safetensors | head -1)
+timeout 60 $FAST eval --weights $WT --data-path $W/heldout.jsonl --device cuda >$O/eval_m3.txt 2>&1
+row "eval m3 (no --tokenizer: the recorded one): rc $? $(tail -1 $O/eval_m3.txt)"
+for e in grouped loop; do
+  g=(); [ $e = grouped ] && g=(--cuda-graph)
+  lim=230; [ $e = loop ] && lim=${LOOP_LIMIT:-250}
+  dir=$W/moe_$e; rm -rf $dir; mkdir -p $dir
+  t0=$(stamp)
+  (cd $dir && timeout $lim $FAST pretrain --device cuda --data-path $W/train.jsonl --tokenizer minimind2 \
+     --use-moe 1 --batch-size 128 --accumulation-steps 2 --log-interval 200 --num-workers 12 --no-progress \
+     --sample-tokens 0 --moe-experts $e "${g[@]}") >$O/moe_$e.txt 2>&1
+  row "moe pretrain $e (306k poems): rc $?, $(took $t0)s wall; $(grep -E '^(done|stopped)' $O/moe_$e.txt | tail -1 | cut -c1-200)"
+  grep Epoch $O/moe_$e.txt | tail -1 | cut -c1-200 | tee -a $S
+  wt=$(ls $dir/out/*.safetensors 2>/dev/null | head -1)
+  grep -qE '^done' $O/moe_$e.txt && [ -n "$wt" ] && timeout 40 $FAST eval --weights $wt --data-path $W/heldout.jsonl --device cuda >$O/moe_eval_$e.txt 2>&1 && row "moe eval $e: $(tail -1 $O/moe_eval_$e.txt)"
+done
+pack e
+echo "==== summary"
+cat $S
