@@ -70,6 +70,11 @@ fn fails_with(args: &[&str], dir: &Path, want: &str) {
     );
 }
 
+fn run_config(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("out/run_config.json")).unwrap())
+        .unwrap()
+}
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("out/metrics.jsonl"))
         .unwrap()
@@ -130,10 +135,7 @@ fn a_tiny_run_lowers_the_loss_and_writes_every_output() {
     .unwrap();
     assert_eq!(cfg["hidden_size"], 32);
     assert_eq!(cfg["vocab_size"], 6400);
-    let run: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("out/run_config.json")).unwrap(),
-    )
-    .unwrap();
+    let run = run_config(dir.path());
     assert_eq!(run["batch_size"], 8);
 
     let svg = std::fs::read_to_string(dir.path().join("out/loss_curve.svg")).unwrap();
@@ -348,10 +350,7 @@ fn packed_docs_runs_train_and_bench() {
         ],
     ));
     assert!(stdout.contains("packed-docs rows of 32 tokens"), "{stdout}");
-    let run: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("out/run_config.json")).unwrap(),
-    )
-    .unwrap();
+    let run = run_config(dir.path());
     assert_eq!(run["data_mode"], "packed-docs");
     let corpus = fast::data::defaults::materialize().unwrap().corpus;
     let out = fast()
@@ -823,10 +822,7 @@ fn minimind3_presets_train_with_their_fields_and_tokenizer() {
         ],
     ));
     assert!(stdout.contains("run configuration:"), "{stdout}");
-    let run: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("out/run_config.json")).unwrap(),
-    )
-    .unwrap();
+    let run = run_config(dir.path());
     assert_eq!(run["model_preset"], "minimind3");
     assert_eq!(run["architecture"], "minimind-3");
     assert_eq!(run["qk_norm"], true);
@@ -1026,10 +1022,7 @@ fn the_textbook_recipe_and_masked_lm_eval_run_end_to_end() {
         lr > 0.0 && lr <= 5e-3 * 4.0 / 100.0 * (1.0 + 1e-9),
         "lr {lr} is still warming up"
     );
-    let run: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("out/run_config.json")).unwrap(),
-    )
-    .unwrap();
+    let run = run_config(dir.path());
     assert_eq!(run["data_mode"], "chunked");
     assert_eq!(run["mlm_probability"], 0.15);
 
