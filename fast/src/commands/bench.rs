@@ -265,7 +265,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 Ok(out.loss)
             }
             None => {
-                let out = tr.micro_step(&batch.input_ids, &batch.labels, 1.0)?;
+                let out = tr.micro_step_on(
+                    &batch.input_ids,
+                    &batch.labels,
+                    batch.seg_start.as_ref(),
+                    &weight,
+                )?;
                 let _ = tr.optimizer_step(lr, args.grad_clip)?;
                 Ok(out.loss)
             }
@@ -364,7 +369,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let rows =
             crate::kernels::profiler::profile(device.is_cuda(), &dir.join("trace.json"), || {
                 for _ in 0..n {
-                    let _ = tr.micro_step(&batch.input_ids, &batch.labels, 1.0)?;
+                    let _ = tr.micro_step_on(
+                        &batch.input_ids,
+                        &batch.labels,
+                        batch.seg_start.as_ref(),
+                        &weight,
+                    )?;
                     let _ = tr.optimizer_step(args.learning_rate, args.grad_clip)?;
                 }
                 sync();
