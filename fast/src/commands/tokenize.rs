@@ -74,6 +74,7 @@ pub fn run(args: &TokenizeArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| default_dir(&req, &tok.hash));
     let say = |l: String| eprintln!("{l}");
+    eprintln!("encoder: {}", tok.encoder());
     let (cache, stats) = open_or_build(&req, &tok, &say)?;
     let m = &cache.manifest;
     match stats {

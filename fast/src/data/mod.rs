@@ -1,7 +1,8 @@
 //! Pretraining data, from JSONL text to device batches.
 //!
 //! sources (the corpus's files, sorted, plain or compressed, read as one stream of lines) ->
-//! tokenizer (a Hugging Face tokenizer.json and its special tokens) -> pass (the tokenizing pass,
+//! tokenizer (a Hugging Face tokenizer.json and its special tokens; `bpe` encodes MiniMind's
+//! byte-level BPE shape to ids without the tokenizers crate's per-call work) -> pass (the tokenizing pass,
 //! on every core) -> cache (token shards and per-document offsets, memory-mapped; reused by every
 //! run until the sources or the tokenizer change) -> rows (MiniMind's padded encoding, or packed)
 //! -> dataset (rows by index, from the cache; masked for masked LM by `mlm`) -> order (the seeded epoch permutation, split over
@@ -9,6 +10,7 @@
 //! `corpus` reads one JSONL file in memory-light random access (train-tokenizer); `defaults` is
 //! the embedded poems corpus.
 pub mod batch;
+pub mod bpe;
 pub mod cache;
 pub mod corpus;
 pub mod dataset;

@@ -1,6 +1,9 @@
 //! Any Hugging Face `tokenizer.json` through the `tokenizers` crate, with bos/eos/pad taken from
 //! the `tokenizer_config.json` beside it (`bos_token`, `eos_token`, `pad_token`) unless given.
+//! A tokenizer.json of MiniMind's byte-level BPE shape encodes through [`super::bpe`] (the same
+//! ids, several times faster); any other through the crate.
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
@@ -17,6 +20,8 @@ pub struct SpecialTokenStrings {
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// The ids-only encoder, when tokenizer.json has its shape; else why not.
+    fast: Result<Arc<super::bpe::ByteLevelBpe>, String>,
     pub bos: u32,
     pub eos: u32,
     pub pad: u32,
@@ -50,6 +55,11 @@ impl TextTokenizer {
         let inner = tokenizers::Tokenizer::from_file(&json).map_err(|e| {
             anyhow::anyhow!("{}: not a Hugging Face tokenizer.json: {e}", json.display())
         })?;
+        let fast = std::fs::read_to_string(&json)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+            .and_then(|value| super::bpe::ByteLevelBpe::from_json(&value))
+            .map(Arc::new);
         let config_path = dir.join("tokenizer_config.json");
         let config: Option<serde_json::Value> = if config_path.is_file() {
             let text = std::fs::read_to_string(&config_path)
@@ -96,6 +106,7 @@ impl TextTokenizer {
         let hash = content_hash(&json, &config_path)?;
         Ok(Self {
             inner,
+            fast,
             bos,
             eos,
             pad,
@@ -137,12 +148,34 @@ impl TextTokenizer {
     /// Token ids of `text` without added special tokens (`add_special_tokens=False`); special-token
     /// strings inside the text still become their ids, as in MiniMind.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if let Ok(fast) = &self.fast {
+            return Ok(fast.encode(text));
+        }
+        self.encode_with_crate(text)
+    }
+
+    /// [`TextTokenizer::encode`] through the tokenizers crate whatever the shape (what the fast
+    /// path is checked against).
+    pub fn encode_with_crate(&self, text: &str) -> Result<Vec<u32>> {
         // encode_fast computes no offsets; the ids are encode's.
         let enc = self
             .inner
             .encode_fast(text, false)
             .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Which encoder [`TextTokenizer::encode`] uses, in words.
+    pub fn encoder(&self) -> String {
+        match &self.fast {
+            Ok(_) => "byte-level BPE fast path (data/bpe.rs)".to_string(),
+            Err(why) => format!("the tokenizers crate (no fast path: {why})"),
+        }
+    }
+
+    /// Whether [`TextTokenizer::encode`] takes the fast path.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_ok()
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
