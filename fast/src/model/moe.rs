@@ -17,7 +17,7 @@
 //! (token, slot) pair reaches its expert. Dispatch: the N*k (token, slot) pairs are sorted by
 //! expert (stable, so each expert sees its tokens in order) into one buffer `[N*k, d]`; the
 //! experts run on their contiguous slices; `index_add` adds the weighted outputs back into
-//! `[N, d]` in one pass. Two ways to run the experts ([`Kernels::moe_grouped_applies`]):
+//! `[N, d]` in one pass, in the experts' compute kind. Two ways to run the experts ([`Kernels::moe_grouped_applies`]):
 //! - grouped (`--moe-experts grouped`, bf16 and fp32): the experts' weights stacked `[E, in,
 //!   out]` at use time and each projection one `torch._grouped_mm` over the whole buffer, with
 //!   the per-expert row ranges given as a device tensor (`offs`, cumulative ends, int32) counted
@@ -158,9 +158,10 @@ impl MoeFeedForward {
         let (topw, topi, aux) = self.route(&xf, b, t);
         let disp = dispatch(&topw, &topi);
         let ys = if k.moe_grouped_applies(x, compute, d, self.width()) {
-            // Gathered before the cast, as the loop does: the gather's backward then adds a
-            // token's k slot gradients in x's kind, not in bf16.
-            let xs = to_kind(&xf.index_select(0, &disp.token), compute);
+            // The N tokens cast once, then their N*k slots gathered in the compute kind (half
+            // the bytes of gathering fp32 rows and casting them; the gather's backward adds a
+            // token's k slot gradients in that kind).
+            let xs = to_kind(&xf, compute).index_select(0, &disp.token);
             let offs = self.offsets(&disp);
             match stacked {
                 Some(w) => self.grouped_experts(&xs, &offs, w),
@@ -169,10 +170,13 @@ impl MoeFeedForward {
         } else {
             self.looped_experts(&xf, &disp, compute)
         };
-        let y = Tensor::zeros([b * t, d], (x.kind(), x.device())).index_add(
+        // Weighted and summed in the experts' kind (bf16 on the fused path, which the next
+        // norm's residual add takes as the dense MLP's output; x's kind otherwise).
+        let yk = ys.kind();
+        let y = Tensor::zeros([b * t, d], (yk, x.device())).index_add(
             0,
             &disp.token,
-            &(ys.to_kind(x.kind()) * disp.weight.to_kind(x.kind())),
+            &(ys * disp.weight.to_kind(yk)),
         );
         let y = (self.shared_experts.iter()).fold(y.reshape([b, t, d]), |y, s| {
             y + s.forward_fused(x, compute, k)
