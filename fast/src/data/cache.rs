@@ -380,6 +380,12 @@ fn map(path: &Path, len: u64) -> Result<Option<Mmap>> {
             m.len()
         );
     }
+    // Rows are read in a shuffled order: a fault brings in its own page, not the kernel's
+    // read-around window (up to 128 KiB of neighbours no step asks for, which held a 20-step
+    // run on a 10 GB corpus at 1 GB resident).
+    #[cfg(unix)]
+    m.advise(memmap2::Advice::Random)
+        .with_context(|| format!("madvise(MADV_RANDOM) on {}", path.display()))?;
     Ok(Some(m))
 }
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Session 4, part C: MoE with the combine in the experts' kind: verify (MoE fixtures), kernels,
+# both MoE presets against MiniMind's trainer (eager, compiled), one-epoch grouped vs loop, the
+# tokenizing pass on 16 cores, and the dense lines for no-regression.
+source "$(dirname "$0")/common.sh"
+for fp in "minimind fp32" "minimind bf16" "minimind3 fp32" "minimind3 bf16"; do
+  set -- $fp
+  t0=$(stamp)
+  timeout 150 $VERIFY --fixtures golden/$1 --path fast --device cuda --precision $2 >$O/verify_$1_$2.txt 2>&1
+  rc=$?
+  row "verify $1 $2: rc $rc, $(grep -cE ' OK$' $O/verify_$1_$2.txt) OK, $(grep -c 'NOT OK' $O/verify_$1_$2.txt) NOT OK, $(took $t0)s"
+  grep -E 'NOT OK|rror' $O/verify_$1_$2.txt | head -6 | cut -c1-200 | tee -a $S
+done
+t0=$(stamp)
+timeout 200 $FAST kernels --device cuda >$O/kernels.txt 2>&1
+row "kernels: rc $?, $(grep -c ' ok' $O/kernels.txt) ok, $(grep -c FAIL $O/kernels.txt) FAIL, $(took $t0)s"
+grep -E 'FAIL|panicked|rror' $O/kernels.txt | head -10 | cut -c1-220 | tee -a $S
+grep -iE 'moe|expert' $O/kernels.txt | head -12 | cut -c1-200 | tee -a $S
+rm -rf $W/tok16; t0=$(stamp)
+$FAST tokenize --data-path $W/train.jsonl --tokenizer minimind2 --out $W/tok16 --no-progress >$O/tok16.txt 2>&1
+row "tokenize 16 cores: rc $? $(took $t0)s: $(grep tokenized $O/tok16.txt | cut -c1-250)"
+M2=(--tokenizer minimind2 --cuda-graph)
+bench m2_packeddocs_b128 "${M2[@]}" --batch-size 128 --steps 30 --data-mode packed-docs
+bench m2_b32 "${M2[@]}" --batch-size 32 --steps 60
+for MODEL in minimind2-moe minimind3-moe; do
+  case $MODEL in
+    minimind2-moe) MM=$D/minimind2; AH=(--hidden 640 --layers 8 --moe 1); TK=(--tokenizer minimind2) ;;
+    minimind3-moe) MM=$D/minimind3; AH=(--hidden 768 --layers 8 --moe 1); TK=() ;;
+  esac
+  bench ${MODEL}_b32        --model $MODEL "${TK[@]}" --cuda-graph --batch-size 32 --steps 50
+  bench ${MODEL}_b128       --model $MODEL "${TK[@]}" --cuda-graph --batch-size 128 --steps 30
+  anchor ${MODEL}_b32_eager    $MM "${AH[@]}" --batch 32 --steps 40 --warmup 10
+  anchor ${MODEL}_b128_eager   $MM "${AH[@]}" --batch 128 --steps 20 --warmup 5
+  anchor ${MODEL}_b32_compile  $MM "${AH[@]}" --batch 32 --steps 40 --warmup 15 --compile
+  anchor ${MODEL}_b128_compile $MM "${AH[@]}" --batch 128 --steps 20 --warmup 10 --compile
+  bench ${MODEL}_b32_again  --model $MODEL "${TK[@]}" --cuda-graph --batch-size 32 --steps 50
+  bench ${MODEL}_b128_again --model $MODEL "${TK[@]}" --cuda-graph --batch-size 128 --steps 30
+done
+pack s4c
+echo "==== summary"
+cat $S
