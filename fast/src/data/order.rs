@@ -76,11 +76,43 @@ pub fn epoch_permutation_u32(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
     );
     let mut rng = SplitMix64::new(seed ^ mix64(epoch));
     let mut perm: Vec<u32> = (0..n).map(|i| i as u32).collect();
-    for i in (1..n).rev() {
+    // The same swaps in the same order; the draws run AHEAD swaps in front so the random slot
+    // each swap touches is prefetched while the earlier swaps run (a cache miss per swap made
+    // 41.8M rows take ~4 s, the whole start of a run on a 10 GB corpus).
+    const AHEAD: usize = 32;
+    let swaps = n.saturating_sub(1);
+    let mut ring = [0usize; AHEAD];
+    let mut drawn = 0usize;
+    let mut draw = |drawn: &mut usize, ring: &mut [usize; AHEAD], perm: &[u32]| {
+        let i = n - 1 - *drawn;
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        perm.swap(i, j);
+        ring[*drawn % AHEAD] = j;
+        prefetch(&perm[j]);
+        *drawn += 1;
+    };
+    while drawn < swaps.min(AHEAD) {
+        draw(&mut drawn, &mut ring, &perm);
+    }
+    for k in 0..swaps {
+        let j = ring[k % AHEAD];
+        if drawn < swaps {
+            draw(&mut drawn, &mut ring, &perm);
+        }
+        perm.swap(n - 1 - k, j);
     }
     perm
+}
+
+/// A hint that `x` is read soon (x86-64 only; elsewhere nothing).
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching has no effect on memory; the pointer comes from a reference.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(x as *const T as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 /// One rank's batches of an epoch, produced one at a time from the permutation (nothing per
@@ -337,6 +369,18 @@ mod tests {
         assert_eq!(got, vec![vec![6, 7, 8], vec![9]]);
         assert_eq!(s.len(), 2);
         assert_eq!(SkipBatchSampler::new(&idx, 3, 9).len(), 0);
+    }
+
+    #[test]
+    fn the_prefetching_u32_shuffle_swaps_as_fisher_yates_does() {
+        for n in [0, 1, 2, 31, 32, 33, 64, 65, 1000, 100_003] {
+            let want = epoch_permutation(n, 11, 3);
+            let got: Vec<usize> = epoch_permutation_u32(n, 11, 3)
+                .iter()
+                .map(|&i| i as usize)
+                .collect();
+            assert_eq!(got, want, "n {n}");
+        }
     }
 
     #[test]
