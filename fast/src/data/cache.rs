@@ -677,6 +677,40 @@ impl ShardWriter {
     }
 }
 
+/// Removes what a killed pass can leave beside its complete shards: the temporary files of
+/// [`write_atomic`] (`shard-NNNNN.tmp<pid>`, `manifest.tmp<pid>`) and shard files past the
+/// manifest's (partial, or complete but not yet recorded). Called under the cache's lock before
+/// a pass continues, so no live writer owns them; the pass rewrites every shard from the
+/// manifest's position on.
+pub fn remove_leftovers(dir: &Path) -> Result<()> {
+    let recorded: std::collections::HashSet<String> = match read_manifest(dir) {
+        Ok(Some(m)) => m
+            .shards
+            .iter()
+            .flat_map(|s| [s.ids_file.clone(), s.offsets_file.clone()])
+            .collect(),
+        _ => Default::default(),
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let temp = name
+            .rsplit_once(".tmp")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        let stray_shard = name.starts_with("shard-") && !recorded.contains(&name);
+        if (temp && (name.starts_with("shard-") || name.starts_with("manifest."))) || stray_shard {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes a cache's shards and manifest (a rebuild), leaving the directory and its lock.
 pub fn clear(dir: &Path) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
@@ -835,6 +869,7 @@ pub fn open_or_build(
             fresh(&dir, want, say)?
         }
     };
+    remove_leftovers(&dir)?;
     let opts = super::pass::PassOptions {
         threads: req.threads,
         max_docs: req.max_docs,
@@ -930,5 +965,35 @@ mod tests {
             why.contains("shard-00001.u16 is 1 bytes, the manifest says 2"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn a_killed_passs_temporary_and_unrecorded_files_are_removed_and_the_shards_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = write_from_ids(dir.path(), &[vec![1, 2, 3], vec![4]], 10, 1).unwrap();
+        let m = c.manifest.clone();
+        drop(c);
+        let stray = [
+            "shard-00001.tmp4463",
+            "manifest.tmp77",
+            "shard-00002.u16.partial",
+            "shard-00002.u16",
+            "shard-00002.idx",
+        ];
+        for f in stray {
+            std::fs::write(dir.path().join(f), [1u8]).unwrap();
+        }
+        std::fs::write(dir.path().join("notes.tmp.txt"), [1u8]).unwrap();
+        remove_leftovers(dir.path()).unwrap();
+        for f in stray {
+            assert!(!dir.path().join(f).exists(), "{f} is left");
+        }
+        assert!(dir.path().join("notes.tmp.txt").exists());
+        assert!(dir.path().join(MANIFEST).exists());
+        for s in &m.shards {
+            assert!(dir.path().join(&s.ids_file).exists());
+            assert!(dir.path().join(&s.offsets_file).exists());
+        }
+        assert_eq!(why_invalid(dir.path(), &m, &m).unwrap(), None);
     }
 }
