@@ -52,7 +52,10 @@ impl ByteLevelBpe {
     /// The fast path for `json` (a parsed tokenizer.json), or why it does not fit.
     pub fn from_json(json: &serde_json::Value) -> Result<Self, Unsupported> {
         use serde_json::Value;
-        let field = |v: &Value, k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+        fn field<'a>(v: &'a Value, k: &str) -> &'a Value {
+            static NULL: Value = Value::Null;
+            v.get(k).unwrap_or(&NULL)
+        }
         if !field(json, "normalizer").is_null() {
             return Err("it has a normalizer".into());
         }

@@ -27,8 +27,9 @@ pub struct TextTokenizer {
     pub pad: u32,
     /// The tokenizer.json this was loaded from.
     pub path: PathBuf,
-    /// The tokenizer_config.json beside it (it may not exist).
+    /// The tokenizer_config.json beside it (it may not exist), and its contents as loaded.
     pub config_path: PathBuf,
+    config: Option<serde_json::Value>,
     /// xxh3-128 of tokenizer.json and tokenizer_config.json, 32 hex digits: what a token cache
     /// records of the tokenizer.
     pub hash: String,
@@ -52,33 +53,31 @@ impl TextTokenizer {
                 json.display()
             );
         }
-        let inner = tokenizers::Tokenizer::from_file(&json).map_err(|e| {
+        // Each file is read once: the crate, the fast path and the hash take the same bytes.
+        let bytes = std::fs::read(&json).with_context(|| format!("reading {}", json.display()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
             anyhow::anyhow!("{}: not a Hugging Face tokenizer.json: {e}", json.display())
         })?;
-        let fast = std::fs::read_to_string(&json)
+        let fast = serde_json::from_slice(&bytes)
             .map_err(|e| e.to_string())
-            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
             .and_then(|value| super::bpe::ByteLevelBpe::from_json(&value))
             .map(Arc::new);
         let config_path = dir.join("tokenizer_config.json");
-        let config: Option<serde_json::Value> = if config_path.is_file() {
+        let config_bytes = if config_path.is_file() {
             let text = std::fs::read_to_string(&config_path)
                 .with_context(|| format!("reading {}", config_path.display()))?;
-            Some(
-                serde_json::from_str(&text)
-                    .with_context(|| format!("{}: invalid JSON", config_path.display()))?,
-            )
+            Some(text.into_bytes())
         } else {
             None
         };
-        let from_config = |key: &str| -> Option<String> {
-            match config.as_ref()?.get(key)? {
-                serde_json::Value::String(s) => Some(s.clone()),
-                // Older configs write {"content": "<s>", ...} objects.
-                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-                _ => None,
-            }
-        };
+        let config: Option<serde_json::Value> = config_bytes
+            .as_deref()
+            .map(|b| {
+                serde_json::from_slice(b)
+                    .with_context(|| format!("{}: invalid JSON", config_path.display()))
+            })
+            .transpose()?;
+        let from_config = |key: &str| config_string(config.as_ref(), key);
         let resolve = |name: &str, flag: &Option<String>, key: &str| -> Result<Option<u32>> {
             let Some(token) = flag.clone().or_else(|| from_config(key)) else {
                 return Ok(None);
@@ -103,7 +102,7 @@ impl TextTokenizer {
             resolve("eos", &given.eos, "eos_token")?.ok_or_else(|| missing("eos", "eos_token"))?;
         // Many tokenizers have no pad token; padding with eos is the usual stand-in.
         let pad = resolve("pad", &given.pad, "pad_token")?.unwrap_or(eos);
-        let hash = content_hash(&json, &config_path)?;
+        let hash = content_hash(&bytes, config_bytes.as_deref());
         Ok(Self {
             inner,
             fast,
@@ -112,6 +111,7 @@ impl TextTokenizer {
             pad,
             path: json,
             config_path,
+            config,
             hash,
         })
     }
@@ -123,13 +123,7 @@ impl TextTokenizer {
 
     /// A string field of tokenizer_config.json (`mask_token`, ...), plain or `{"content": ..}`.
     pub fn config_token(&self, key: &str) -> Option<String> {
-        let text = std::fs::read_to_string(&self.config_path).ok()?;
-        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-        match config.get(key)? {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-            _ => None,
-        }
+        config_string(self.config.as_ref(), key)
     }
 
     /// Ids of the added tokens marked special in tokenizer.json, sorted.
@@ -190,19 +184,27 @@ impl TextTokenizer {
     }
 }
 
+/// A string field of a tokenizer_config.json: plain, or older configs' `{"content": "<s>", ...}`.
+fn config_string(config: Option<&serde_json::Value>, key: &str) -> Option<String> {
+    match config?.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
 /// xxh3-128 over tokenizer.json's and tokenizer_config.json's bytes, each preceded by its length
 /// (a missing config hashes as the marker `u64::MAX`, distinct from an empty file).
-fn content_hash(json: &Path, config: &Path) -> Result<String> {
+fn content_hash(json: &[u8], config: Option<&[u8]>) -> String {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let bytes = std::fs::read(json).with_context(|| format!("reading {}", json.display()))?;
-    h.update(&(bytes.len() as u64).to_le_bytes());
-    h.update(&bytes);
-    match std::fs::read(config) {
-        Ok(bytes) => {
+    h.update(&(json.len() as u64).to_le_bytes());
+    h.update(json);
+    match config {
+        Some(bytes) => {
             h.update(&(bytes.len() as u64).to_le_bytes());
-            h.update(&bytes);
+            h.update(bytes);
         }
-        Err(_) => h.update(&u64::MAX.to_le_bytes()),
+        None => h.update(&u64::MAX.to_le_bytes()),
     }
-    Ok(format!("{:032x}", h.digest128()))
+    format!("{:032x}", h.digest128())
 }
