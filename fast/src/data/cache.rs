@@ -168,32 +168,9 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
     Ok(Some(m))
 }
 
-/// Writes `bytes` to `path` through a temporary file, fsynced, then renamed.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("writing {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")));
-    Ok(())
-}
-
-/// The rename is durable once the directory is synced; a failure here only weakens durability.
-pub fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
 pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
     let json = serde_json::to_string_pretty(m)? + "\n";
-    write_atomic(&dir.join(MANIFEST), json.as_bytes())
+    crate::io::checkpoint::write_atomic(&dir.join(MANIFEST), json.as_bytes())
 }
 
 /// Why `m` does not serve a run that reads `want` (sources, tokenizer, line policy), or None.
@@ -667,7 +644,7 @@ impl ShardWriter {
         std::fs::rename(&self.ids_tmp, self.dir.join(&ids_file))
             .with_context(|| format!("renaming {}", self.ids_tmp.display()))?;
         let bytes: Vec<u8> = self.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
-        write_atomic(&self.dir.join(&offsets_file), &bytes)?;
+        crate::io::checkpoint::write_atomic(&self.dir.join(&offsets_file), &bytes)?;
         Ok(ShardRecord {
             ids_file,
             offsets_file,
@@ -677,11 +654,39 @@ impl ShardWriter {
     }
 }
 
-/// Removes what a killed pass can leave beside its complete shards: the temporary files of
-/// [`write_atomic`] (`shard-NNNNN.tmp<pid>`, `manifest.tmp<pid>`) and shard files past the
-/// manifest's (partial, or complete but not yet recorded). Called under the cache's lock before
-/// a pass continues, so no live writer owns them; the pass rewrites every shard from the
-/// manifest's position on.
+/// The file a temporary file of [`crate::io::checkpoint::write_atomic`] (`.<name>.tmp<pid>`)
+/// stands for, if `name` is one.
+fn temp_of(name: &str) -> Option<&str> {
+    let (base, pid) = name.strip_prefix('.')?.rsplit_once(".tmp")?;
+    (!pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())).then_some(base)
+}
+
+/// A shard file (ids, offsets, or a shard being written) or the manifest.
+fn is_cache_file(name: &str) -> bool {
+    name.starts_with("shard-") || name.starts_with("manifest.")
+}
+
+/// Removes the files of `dir` whose names `remove` picks (none if `dir` does not exist).
+fn remove_files(dir: &Path, remove: impl Fn(&str) -> bool) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+        if remove(&e.file_name().to_string_lossy()) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes what a killed pass can leave beside its complete shards: temporary files of the
+/// shards' offsets and of the manifest, and shard files past the manifest's (partial, or
+/// complete but not yet recorded). Called under the cache's lock before a pass continues, so no
+/// live writer owns them; the pass rewrites every shard from the manifest's position on.
 pub fn remove_leftovers(dir: &Path) -> Result<()> {
     let recorded: std::collections::HashSet<String> = match read_manifest(dir) {
         Ok(Some(m)) => m
@@ -691,42 +696,16 @@ pub fn remove_leftovers(dir: &Path) -> Result<()> {
             .collect(),
         _ => Default::default(),
     };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    for e in entries {
-        let e = e.with_context(|| format!("reading {}", dir.display()))?;
-        let name = e.file_name().to_string_lossy().to_string();
-        let temp = name
-            .rsplit_once(".tmp")
-            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
-        let stray_shard = name.starts_with("shard-") && !recorded.contains(&name);
-        if (temp && (name.starts_with("shard-") || name.starts_with("manifest."))) || stray_shard {
-            std::fs::remove_file(e.path())
-                .with_context(|| format!("removing {}", e.path().display()))?;
-        }
-    }
-    Ok(())
+    remove_files(dir, |name| {
+        temp_of(name).is_some_and(is_cache_file)
+            || (name.starts_with("shard-") && !recorded.contains(name))
+    })
 }
 
-/// Removes a cache's shards and manifest (a rebuild), leaving the directory and its lock.
+/// Removes a cache's shards and manifest (a rebuild), and their temporary files, leaving the
+/// directory and its lock.
 pub fn clear(dir: &Path) -> Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    for e in entries {
-        let e = e.with_context(|| format!("reading {}", dir.display()))?;
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with("shard-") || name.starts_with("manifest.") {
-            std::fs::remove_file(e.path())
-                .with_context(|| format!("removing {}", e.path().display()))?;
-        }
-    }
-    Ok(())
+    remove_files(dir, |name| is_cache_file(temp_of(name).unwrap_or(name)))
 }
 
 /// A cache written straight from id lists (no corpus): what tests and tools use to lay out rows
@@ -974,8 +953,8 @@ mod tests {
         let m = c.manifest.clone();
         drop(c);
         let stray = [
-            "shard-00001.tmp4463",
-            "manifest.tmp77",
+            ".shard-00001.idx.tmp4463",
+            ".manifest.json.tmp77",
             "shard-00002.u16.partial",
             "shard-00002.u16",
             "shard-00002.idx",
@@ -983,12 +962,15 @@ mod tests {
         for f in stray {
             std::fs::write(dir.path().join(f), [1u8]).unwrap();
         }
-        std::fs::write(dir.path().join("notes.tmp.txt"), [1u8]).unwrap();
+        for keep in ["notes.tmp.txt", ".notes.tmp12"] {
+            std::fs::write(dir.path().join(keep), [1u8]).unwrap();
+        }
         remove_leftovers(dir.path()).unwrap();
         for f in stray {
             assert!(!dir.path().join(f).exists(), "{f} is left");
         }
         assert!(dir.path().join("notes.tmp.txt").exists());
+        assert!(dir.path().join(".notes.tmp12").exists());
         assert!(dir.path().join(MANIFEST).exists());
         for s in &m.shards {
             assert!(dir.path().join(&s.ids_file).exists());
