@@ -21,6 +21,18 @@ fi
 FAST=$W/fast
 VERIFY=$W/verify
 
+# verify_all "FOLDER PRECISION"...: verify --device cuda on golden/FOLDER, a summary row each.
+verify_all() {
+  for fp in "$@"; do
+    set -- $fp
+    local t0=$(stamp)
+    timeout 150 $VERIFY --fixtures golden/$1 --path fast --device cuda --precision $2 >$O/verify_$1_$2.txt 2>&1
+    local rc=$?
+    row "verify $1 $2: rc $rc, $(grep -cE ' OK$' $O/verify_$1_$2.txt) OK, $(grep -c 'NOT OK' $O/verify_$1_$2.txt) NOT OK, $(took $t0)s"
+    grep -E 'NOT OK|rror' $O/verify_$1_$2.txt | head -6 | cut -c1-200 | tee -a $S
+  done
+}
+
 # bench NAME ARGS...: one fast bench line (its JSON in $O/bench_NAME.json).
 bench() {
   local name=$1; shift

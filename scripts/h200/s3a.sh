@@ -3,14 +3,7 @@
 # packed-docs, AdamW vs Muon; MiniMind-3 one epoch, eval, samples; masked LM vs causal LM.
 source "$(dirname "$0")/common.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee -a $S
-for fp in "minimind fp32" "minimind bf16" "minimind3 fp32" "minimind3 bf16" "seed004 fp32" "seed004 bf16" "muon bf16" "muon fp32"; do
-  set -- $fp
-  t0=$(stamp)
-  timeout 150 $VERIFY --fixtures golden/$1 --path fast --device cuda --precision $2 >$O/verify_$1_$2.txt 2>&1
-  rc=$?
-  row "verify $1 $2: rc $rc, $(grep -cE ' OK$' $O/verify_$1_$2.txt) OK, $(grep -c 'NOT OK' $O/verify_$1_$2.txt) NOT OK, $(took $t0)s"
-  grep -E 'NOT OK|rror' $O/verify_$1_$2.txt | head -6 | cut -c1-200 | tee -a $S
-done
+verify_all "minimind fp32" "minimind bf16" "minimind3 fp32" "minimind3 bf16" "seed004 fp32" "seed004 bf16" "muon bf16" "muon fp32"
 t0=$(stamp)
 timeout 200 $FAST kernels --device cuda >$O/kernels.txt 2>&1
 rc=$?

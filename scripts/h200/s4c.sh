@@ -3,14 +3,7 @@
 # both MoE presets against MiniMind's trainer (eager, compiled), one-epoch grouped vs loop, the
 # tokenizing pass on 16 cores, and the dense lines for no-regression.
 source "$(dirname "$0")/common.sh"
-for fp in "minimind fp32" "minimind bf16" "minimind3 fp32" "minimind3 bf16"; do
-  set -- $fp
-  t0=$(stamp)
-  timeout 150 $VERIFY --fixtures golden/$1 --path fast --device cuda --precision $2 >$O/verify_$1_$2.txt 2>&1
-  rc=$?
-  row "verify $1 $2: rc $rc, $(grep -cE ' OK$' $O/verify_$1_$2.txt) OK, $(grep -c 'NOT OK' $O/verify_$1_$2.txt) NOT OK, $(took $t0)s"
-  grep -E 'NOT OK|rror' $O/verify_$1_$2.txt | head -6 | cut -c1-200 | tee -a $S
-done
+verify_all "minimind fp32" "minimind bf16" "minimind3 fp32" "minimind3 bf16"
 t0=$(stamp)
 timeout 200 $FAST kernels --device cuda >$O/kernels.txt 2>&1
 row "kernels: rc $?, $(grep -c ' ok' $O/kernels.txt) ok, $(grep -c FAIL $O/kernels.txt) FAIL, $(took $t0)s"
