@@ -16,7 +16,7 @@ setup: $(TORCH_STAMP) $(EXTRAS_STAMP)
 $(TORCH_STAMP):
 	@command -v python3 >/dev/null || { echo "python3 is needed to install libtorch (torch==$(TORCH_VERSION))"; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --disable-pip-version-check --no-cache-dir --quiet "torch==$(TORCH_VERSION)"
 	# tch finds libtorch through this link (.cargo/config.toml sets LIBTORCH=.venv/libtorch).
 	ln -sfn "$$($(PY) -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null)" $(VENV)/libtorch
 	test -f $(VENV)/libtorch/lib/libtorch_cpu.so
