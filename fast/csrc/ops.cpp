@@ -1,5 +1,5 @@
-// libtorch's multi-tensor ("foreach") and fused optimizer ops, which tch's generated API does not
-// expose. Each entry point takes arrays of `at::Tensor*` (tch's C_tensor), never throws into Rust,
+// libtorch's multi-tensor ("foreach") and fused optimizer ops, and one autograd node
+// (LinearSavingRounded), which tch's generated API does not expose. Each entry point takes arrays of `at::Tensor*` (tch's C_tensor), never throws into Rust,
 // and returns nullptr on success or a malloc'd error message the caller frees with mm_free_error.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
@@ -9,10 +9,13 @@
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/stack.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <cstdlib>
 #include <memory>
 #include <vector>
@@ -26,6 +29,38 @@ std::vector<at::Tensor> list(at::Tensor **ts, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
   return out;
 }
+// y = x w^T (at::linear, in x's kind) where backward keeps not x but `rounded`, x's values in a
+// narrower kind that the caller keeps anyway: dx = dy w exactly, dw = dy^T rounded (upcast to
+// w's kind), the weight gradient from rounded inputs as every projection's is under mixed
+// precision. x [N, d], rounded [N, d], w [E, d]; `rounded` gets no gradient from this node.
+// MoE's fp32 router uses it with the bf16 rows its experts read: the fp32 [N, d] copy is not held
+// until backward.
+struct LinearSavingRounded : public torch::autograd::Function<LinearSavingRounded> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
+                            const at::Tensor &rounded, const at::Tensor &w) {
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) &&
+                    rounded.sizes() == x.sizes(),
+                "linear_saving_rounded: expected x [N, d], rounded [N, d], w [E, d]; got x ",
+                x.sizes(), ", rounded ", rounded.sizes(), ", w ", w.sizes());
+    TORCH_CHECK(x.scalar_type() == w.scalar_type() && x.device() == w.device() &&
+                    rounded.device() == x.device(),
+                "linear_saving_rounded: x and w must share a kind and a device (x ",
+                x.scalar_type(), " on ", x.device(), ", w ", w.scalar_type(), " on ", w.device(),
+                ", rounded on ", rounded.device(), ")");
+    ctx->save_for_backward({rounded, w});
+    return at::linear(x, w);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &rounded = saved[0], &w = saved[1];
+    const at::Tensor &dy = grads[0];
+    at::Tensor dx = at::mm(dy, w);
+    at::Tensor dw = at::mm(dy.t(), rounded.to(w.scalar_type()));
+    return {dx, at::Tensor(), dw};
+  }
+};
 }  // namespace
 
 using mm_ffi::guard;
@@ -138,5 +173,11 @@ void mm_host_read_free(void *event) { delete static_cast<c10::Event *>(event); }
 // which libtorch 2.11 warns is deprecated).
 char *mm_pin_memory(at::Tensor *t, at::Tensor **out) {
   return guard([&] { *out = new at::Tensor(t->pin_memory()); });
+}
+
+// y = LinearSavingRounded(x, rounded, w): see above.
+char *mm_linear_saving_rounded(at::Tensor *x, at::Tensor *rounded, at::Tensor *w,
+                               at::Tensor **out) {
+  return guard([&] { *out = new at::Tensor(LinearSavingRounded::apply(*x, *rounded, *w)); });
 }
 }

@@ -285,3 +285,45 @@ fn fast_kernels_checks_the_grouped_experts_on_the_cpu() {
         "{stdout}"
     );
 }
+
+/// The router's node on the fused path (`ops::linear_saving_rounded`), on the CPU where it runs
+/// the same libtorch ops: its output and input gradient are those of the plain fp32 linear bit
+/// for bit, its weight gradient that of the fp32 linear applied to the bf16-rounded rows, and the
+/// rounded rows get no gradient from it. Exact equality: the node calls the same matmuls autograd
+/// calls for `linear`, on the same operands.
+#[test]
+fn the_router_node_keeps_bf16_rows_and_computes_autograds_numbers() {
+    use fast::kernels::ops::linear_saving_rounded;
+    tch::manual_seed(5);
+    let (n, d, e) = (37, 24, 4);
+    let x = Tensor::randn([n, d], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let w = (Tensor::randn([e, d], (Kind::Float, Device::Cpu)) * 0.1).set_requires_grad(true);
+    let rounded = x.to_kind(Kind::BFloat16);
+    let gy = Tensor::randn([n, e], (Kind::Float, Device::Cpu));
+    let grads = |y: &Tensor, wrt: &[&Tensor]| {
+        let wrt: Vec<Tensor> = wrt.iter().map(|t| t.shallow_clone()).collect();
+        Tensor::run_backward(&[(y * &gy).sum(Kind::Float)], &wrt, true, false)
+    };
+
+    let y = linear_saving_rounded(&x, &rounded, &w).unwrap();
+    let g = grads(&y, &[&x, &w, &rounded]);
+    let plain = x.linear::<Tensor>(&w, None);
+    let gp = grads(&plain, &[&x]);
+    let from_rounded = rounded.to_kind(Kind::Float).linear::<Tensor>(&w, None);
+    let gr = grads(&from_rounded, &[&w]);
+
+    assert!(y.equal(&plain), "forward differs from x w^T");
+    assert!(g[0].equal(&gp[0]), "dx differs from the plain linear's");
+    assert!(
+        g[1].equal(&gr[0]),
+        "dw differs from the linear's on the bf16 rows"
+    );
+    assert!(
+        !g[1].equal(&grads(&plain, &[&w])[0]),
+        "the test cannot tell the two dw apart"
+    );
+    assert!(!g[2].defined(), "the rounded rows got a gradient");
+
+    let err = linear_saving_rounded(&x, &rounded.narrow(0, 0, 5), &w).unwrap_err();
+    assert!(format!("{err:#}").contains("rounded [5, 24]"), "{err:#}");
+}

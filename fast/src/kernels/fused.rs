@@ -18,6 +18,9 @@
 //!   replaces `qkv_heads` + cuDNN's SDPA.
 //! - [`swiglu`]: `silu(g) * u` over a merged `[g | u]` projection, rounding as autocast's
 //!   unfused ops do.
+//! - [`grouped_experts`]: a MoE layer's routed experts (gather, grouped gate/up matmul, SwiGLU,
+//!   grouped down matmul) as one node whose backward recomputes the gathered rows and the SwiGLU
+//!   output (optionally the gate/up projection too) rather than keeping them.
 //! - [`cross_entropy_bf16`]: the chunked lm_head's cross-entropy forward and backward in one
 //!   kernel (fast/csrc/cross_entropy.cu) over bf16 logits, the bf16 gradient written over them;
 //!   not an autograd function: the training step calls it under no_grad (step.rs).
@@ -82,6 +85,15 @@ mod ffi {
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
         pub fn mm_swiglu(gu: *mut C_tensor, f: i64, out: *mut *mut C_tensor) -> *mut c_char;
+        pub fn mm_grouped_experts(
+            x: *mut C_tensor,
+            token: *mut C_tensor,
+            gate_up: *mut C_tensor,
+            down: *mut C_tensor,
+            offs: *mut C_tensor,
+            recompute_gate_up: i64,
+            out: *mut *mut C_tensor,
+        ) -> *mut c_char;
         pub fn mm_ce_fwd_bwd(
             logits: *mut C_tensor,
             labels: *mut C_tensor,
@@ -251,6 +263,35 @@ pub fn qkv_attention(
 pub fn swiglu(gu: &Tensor, f: i64) -> Result<Tensor> {
     let mut out = std::ptr::null_mut();
     check("swiglu", unsafe { ffi::mm_swiglu(ptr(gu), f, &mut out) })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// A MoE layer's routed SwiGLU experts over the (token, slot) pairs sorted by expert, all bf16:
+/// `xs = x[token]`, `h = swiglu(xs gate_up[e]^T)`, `y = h down[e]^T` `[M, d]`, expert e on rows
+/// `offs[e-1] .. offs[e]` (int32 cumulative ends), each projection one `torch._grouped_mm`.
+/// x `[N, d]`, token int64 `[M]`, gate_up `[E, 2F, d]`, down `[E, d, F]`. Differentiable in x
+/// and both weights; backward recomputes the gathered rows and h (and, with
+/// `recompute_gate_up`, the gate/up projection) instead of keeping them from forward.
+pub fn grouped_experts(
+    x: &Tensor,
+    token: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    offs: &Tensor,
+    recompute_gate_up: bool,
+) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    check("grouped_experts", unsafe {
+        ffi::mm_grouped_experts(
+            ptr(x),
+            ptr(token),
+            ptr(gate_up),
+            ptr(down),
+            ptr(offs),
+            recompute_gate_up as i64,
+            &mut out,
+        )
+    })?;
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 

@@ -71,6 +71,17 @@ pub fn swiglu(_gu: &Tensor, _f: i64) -> Result<Tensor> {
     Err(unavailable("swiglu"))
 }
 
+pub fn grouped_experts(
+    _x: &Tensor,
+    _token: &Tensor,
+    _gate_up: &Tensor,
+    _down: &Tensor,
+    _offs: &Tensor,
+    _recompute_gate_up: bool,
+) -> Result<Tensor> {
+    Err(unavailable("grouped_experts"))
+}
+
 pub fn cross_entropy_bf16(_logits: &Tensor, _labels: &Tensor, _seed: &Tensor) -> Result<Tensor> {
     Err(unavailable("cross_entropy_bf16"))
 }

@@ -11,7 +11,7 @@
 //!
 //! [`KernelConfig`] is what a user chooses (`--kernels`, `--attention`, `--weight-cast`,
 //! `--cross-entropy`, `--rms-norm`, `--loss-chunk-rows`, `--dp-overlap`, `--dp-bucket-layers`,
-//! `--moe-experts`); it is part of every run configuration, printed at start and saved with the
+//! `--moe-experts`, `--moe-recompute`); it is part of every run configuration, printed at start and saved with the
 //! checkpoints. [`Kernels`] is that choice applied to this build: each `*_applies` method below is the only test in the crate of whether
 //! a fused kernel runs for given tensors.
 
@@ -95,6 +95,19 @@ pub enum MoeExperts {
     Loop,
 }
 
+/// What the fused MoE experts node ([`fused::grouped_experts`]) recomputes in backward instead
+/// of keeping from forward (the values are the same either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoeRecompute {
+    /// The gathered input rows and the SwiGLU output (a gather and one element-wise kernel per
+    /// layer); the gate/up projection's output is kept.
+    Swiglu,
+    /// Also the gate/up projection (one more grouped matmul per layer): only the layer's input
+    /// rows are kept.
+    GateUp,
+}
+
 /// The kernel choices of a run. Every field changes what the GPU executes (never the formula:
 /// the results agree within the tolerances `fast kernels` and `verify` check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
@@ -136,6 +149,11 @@ pub struct KernelConfig {
     /// after another (always the case in fp64).
     #[arg(long, alias = "moe_experts", value_enum, default_value_t = MoeExperts::Grouped)]
     pub moe_experts: MoeExperts,
+    /// MoE on the fused path (grouped, bf16 on CUDA): what backward recomputes instead of
+    /// keeping from forward; swiglu = the gathered rows and the SwiGLU output, gate-up = also
+    /// the gate/up projection (less memory, one more grouped matmul per layer).
+    #[arg(long, alias = "moe_recompute", value_enum, default_value_t = MoeRecompute::Swiglu)]
+    pub moe_recompute: MoeRecompute,
 }
 
 impl Default for KernelConfig {
@@ -150,6 +168,7 @@ impl Default for KernelConfig {
             dp_overlap: OnOff::On,
             dp_bucket_layers: 2,
             moe_experts: MoeExperts::Grouped,
+            moe_recompute: MoeRecompute::Swiglu,
         }
     }
 }
@@ -307,6 +326,21 @@ impl Kernels {
             && (!x.device().is_cuda() || (hidden % 8 == 0 && width % 8 == 0))
     }
 
+    /// The routed experts as our one node ([`fused::grouped_experts`]: grouped matmuls around
+    /// our SwiGLU kernel, backward recomputing per `--moe-recompute`) and the router's weight
+    /// gradient from the same bf16 rows ([`ops::linear_saving_rounded`]): the grouped path
+    /// with our kernels, bf16 on CUDA, both widths multiples of 8.
+    pub fn moe_fused_applies(&self, x: &Tensor, compute: Kind, hidden: i64, width: i64) -> bool {
+        self.moe_grouped_applies(x, compute, hidden, width)
+            && self.swiglu_applies(x, width, compute)
+            && hidden % 8 == 0
+    }
+
+    /// Whether the fused MoE node recomputes the gate/up projection (`--moe-recompute gate-up`).
+    pub fn moe_recomputes_gate_up(&self) -> bool {
+        self.config.moe_recompute == MoeRecompute::GateUp
+    }
+
     /// Why a CUDA graph cannot capture a MoE layer of these widths in `compute`, if it cannot.
     /// Only the grouped path in bf16 reads nothing on the host: the loop reads each expert's
     /// token count, and libtorch's grouped matmul on CUDA outside bf16 loops over the groups
@@ -370,7 +404,7 @@ impl Kernels {
         };
         format!(
             "kernels: {ours}; rms-norm {}; loss chunks of {}; dp overlap {} ({} layers per bucket); \
-             MoE experts {}",
+             MoE experts {} (fused backward recomputes {})",
             match c.rms_norm {
                 RmsNormChoice::Fused => "fused",
                 RmsNormChoice::Composed => "composed",
@@ -387,6 +421,10 @@ impl Kernels {
             match c.moe_experts {
                 MoeExperts::Grouped => "grouped (bf16/fp32; fp64 loops)",
                 MoeExperts::Loop => "loop",
+            },
+            match c.moe_recompute {
+                MoeRecompute::Swiglu => "rows and SwiGLU",
+                MoeRecompute::GateUp => "rows, gate/up and SwiGLU",
             }
         )
     }

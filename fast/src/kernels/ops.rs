@@ -52,6 +52,12 @@ extern "C" {
     fn mm_host_read_free(event: *mut std::ffi::c_void);
     fn mm_set_grad(p: *mut C_tensor, g: *mut C_tensor) -> *mut c_char;
     fn mm_backward(ts: *const *mut C_tensor, gs: *const *mut C_tensor, n: i64) -> *mut c_char;
+    fn mm_linear_saving_rounded(
+        x: *mut C_tensor,
+        rounded: *mut C_tensor,
+        w: *mut C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
 }
 
 /// `torch.autograd.backward(tensors, grads)`: one backward pass seeded with the given gradients.
@@ -66,6 +72,24 @@ pub fn backward(tensors: &[Tensor], grads: &[Tensor]) -> Result<()> {
     check("backward", unsafe {
         mm_backward(t.as_ptr(), g.as_ptr(), tensors.len() as i64)
     })
+}
+
+/// `x w^T` (x `[N, d]`, w `[E, d]`, one kind) under autograd, keeping for backward `rounded`
+/// (x's values in a narrower kind, `[N, d]`, held by the caller anyway) instead of x: the input
+/// gradient is exact, the weight gradient is `dy^T rounded` (upcast), as a projection's under
+/// mixed precision; `rounded` gets no gradient from it. MoE's fp32 router on the bf16 rows its
+/// experts read.
+pub fn linear_saving_rounded(x: &Tensor, rounded: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    check("linear_saving_rounded", unsafe {
+        mm_linear_saving_rounded(
+            x.as_ptr() as *mut C_tensor,
+            rounded.as_ptr() as *mut C_tensor,
+            w.as_ptr() as *mut C_tensor,
+            &mut out,
+        )
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// `p.grad = g`: the parameter's gradient becomes `g` (same shape, kind and device), e.g. a view

@@ -13,19 +13,25 @@
 //! - MiniMind-3: `coef * E * sum_e (#(token, slot) routed to e / N) * mean_n score[n, e]` over all
 //!   N = B*T tokens (upstream's `(one_hot(topk_idx).mean(0) * scores.mean(0)).sum()`).
 //!
-//! Counts carry no gradient (as in MiniMind); pads are routed and counted. No capacity limit: every
-//! (token, slot) pair reaches its expert. Dispatch: the N*k (token, slot) pairs are sorted by
-//! expert (stable, so each expert sees its tokens in order) into one buffer `[N*k, d]`; the
-//! experts run on their contiguous slices; `index_add` adds the weighted outputs back into
-//! `[N, d]` in one pass, in the experts' compute kind. Two ways to run the experts ([`Kernels::moe_grouped_applies`]):
+//! Counts carry no gradient (as in MiniMind); pads are routed and counted. With top-1
+//! renormalised the weight is exactly 1 and the combine skips it (`MoeRouting::unit_weights`).
+//! No capacity limit: every (token, slot) pair reaches its expert. Dispatch: the N*k (token,
+//! slot) pairs are sorted by expert (stable, so each expert sees its tokens in order) into one
+//! buffer `[N*k, d]`; the experts run on their contiguous slices; `index_add` adds the weighted
+//! outputs back into `[N, d]` in one pass, in the experts' compute kind. Two ways to run the
+//! experts ([`Kernels::moe_grouped_applies`]):
 //! - grouped (`--moe-experts grouped`, bf16 and fp32): the experts' weights stacked `[E, in,
 //!   out]` at use time and each projection one `torch._grouped_mm` over the whole buffer, with
 //!   the per-expert row ranges given as a device tensor (`offs`, cumulative ends, int32) counted
 //!   by a scatter into a fixed `[E]`: static shapes, no host read, so a CUDA graph captures it.
-//!   On the fused bf16 CUDA path gate and up are one grouped matmul against `[gate_e; up_e]` and
-//!   our SwiGLU kernel follows, as in the dense MLP; elsewhere three grouped matmuls and
-//!   `silu(g) * u`, which on the CPU computes exactly the loop's numbers (the same per-group
-//!   matmuls). Autograd differentiates `_grouped_mm`.
+//!   On the fused bf16 CUDA path ([`Kernels::moe_fused_applies`]) gate and up are one grouped
+//!   matmul against `[gate_e; up_e]` and our SwiGLU kernel follows, as in the dense MLP, all in
+//!   one autograd node ([`fused::grouped_experts`]) that keeps the layer's bf16 input rows
+//!   rather than the gathered ones and recomputes the SwiGLU output (and with `--moe-recompute
+//!   gate-up` the gate/up projection) in backward; the router keeps the same bf16 rows for its
+//!   weight gradient ([`ops::linear_saving_rounded`]) instead of the fp32 ones (its forward
+//!   stays fp32). Elsewhere three grouped matmuls and `silu(g) * u` under autograd, which on
+//!   the CPU computes exactly the loop's numbers (the same per-group matmuls).
 //! - loop (`--moe-experts loop`, and always in fp64, which `_grouped_mm` refuses): each expert
 //!   once on its slice, the slice sizes read to the host once per layer.
 //!
@@ -42,7 +48,7 @@
 use tch::{Kind, Tensor};
 
 use super::{bf16_operand, expect, linear, to_kind, Mlp, ModelConfig};
-use crate::kernels::{fused, Kernels};
+use crate::kernels::{fused, ops, Kernels};
 
 /// How a MoE layer weighs its experts and what aux loss it adds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -72,6 +78,16 @@ impl MoeRouting {
                 seq_aux: cfg.seq_aux,
             }
         }
+    }
+
+    /// Whether the top-k weights are all exactly 1: top-1 renormalised (MiniMind-3's default).
+    /// `s / (s + 1e-20)` for the top score s >= 1/E rounds to 1 in fp32 and bf16 (1e-20 is far
+    /// below half an ulp of s), and its gradient in exact arithmetic, `1e-20 / s^2`, is below
+    /// anything fp32 resolves next to the aux loss's; computed, it would be the round-off of
+    /// `1/s - s/s^2`. So the combine adds the experts' outputs unweighted and the router learns
+    /// through the aux loss alone, as MiniMind-3 intends.
+    fn unit_weights(&self, k: i64) -> bool {
+        k == 1 && self.renormalises(k)
     }
 
     /// Whether the top-k weights are renormalised for `k`.
@@ -133,8 +149,8 @@ struct Dispatch {
     expert: Tensor,
     /// The sorted pairs' tokens `[N*k]` (row of `[N, d]`).
     token: Tensor,
-    /// The sorted pairs' routing weights `[N*k, 1]` (router kind).
-    weight: Tensor,
+    /// The sorted pairs' routing weights `[N*k, 1]` (router kind); `None` where all are 1.
+    weight: Option<Tensor>,
 }
 
 impl MoeFeedForward {
@@ -155,29 +171,52 @@ impl MoeFeedForward {
     ) -> (Tensor, Tensor) {
         let (b, t, d) = x.size3().expect("MoE input must be [B, T, d]");
         let xf = x.reshape([b * t, d]);
-        let (topw, topi, aux) = self.route(&xf, b, t);
-        let disp = dispatch(&topw, &topi);
-        let ys = if k.moe_grouped_applies(x, compute, d, self.width()) {
-            // The N tokens cast once, then their N*k slots gathered in the compute kind (half
-            // the bytes of gathering fp32 rows and casting them; the gather's backward adds a
-            // token's k slot gradients in that kind).
-            let xs = to_kind(&xf, compute).index_select(0, &disp.token);
-            let offs = self.offsets(&disp);
-            match stacked {
-                Some(w) => self.grouped_experts(&xs, &offs, w),
-                None => self.grouped_experts(&xs, &offs, &self.stacked(compute, &xs, k)),
+        let f = self.width();
+        let grouped = k.moe_grouped_applies(x, compute, d, f);
+        // The N tokens cast once to the compute kind: the experts' input rows, gathered from
+        // it in that kind (half the bytes of gathering fp32 rows; the gather's backward adds a
+        // token's k slot gradients in that kind). On the fused path the router's weight
+        // gradient is taken from these rows too, so the fp32 rows are not kept for backward.
+        let fused = k.moe_fused_applies(x, compute, d, f);
+        let xc = grouped.then(|| to_kind(&xf, compute));
+        let (topw, topi, aux) = self.route(&xf, xc.as_ref().filter(|_| fused), b, t);
+        let disp = dispatch(topw.as_ref(), &topi);
+        let ys = match &xc {
+            Some(xc) => {
+                let offs = self.offsets(&disp);
+                let own;
+                let w = match stacked {
+                    Some(w) => w,
+                    None => {
+                        own = self.stacked(compute, xc, k);
+                        &own
+                    }
+                };
+                match (&w.gate_up, fused) {
+                    (GateUp::Merged(gu), true) => expect(
+                        "grouped_experts",
+                        fused::grouped_experts(
+                            xc,
+                            &disp.token,
+                            gu,
+                            &w.down,
+                            &offs,
+                            k.moe_recomputes_gate_up(),
+                        ),
+                    ),
+                    _ => self.grouped_experts(&xc.index_select(0, &disp.token), &offs, w),
+                }
             }
-        } else {
-            self.looped_experts(&xf, &disp, compute)
+            None => self.looped_experts(&xf, &disp, compute),
         };
         // Weighted and summed in the experts' kind (bf16 on the fused path, which the next
         // norm's residual add takes as the dense MLP's output; x's kind otherwise).
         let yk = ys.kind();
-        let y = Tensor::zeros([b * t, d], (yk, x.device())).index_add(
-            0,
-            &disp.token,
-            &(ys * disp.weight.to_kind(yk)),
-        );
+        let weighted = match &disp.weight {
+            Some(w) => ys * w.to_kind(yk),
+            None => ys,
+        };
+        let y = Tensor::zeros([b * t, d], (yk, x.device())).index_add(0, &disp.token, &weighted);
         let y = (self.shared_experts.iter()).fold(y.reshape([b, t, d]), |y, s| {
             y + s.forward_fused(x, compute, k)
         });
@@ -189,18 +228,37 @@ impl MoeFeedForward {
         self.experts.first().map_or(0, |e| e.gate_proj.size()[0])
     }
 
-    /// Router on xf `[N, d]`: top-k weights `[N, k]` (fp32, renormalised as the variant does),
-    /// top-k expert ids `[N, k]`, aux loss.
-    fn route(&self, xf: &Tensor, b: i64, t: i64) -> (Tensor, Tensor, Tensor) {
+    /// Router on xf `[N, d]`: top-k weights `[N, k]` (fp32, renormalised as the variant does;
+    /// `None` where they are all exactly 1), top-k expert ids `[N, k]`, aux loss. With `rounded`
+    /// (xf in bf16, kept for the experts anyway) the router's weight gradient is taken from it
+    /// instead of keeping xf.
+    fn route(
+        &self,
+        xf: &Tensor,
+        rounded: Option<&Tensor>,
+        b: i64,
+        t: i64,
+    ) -> (Option<Tensor>, Tensor, Tensor) {
         let k = self.top_k;
         let sk = super::upcast_kind(xf.kind());
         // The router in fp32 (its matmul is [N, d] x [d, E], a rounding error next to the
         // experts'): in bf16 a top-k choice between near-equal scores flips with round-off.
-        let scores = linear(xf, &self.gate, sk).softmax(-1, sk); // [N, E]
-        let (mut topw, topi) = scores.topk(k, -1, true, true); // [N, k]
-        if self.routing.renormalises(k) {
-            topw = &topw / (topw.sum_dim_intlist(-1, true, sk) + 1e-20);
-        }
+        let logits = match rounded {
+            Some(r) if xf.kind() == sk && self.gate.kind() == sk => expect(
+                "linear_saving_rounded",
+                ops::linear_saving_rounded(xf, r, &self.gate),
+            ),
+            _ => linear(xf, &self.gate, sk),
+        };
+        let scores = logits.softmax(-1, sk); // [N, E]
+        let (topw, topi) = scores.topk(k, -1, true, true); // [N, k]
+        let topw = if self.routing.unit_weights(k) {
+            None
+        } else if self.routing.renormalises(k) {
+            Some(&topw / (topw.sum_dim_intlist(-1, true, sk) + 1e-20))
+        } else {
+            Some(topw)
+        };
         let aux = self.aux_loss(&scores, &topi, b, t);
         (topw, topi, aux)
     }
@@ -329,13 +387,13 @@ impl MoeFeedForward {
 }
 
 /// Sorts the (token, slot) pairs of top-k ids `[N, k]` by expert, stably.
-fn dispatch(topw: &Tensor, topi: &Tensor) -> Dispatch {
+fn dispatch(topw: Option<&Tensor>, topi: &Tensor) -> Dispatch {
     let k = topi.size()[1];
     let flat = topi.reshape([-1]);
     let (expert, order) = flat.sort_stable(true, 0, false);
     Dispatch {
         expert,
         token: order.divide_scalar_mode(k, "floor"),
-        weight: topw.reshape([-1]).index_select(0, &order).unsqueeze(-1),
+        weight: topw.map(|w| w.reshape([-1]).index_select(0, &order).unsqueeze(-1)),
     }
 }

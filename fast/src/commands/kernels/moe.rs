@@ -8,21 +8,25 @@
 //! an fp32 input like the norm's output). Compared: the output, the aux loss, the gradients of
 //! the input, the router and every expert weight (under a random upstream gradient of the
 //! output plus the aux loss itself); the starved expert's gradients must be exactly zero.
-//! Then forward + backward of each is timed: the loop, the grouped layer stacking the expert
-//! weights per call (what the model runs), and the grouped layer on weights stacked once (what a
-//! persistently stacked parameter layout would run; the difference is the cost of stacking).
+//! On the fused path (bf16 on CUDA) the grouped layer runs with `--moe-recompute swiglu` and
+//! `gate-up`, each compared so. Then forward + backward of each is timed: the loop, the grouped
+//! layer stacking the expert weights per call (what the model runs; on the fused path also with
+//! `gate-up`), and the grouped layer on weights stacked once (what a persistently stacked
+//! parameter layout would run; the difference is the cost of stacking).
 //!
 //! Tolerances, norm-wise: fp32 1e-5 (the same per-expert products in fp32; only the GEMM's
 //! blocking may reorder a sum, a few ulps); bf16 1e-2, the command's bf16 tolerance (on the
 //! fused path gate and up are one matmul and SwiGLU one kernel, rounding once where the loop's
-//! ops round after each step). The aux loss comes from the one router both paths share: 1e-6.
+//! ops round after each step, and the router's weight gradient comes from the bf16 input rows,
+//! where the loop's comes from the fp32 ones: a bf16 rounding of each row, 2e-3 relative at
+//! most, norm-wise far less). The aux loss comes from the one router both paths share: 1e-6.
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use super::{diff, peak_gib, report, report_grads, report_loss, reset_peak, scalar, time_ms};
 use super::{worst_grad, KernelsArgs};
-use crate::kernels::{KernelConfig, Kernels, MoeExperts};
+use crate::kernels::{KernelConfig, Kernels, MoeExperts, MoeRecompute};
 use crate::model::{Mlp, ModelConfig, MoeFeedForward, MoeRouting};
 
 /// The layer of `cfg` with fresh N(0, 0.02) fp32 weights requiring grad, and their names.
@@ -90,6 +94,15 @@ fn variants(d: usize) -> [(&'static str, ModelConfig); 2] {
 fn with_experts(base: KernelConfig, e: MoeExperts) -> Kernels {
     Kernels::new(KernelConfig {
         moe_experts: e,
+        ..base
+    })
+}
+
+/// The grouped path with the fused node recomputing `r` in backward.
+fn with_recompute(base: KernelConfig, r: MoeRecompute) -> Kernels {
+    Kernels::new(KernelConfig {
+        moe_experts: MoeExperts::Grouped,
+        moe_recompute: r,
         ..base
     })
 }
@@ -177,42 +190,54 @@ fn check_case(
     let x = x.set_requires_grad(true);
     let gy = Tensor::randn([b, t, d], (Kind::Float, device));
     let leaves = params(&m);
-    let grouped = with_experts(args.kernels, MoeExperts::Grouped);
+    let grouped = with_recompute(args.kernels, MoeRecompute::Swiglu);
+    let grouped_gu = with_recompute(args.kernels, MoeRecompute::GateUp);
     let looped = with_experts(args.kernels, MoeExperts::Loop);
     let probe = x.detach().to_kind(compute);
     if !grouped.moe_grouped_applies(&probe, compute, d, m.width()) {
         println!("{case:<10} skipped: the grouped path does not apply here");
         return Ok(true);
     }
-    let (yg, auxg, gg) = fwd_bwd(&m, &x, &gy, compute, &grouped, &leaves);
+    // On the fused path the node runs with each --moe-recompute; elsewhere that option
+    // changes nothing, so the second run is skipped.
+    let fused = grouped.moe_fused_applies(&probe, compute, d, m.width());
     let (yl, auxl, gl) = fwd_bwd(&m, &x, &gy, compute, &looped, &leaves);
     let tol = tolerance(compute);
-    let mut ok = report(case, "y", &diff(&yg, &yl), tol);
-    ok &= report_loss(case, "aux", scalar(auxg), scalar(auxl), 1e-6);
-    ok &= report(case, "dx", &diff(&gg[0], &gl[0]), tol);
-    ok &= report(case, "dgate", &diff(&gg[1], &gl[1]), tol);
-    ok &= report_grads(
-        case,
-        "experts: ",
-        &worst_grad(&names[1..], &gg[2..], &gl[2..]),
-        tol,
-    );
-    if starve {
-        let e = last as usize;
-        let zero = gg[2 + 3 * e..5 + 3 * e]
-            .iter()
-            .all(|g| scalar(g.abs().max().to_kind(Kind::Double)) == 0.0);
-        println!(
-            "{case:<10} expert {last} got no token: its gradients {}",
-            if zero {
-                "are zero  ok"
-            } else {
-                "are NOT zero  FAIL"
-            }
+    let mut ok = true;
+    let runs: &[(&str, &Kernels)] = if fused {
+        &[("", &grouped), ("gate-up ", &grouped_gu)]
+    } else {
+        &[("", &grouped)]
+    };
+    for &(tag, kg) in runs {
+        let (yg, auxg, gg) = fwd_bwd(&m, &x, &gy, compute, kg, &leaves);
+        ok &= report(case, &format!("{tag}y"), &diff(&yg, &yl), tol);
+        ok &= report_loss(case, &format!("{tag}aux"), scalar(auxg), scalar(auxl), 1e-6);
+        ok &= report(case, &format!("{tag}dx"), &diff(&gg[0], &gl[0]), tol);
+        ok &= report(case, &format!("{tag}dgate"), &diff(&gg[1], &gl[1]), tol);
+        ok &= report_grads(
+            case,
+            &format!("{tag}experts: "),
+            &worst_grad(&names[1..], &gg[2..], &gl[2..]),
+            tol,
         );
-        ok &= zero;
+        if starve {
+            let e = last as usize;
+            let zero = gg[2 + 3 * e..5 + 3 * e]
+                .iter()
+                .all(|g| scalar(g.abs().max().to_kind(Kind::Double)) == 0.0);
+            println!(
+                "{case:<10} {tag}expert {last} got no token: its gradients {}",
+                if zero {
+                    "are zero  ok"
+                } else {
+                    "are NOT zero  FAIL"
+                }
+            );
+            ok &= zero;
+        }
     }
-    drop((gg, gl));
+    drop(gl);
 
     // Timing: the loop, grouped stacking per call, grouped on pre-stacked leaves.
     let xs_like = probe.reshape([-1, d]);
@@ -242,6 +267,11 @@ fn check_case(
     let tg = timed("fwd+bwd grouped", &mut || {
         let _ = fwd_bwd(&m, &x, &gy, compute, &grouped, &leaves);
     })?;
+    if fused {
+        timed("fwd+bwd grouped, recompute gate-up", &mut || {
+            let _ = fwd_bwd(&m, &x, &gy, compute, &grouped_gu, &leaves);
+        })?;
+    }
     let tp = timed("fwd+bwd grouped, pre-stacked", &mut || {
         let (y, aux) = m.forward_with(&x, compute, &grouped, Some(&pre));
         let s = (&y * &gy).sum(Kind::Float) + aux.to_kind(Kind::Float);
