@@ -82,15 +82,26 @@ char *mm_graph_replay(void *g) {
 void mm_graph_free(void *g) { delete static_cast<at::cuda::CUDAGraph *>(g); }
 
 // The caching allocator's peak bytes since the last reset (torch.cuda.max_memory_allocated and
-// max_memory_reserved).
+// max_memory_reserved); -1 for both where there is no such CUDA device (nothing is thrown into
+// Rust).
 void mm_cuda_peak_memory(int device, int64_t *allocated, int64_t *reserved) {
-  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
-  auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
-  *allocated = stats.allocated_bytes[agg].peak;
-  *reserved = stats.reserved_bytes[agg].peak;
+  *allocated = -1;
+  *reserved = -1;
+  try {
+    auto stats =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = stats.allocated_bytes[agg].peak;
+    *reserved = stats.reserved_bytes[agg].peak;
+  } catch (...) {
+  }
 }
 
+// Does nothing where there is no such CUDA device.
 void mm_cuda_reset_peak_memory(int device) {
-  c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  try {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  } catch (...) {
+  }
 }
 }

@@ -22,7 +22,8 @@ extern "C" {
 }
 
 /// Peak bytes (allocated by tensors, reserved by the caching allocator) on CUDA device `device`
-/// since the last [`reset_peak_memory`]: `torch.cuda.max_memory_allocated` / `_reserved`.
+/// since the last [`reset_peak_memory`]: `torch.cuda.max_memory_allocated` / `_reserved`; (0, 0)
+/// where there is no such device.
 pub fn peak_memory(device: usize) -> (u64, u64) {
     let (mut a, mut r) = (0i64, 0i64);
     unsafe { mm_cuda_peak_memory(device as i32, &mut a, &mut r) };

@@ -260,7 +260,9 @@ fn cuda_index(device: Device) -> usize {
 }
 
 fn reset_peak(device: Device) {
-    crate::kernels::graph::reset_peak_memory(cuda_index(device));
+    if device.is_cuda() {
+        crate::kernels::graph::reset_peak_memory(cuda_index(device));
+    }
 }
 
 /// Peak allocated GiB since the last [`reset_peak`].
