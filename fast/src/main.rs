@@ -16,7 +16,7 @@ enum Command {
     // A repeated option takes its last value, as with MiniMind's argparse.
     #[command(args_override_self = true)]
     Pretrain(fast::train::options::PretrainArgs),
-    /// Time the training step (forward, backward, clip, AdamW) and print one JSON line.
+    /// Time the training step (forward, backward, clip, optimizer step) and print one JSON line.
     Bench(fast::commands::bench::BenchArgs),
     /// Check the fused CUDA kernels against libtorch's unfused ops and time both (GPU only).
     Kernels(fast::commands::kernels::KernelsArgs),
@@ -28,7 +28,7 @@ enum Command {
     DistCheck(fast::commands::dist_check::DistCheckArgs),
     /// Continue a prompt with a model (.pth or .safetensors), streaming text (KV-cached sampling).
     Generate(fast::commands::generate::GenerateArgs),
-    /// Write a Hugging Face folder (config.json, model.safetensors, tokenizer) from weights.
+    /// Write a Hugging Face folder (config.json, model.safetensors, tokenizer) or a GGUF file from weights.
     Export(fast::commands::export::ExportArgs),
     /// Held-out loss and perplexity of a model over a JSONL (token-weighted over counted labels).
     Eval(fast::commands::eval::EvalArgs),

@@ -21,15 +21,16 @@ fi
 FAST=$W/fast
 VERIFY=$W/verify
 
-# verify_all "FOLDER PRECISION"...: verify --device cuda on golden/FOLDER, a summary row each.
+# verify_all "FOLDER PRECISION [VERIFY OPTIONS...]"...: verify --device cuda on golden/FOLDER, a
+# summary row each.
 verify_all() {
   for fp in "$@"; do
     set -- $fp
-    local t0=$(stamp)
-    timeout 150 $VERIFY --fixtures golden/$1 --path fast --device cuda --precision $2 >$O/verify_$1_$2.txt 2>&1
+    local t0=$(stamp) tag=$(echo "$*" | tr ' ' '_' | tr -d -)
+    timeout 150 $VERIFY --fixtures golden/$1 --path fast --device cuda --precision $2 "${@:3}" >$O/verify_$tag.txt 2>&1
     local rc=$?
-    row "verify $1 $2: rc $rc, $(grep -cE ' OK$' $O/verify_$1_$2.txt) OK, $(grep -c 'NOT OK' $O/verify_$1_$2.txt) NOT OK, $(took $t0)s"
-    grep -E 'NOT OK|rror' $O/verify_$1_$2.txt | head -6 | cut -c1-200 | tee -a $S
+    row "verify $*: rc $rc, $(grep -cE ' OK$' $O/verify_$tag.txt) OK, $(grep -c 'NOT OK' $O/verify_$tag.txt) NOT OK, $(took $t0)s"
+    grep -E 'NOT OK|rror' $O/verify_$tag.txt | head -6 | cut -c1-200 | tee -a $S
   done
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 3, part A: verify on CUDA (every fixture folder), fast kernels, dense benches: packed vs
+# Verify on CUDA (every fixture folder), fast kernels, dense benches: packed vs
 # packed-docs, AdamW vs Muon; MiniMind-3 one epoch, eval, samples; masked LM vs causal LM.
 source "$(dirname "$0")/common.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee -a $S

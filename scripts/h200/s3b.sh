@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 3, part B: time to held-out quality. One epoch of the poems (26M, MiniMind's tokenizer,
+# Time to held-out quality. One epoch of the poems (26M, MiniMind's tokenizer,
 # seq 340), scored on the 2,000 held-out poems during training: MiniMind's recipe (padded, b32 x 8,
 # AdamW 5e-4) against Muon, and packed-docs rows with AdamW and with Muon.
 source "$(dirname "$0")/common.sh"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 3, part C: MoE presets, ours (grouped experts, --cuda-graph; the per-expert loop eager
+# MoE presets, ours (grouped experts, --cuda-graph; the per-expert loop eager
 # for reference) beside MiniMind's own trainer (eager and torch.compile), seq 340, batch 32 and 128.
 # MODEL=minimind2-moe|minimind3-moe
 source "$(dirname "$0")/common.sh"

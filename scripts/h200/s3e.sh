@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 3, part E: fast eval of a MiniMind-3 checkpoint on CUDA (bf16 weights through our
+# Fast eval of a MiniMind-3 checkpoint on CUDA (bf16 weights through our
 # attention with q/k norm), then one epoch of MoE pretraining on the whole poems corpus (the 26M
 # config with MiniMind2's MoE, b128 x 2), grouped + --cuda-graph against the per-expert loop.
 source "$(dirname "$0")/common.sh"

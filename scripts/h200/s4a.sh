@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 4, part A: where the time goes (bench --profile) for the three speed targets left.
+# Where the time goes (bench --profile) for the three speed targets left.
 source "$(dirname "$0")/common.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee -a $S
 M2=(--tokenizer minimind2 --cuda-graph)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 4, part B: packed-docs profiled with its document starts.
+# Packed-docs profiled with its document starts.
 source "$(dirname "$0")/common.sh"
 M2=(--tokenizer minimind2 --cuda-graph)
 bench m2_packeddocs_b128 "${M2[@]}" --batch-size 128 --steps 30 --data-mode packed-docs --profile $O/prof_pd --profile-steps 3

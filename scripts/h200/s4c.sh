@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 4, part C: MoE with the combine in the experts' kind: verify (MoE fixtures), kernels,
+# MoE with the combine in the experts' kind: verify (MoE fixtures), kernels,
 # both MoE presets against MiniMind's trainer (eager, compiled), one-epoch grouped vs loop, the
 # tokenizing pass on 16 cores, and the dense lines for no-regression.
 source "$(dirname "$0")/common.sh"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 4, part E: the token cache against the in-memory layout it replaced, on one H200 in one
+# The token cache against the in-memory layout it replaced, on one H200 in one
 # call: the tokenizing pass (16 cores) and pretrain tokens/s + data wait, padded b32 and packed b128.
 # Needs .device/fast_old.xz (the build before the cache).
 source "$(dirname "$0")/common.sh"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 4, part F: MoE peak memory by path (graph, eager, loop) at batch 32 and 128.
+# MoE peak memory by path (graph, eager, loop) at batch 32 and 128.
 source "$(dirname "$0")/common.sh"
 for MODEL in minimind3-moe minimind2-moe; do
   TK=(); [ $MODEL = minimind2-moe ] && TK=(--tokenizer minimind2)

@@ -95,13 +95,18 @@ pub enum MoeExperts {
     Loop,
 }
 
-/// What the fused MoE experts node ([`fused::grouped_experts`]) recomputes in backward instead
-/// of keeping from forward (the values are the same either way).
+/// What MoE's grouped experts on the fused path recompute in backward instead of keeping from
+/// forward (the values are the same either way; the router's weight gradient is not, see
+/// [`Kernels::moe_fused_applies`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum MoeRecompute {
-    /// The gathered input rows and the SwiGLU output (a gather and one element-wise kernel per
-    /// layer); the gate/up projection's output is kept.
+    /// Nothing: libtorch's autograd over the grouped matmuls and our SwiGLU kernel keeps the
+    /// gathered rows, the gate/up output and the SwiGLU output, and the router its fp32 rows.
+    Off,
+    /// Our experts node ([`fused::grouped_experts`]) recomputes the gathered input rows and the
+    /// SwiGLU output (a gather and one element-wise kernel per layer); the gate/up projection's
+    /// output is kept.
     Swiglu,
     /// Also the gate/up projection (one more grouped matmul per layer): only the layer's input
     /// rows are kept.
@@ -150,9 +155,11 @@ pub struct KernelConfig {
     #[arg(long, alias = "moe_experts", value_enum, default_value_t = MoeExperts::Grouped)]
     pub moe_experts: MoeExperts,
     /// MoE on the fused path (grouped, bf16 on CUDA): what backward recomputes instead of
-    /// keeping from forward; swiglu = the gathered rows and the SwiGLU output, gate-up = also
-    /// the gate/up projection (less memory, one more grouped matmul per layer).
-    #[arg(long, alias = "moe_recompute", value_enum, default_value_t = MoeRecompute::Swiglu)]
+    /// keeping from forward; off = nothing (autograd), swiglu = the gathered rows and the SwiGLU
+    /// output (our experts node), gate-up = also the gate/up projection (one more grouped
+    /// matmul per layer). With swiglu and gate-up the router's weight gradient comes from the
+    /// bf16 rows the experts read.
+    #[arg(long, alias = "moe_recompute", value_enum, default_value_t = MoeRecompute::Off)]
     pub moe_recompute: MoeRecompute,
 }
 
@@ -168,7 +175,7 @@ impl Default for KernelConfig {
             dp_overlap: OnOff::On,
             dp_bucket_layers: 2,
             moe_experts: MoeExperts::Grouped,
-            moe_recompute: MoeRecompute::Swiglu,
+            moe_recompute: MoeRecompute::Off,
         }
     }
 }
@@ -328,10 +335,12 @@ impl Kernels {
 
     /// The routed experts as our one node ([`fused::grouped_experts`]: grouped matmuls around
     /// our SwiGLU kernel, backward recomputing per `--moe-recompute`) and the router's weight
-    /// gradient from the same bf16 rows ([`ops::linear_saving_rounded`]): the grouped path
-    /// with our kernels, bf16 on CUDA, both widths multiples of 8.
+    /// gradient from the same bf16 rows ([`ops::linear_saving_rounded`]): `--moe-recompute
+    /// swiglu` or `gate-up`, the grouped path with our kernels, bf16 on CUDA, both widths
+    /// multiples of 8.
     pub fn moe_fused_applies(&self, x: &Tensor, compute: Kind, hidden: i64, width: i64) -> bool {
-        self.moe_grouped_applies(x, compute, hidden, width)
+        self.config.moe_recompute != MoeRecompute::Off
+            && self.moe_grouped_applies(x, compute, hidden, width)
             && self.swiglu_applies(x, width, compute)
             && hidden % 8 == 0
     }
@@ -423,6 +432,7 @@ impl Kernels {
                 MoeExperts::Loop => "loop",
             },
             match c.moe_recompute {
+                MoeRecompute::Off => "nothing",
                 MoeRecompute::Swiglu => "rows and SwiGLU",
                 MoeRecompute::GateUp => "rows, gate/up and SwiGLU",
             }

@@ -24,14 +24,15 @@
 //!   out]` at use time and each projection one `torch._grouped_mm` over the whole buffer, with
 //!   the per-expert row ranges given as a device tensor (`offs`, cumulative ends, int32) counted
 //!   by a scatter into a fixed `[E]`: static shapes, no host read, so a CUDA graph captures it.
-//!   On the fused bf16 CUDA path ([`Kernels::moe_fused_applies`]) gate and up are one grouped
-//!   matmul against `[gate_e; up_e]` and our SwiGLU kernel follows, as in the dense MLP, all in
-//!   one autograd node ([`fused::grouped_experts`]) that keeps the layer's bf16 input rows
-//!   rather than the gathered ones and recomputes the SwiGLU output (and with `--moe-recompute
-//!   gate-up` the gate/up projection) in backward; the router keeps the same bf16 rows for its
-//!   weight gradient ([`ops::linear_saving_rounded`]) instead of the fp32 ones (its forward
-//!   stays fp32). Elsewhere three grouped matmuls and `silu(g) * u` under autograd, which on
-//!   the CPU computes exactly the loop's numbers (the same per-group matmuls).
+//!   On the bf16 CUDA path with our kernels gate and up are one grouped matmul against
+//!   `[gate_e; up_e]` and our SwiGLU kernel follows, as in the dense MLP: under autograd with
+//!   `--moe-recompute off`, or ([`Kernels::moe_fused_applies`], `swiglu` and `gate-up`) as one
+//!   autograd node ([`fused::grouped_experts`]) that keeps the layer's bf16 input rows rather
+//!   than the gathered ones and recomputes the SwiGLU output (with `gate-up` the gate/up
+//!   projection too) in backward, while the router keeps the same bf16 rows for its weight
+//!   gradient ([`ops::linear_saving_rounded`]) instead of the fp32 ones (its forward stays
+//!   fp32). Elsewhere three grouped matmuls and `silu(g) * u` under autograd, which on the CPU
+//!   computes exactly the loop's numbers (the same per-group matmuls).
 //! - loop (`--moe-experts loop`, and always in fp64, which `_grouped_mm` refuses): each expert
 //!   once on its slice, the slice sizes read to the host once per layer.
 //!

@@ -36,7 +36,7 @@ pub struct GraphedStep {
 
 /// Why `--cuda-graph` cannot run with this configuration, if it cannot.
 pub fn unsupported(tr: &Trainer) -> Option<&'static str> {
-    if !cfg!(feature = "cuda") {
+    if !crate::kernels::BUILT_WITH_CUDA {
         return Some("this binary was built without `--features cuda` (make release-cuda)");
     }
     if !tr.device().is_cuda() {

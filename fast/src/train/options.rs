@@ -79,7 +79,7 @@ pub struct PretrainArgs {
     /// Prefix of the saved weights file.
     #[arg(long, alias = "save_weight", default_value = "pretrain")]
     pub save_weight: String,
-    /// Training epochs [default: 1; 4 for the embedded poems on a CPU].
+    /// Training epochs [default: 1; 3 for the embedded poems on a CPU].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Rows per micro-batch [default: 32 on CUDA, 16 on CPU].
@@ -191,7 +191,8 @@ pub struct PretrainArgs {
     pub skip_nonfinite: bool,
     /// Capture the micro-step and the optimizer step as CUDA graphs after the first optimizer
     /// step and replay them (same arithmetic, far less host time per step). CUDA, bfloat16 or
-    /// float32, dense models; needs a binary built with `--features cuda` (make release-cuda).
+    /// float32; dense models, and MoE with `--moe-experts grouped` in bfloat16 on sm90/sm100;
+    /// needs a binary built with `--features cuda` (make release-cuda).
     #[arg(long, alias = "cuda_graph")]
     pub cuda_graph: bool,
     /// Use only the first N documents of the corpus [default: all]. Giving it on a CPU with the

@@ -8,10 +8,10 @@
 //! an fp32 input like the norm's output). Compared: the output, the aux loss, the gradients of
 //! the input, the router and every expert weight (under a random upstream gradient of the
 //! output plus the aux loss itself); the starved expert's gradients must be exactly zero.
-//! On the fused path (bf16 on CUDA) the grouped layer runs with `--moe-recompute swiglu` and
-//! `gate-up`, each compared so. Then forward + backward of each is timed: the loop, the grouped
-//! layer stacking the expert weights per call (what the model runs; on the fused path also with
-//! `gate-up`), and the grouped layer on weights stacked once (what a persistently stacked
+//! On the fused path (bf16 on CUDA) the grouped layer runs with each `--moe-recompute` (`off`,
+//! `swiglu`, `gate-up`), each compared so. Then forward + backward of each is timed: the loop,
+//! the grouped layer stacking the expert weights per call (what the model runs; on the fused
+//! path with each `--moe-recompute`), and the grouped layer on weights stacked once (what a persistently stacked
 //! parameter layout would run; the difference is the cost of stacking).
 //!
 //! Tolerances, norm-wise: fp32 1e-5 (the same per-expert products in fp32; only the GEMM's
@@ -190,7 +190,8 @@ fn check_case(
     let x = x.set_requires_grad(true);
     let gy = Tensor::randn([b, t, d], (Kind::Float, device));
     let leaves = params(&m);
-    let grouped = with_recompute(args.kernels, MoeRecompute::Swiglu);
+    let grouped = with_recompute(args.kernels, MoeRecompute::Off);
+    let grouped_sw = with_recompute(args.kernels, MoeRecompute::Swiglu);
     let grouped_gu = with_recompute(args.kernels, MoeRecompute::GateUp);
     let looped = with_experts(args.kernels, MoeExperts::Loop);
     let probe = x.detach().to_kind(compute);
@@ -198,15 +199,19 @@ fn check_case(
         println!("{case:<10} skipped: the grouped path does not apply here");
         return Ok(true);
     }
-    // On the fused path the node runs with each --moe-recompute; elsewhere that option
-    // changes nothing, so the second run is skipped.
-    let fused = grouped.moe_fused_applies(&probe, compute, d, m.width());
+    // On the fused path the layer runs with each --moe-recompute; elsewhere that option
+    // changes nothing, so only one grouped run.
+    let fused = grouped_sw.moe_fused_applies(&probe, compute, d, m.width());
     let (yl, auxl, gl) = fwd_bwd(&m, &x, &gy, compute, &looped, &leaves);
     let auxl = scalar(auxl);
     let tol = tolerance(compute);
     let mut ok = true;
     let runs: &[(&str, &Kernels)] = if fused {
-        &[("", &grouped), ("gate-up ", &grouped_gu)]
+        &[
+            ("", &grouped),
+            ("swiglu ", &grouped_sw),
+            ("gate-up ", &grouped_gu),
+        ]
     } else {
         &[("", &grouped)]
     };
@@ -269,6 +274,9 @@ fn check_case(
         let _ = fwd_bwd(&m, &x, &gy, compute, &grouped, &leaves);
     })?;
     if fused {
+        timed("fwd+bwd grouped, recompute swiglu", &mut || {
+            let _ = fwd_bwd(&m, &x, &gy, compute, &grouped_sw, &leaves);
+        })?;
         timed("fwd+bwd grouped, recompute gate-up", &mut || {
             let _ = fwd_bwd(&m, &x, &gy, compute, &grouped_gu, &leaves);
         })?;
