@@ -8,7 +8,8 @@ fn main() {
     build_fused_kernels();
 }
 
-/// fast/csrc/ops.cpp: libtorch's foreach and fused-optimizer ops that tch does not expose;
+/// fast/csrc/ops.cpp: libtorch's foreach and fused-optimizer ops that tch does not expose, and
+/// MoE's autograd nodes on libtorch's ops (grouped_experts.h, shared with fused_ops.cpp);
 /// fast/csrc/profiler.cpp: libtorch's Kineto profiler for `fast bench --profile`.
 /// Needs only libtorch's own headers (no CUDA headers), so it builds on every machine.
 fn build_ops() {
@@ -22,6 +23,7 @@ fn build_ops() {
     println!("cargo:rerun-if-changed=csrc/ops.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-changed=csrc/ffi_error.h");
+    println!("cargo:rerun-if-changed=csrc/grouped_experts.h");
     cc::Build::new()
         .cpp(true)
         .file("csrc/ops.cpp")
@@ -173,6 +175,7 @@ fn build_fused_kernels() {
         "csrc/attention.cu",
         "csrc/kernels.h",
         "csrc/fused_ops.cpp",
+        "csrc/grouped_experts.h",
         "csrc/grad_events.cpp",
     ] {
         println!("cargo:rerun-if-changed={f}");

@@ -28,6 +28,7 @@
 #include <optional>
 
 #include "ffi_error.h"
+#include "grouped_experts.h"
 #include "kernels.h"
 
 using torch::autograd::AutogradContext;
@@ -506,81 +507,16 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   }
 };
 
-// A MoE layer's routed experts, SwiGLU FFNs, over the (token, slot) pairs sorted by expert:
-//   xs = x[token]                          [M, d]   (M = N*k rows, expert e on rows
-//   gu = xs gate_up[e]^T                   [M, 2F]   offs[e-1] .. offs[e]; offs int32 [E],
-//   h  = bf16(bf16(silu(g)) * u)           [M, F]    the cumulative ends)
-//   y  = h down[e]^T                       [M, d]
-// with x [N, d], gate_up [E, 2F, d] ([gate_e; up_e]), down [E, d, F], all bf16, token int64 [M],
-// the two projections one torch._grouped_mm each. The values are those of index_select,
-// _grouped_mm and SwiGlu under autograd; what differs is what is kept for backward: x (which
-// the caller keeps anyway), token, offs and the weights, plus gu unless recompute_gate_up.
-// Backward recomputes xs (a gather), h (the SwiGLU kernel) and, with recompute_gate_up, gu (one
-// grouped matmul), instead of holding [M, d] + [M, F] (+ [M, 2F]) bf16 per layer until then.
-// Backward, with the formulas of _grouped_mm's autograd:
-//   dh = dy down[e]  dgu = swiglu'(gu, dh)  ddown[e] = dy_e^T h_e  dgate_up[e] = dgu_e^T xs_e
-//   dxs = dgu gate_up[e]  dx = index_add(0, token, dxs) (bf16, as index_select's backward).
-struct GroupedExperts : public torch::autograd::Function<GroupedExperts> {
-  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &token,
-                            const at::Tensor &gate_up, const at::Tensor &down,
-                            const at::Tensor &offs, bool recompute_gate_up) {
-    const char *op = "grouped_experts";
-    check_cuda(x, at::kBFloat16, op, "x");
-    check_cuda(gate_up, at::kBFloat16, op, "gate_up");
-    check_cuda(down, at::kBFloat16, op, "down");
-    check_cuda(token, at::kLong, op, "token");
-    check_cuda(offs, at::kInt, op, "offs");
-    TORCH_CHECK(x.dim() == 2 && down.dim() == 3 && gate_up.dim() == 3 && token.dim() == 1 &&
-                    offs.dim() == 1,
-                op, ": expected x [N, d], token [M], gate_up [E, 2F, d], down [E, d, F], offs "
-                "[E]; got ", x.sizes(), ", ", token.sizes(), ", ", gate_up.sizes(), ", ",
-                down.sizes(), ", ", offs.sizes());
-    const int64_t e = down.size(0), d = down.size(1), f = down.size(2);
-    TORCH_CHECK(x.size(1) == d && gate_up.size(0) == e && gate_up.size(1) == 2 * f &&
-                    gate_up.size(2) == d && offs.size(0) == e,
-                op, ": shapes disagree: x ", x.sizes(), ", gate_up ", gate_up.sizes(), ", down ",
-                down.sizes(), ", offs ", offs.sizes());
-    TORCH_CHECK(d % 8 == 0 && f % 8 == 0, op,
-                ": d and F must be multiples of 8 (16-byte strides), got ", d, " and ", f);
-    c10::DeviceGuard guard(x.device());
-    at::Tensor xs = at::index_select(x, 0, token);
-    at::Tensor gu = dense(at::_grouped_mm(xs, gate_up.transpose(1, 2), offs));
-    at::Tensor h = swiglu_forward(gu, f, op);
-    at::Tensor y = at::_grouped_mm(h, down.transpose(1, 2), offs);
-    if (recompute_gate_up) {
-      ctx->save_for_backward({x, token, gate_up, down, offs});
-    } else {
-      ctx->save_for_backward({x, token, gate_up, down, offs, gu});
-    }
-    ctx->saved_data["f"] = f;
-    return y;
+// GroupedExperts' SwiGLU (grouped_experts.h) as our kernels: bf16 on CUDA, F a multiple of 8.
+struct KernelSwiGlu {
+  static void check(const at::Tensor &x, const char *op) { check_cuda(x, at::kBFloat16, op, "x"); }
+  static at::Tensor forward(const at::Tensor &gu, int64_t f, const char *op) {
+    check_swiglu_input(gu, f, op);
+    return swiglu_forward(dense(gu), f, op);
   }
-
-  static variable_list backward(AutogradContext *ctx, variable_list grads) {
-    const char *op = "grouped_experts backward";
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &token = saved[1], &gate_up = saved[2], &down = saved[3],
-                     &offs = saved[4];
-    const int64_t f = ctx->saved_data["f"].toInt();
-    check_cuda(grads[0], at::kBFloat16, op, "grad_y");
-    c10::DeviceGuard guard(x.device());
-    at::Tensor dy = dense(grads[0]);
-    at::Tensor xs = at::index_select(x, 0, token);
-    at::Tensor gu =
-        saved.size() > 5 ? saved[5] : dense(at::_grouped_mm(xs, gate_up.transpose(1, 2), offs));
-    at::Tensor h = swiglu_forward(gu, f, op);
-    at::Tensor dh = at::_grouped_mm(dy, down, offs);
-    at::Tensor ddown = at::_grouped_mm(dy.t(), h, offs);
-    h.reset();
-    at::Tensor dgu = swiglu_backward(gu, dh, f, op);
-    dh.reset();
-    gu.reset();
-    at::Tensor dgate_up = at::_grouped_mm(dgu.t(), xs, offs);
-    xs.reset();
-    at::Tensor dxs = at::_grouped_mm(dgu, gate_up, offs);
-    dgu.reset();
-    at::Tensor dx = at::zeros_like(x).index_add_(0, token, dxs);
-    return {dx, at::Tensor(), dgate_up, ddown, at::Tensor(), at::Tensor()};
+  static at::Tensor backward(const at::Tensor &gu, const at::Tensor &dh, int64_t f,
+                             const char *op) {
+    return swiglu_backward(dense(gu), dh, f, op);
   }
 };
 
@@ -682,12 +618,13 @@ char *mm_swiglu(at::Tensor *gu, int64_t f, at::Tensor **out) {
   return guard([&] { *out = new at::Tensor(SwiGlu::apply(*gu, f)); });
 }
 
-// y = GroupedExperts(x, token, gate_up, down, offs): see above.
+// y = GroupedExperts(x, token, gate_up, down, offs) with our SwiGLU kernels: grouped_experts.h.
 char *mm_grouped_experts(at::Tensor *x, at::Tensor *token, at::Tensor *gate_up, at::Tensor *down,
                          at::Tensor *offs, int64_t recompute_gate_up, at::Tensor **out) {
   return guard([&] {
     *out = new at::Tensor(
-        GroupedExperts::apply(*x, *token, *gate_up, *down, *offs, recompute_gate_up != 0));
+        mm_moe::GroupedExperts<KernelSwiGlu>::apply(*x, *token, *gate_up, *down, *offs,
+                                                  recompute_gate_up != 0));
   });
 }
 

@@ -1,5 +1,6 @@
-// libtorch's multi-tensor ("foreach") and fused optimizer ops, and one autograd node
-// (LinearSavingRounded), which tch's generated API does not expose. Each entry point takes arrays of `at::Tensor*` (tch's C_tensor), never throws into Rust,
+// libtorch's multi-tensor ("foreach") and fused optimizer ops, and two autograd nodes of MoE
+// (LinearSavingRounded; GroupedExperts with SwiGLU as libtorch ops), which tch's generated API
+// does not expose. Each entry point takes arrays of `at::Tensor*` (tch's C_tensor), never throws into Rust,
 // and returns nullptr on success or a malloc'd error message the caller frees with mm_free_error.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
@@ -20,7 +21,12 @@
 #include <memory>
 #include <vector>
 
+#include <ATen/ops/cat.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/silu_backward.h>
+
 #include "ffi_error.h"
+#include "grouped_experts.h"
 
 namespace {
 std::vector<at::Tensor> list(at::Tensor **ts, int64_t n) {
@@ -59,6 +65,20 @@ struct LinearSavingRounded : public torch::autograd::Function<LinearSavingRounde
     at::Tensor dx = at::mm(dy, w);
     at::Tensor dw = at::mm(dy.t(), rounded.to(w.scalar_type()));
     return {dx, at::Tensor(), dw};
+  }
+};
+// GroupedExperts' SwiGLU (grouped_experts.h) as libtorch's ops, any kind and device: h =
+// silu(g) * u, and backward with the functions autograd uses for it (silu_backward of dh * u,
+// dh * silu(g)), so the node's values are those of the same ops under autograd.
+struct OpsSwiGlu {
+  static void check(const at::Tensor &, const char *) {}
+  static at::Tensor forward(const at::Tensor &gu, int64_t f, const char *) {
+    return at::silu(gu.narrow(-1, 0, f)).mul(gu.narrow(-1, f, f));
+  }
+  static at::Tensor backward(const at::Tensor &gu, const at::Tensor &dh, int64_t f,
+                             const char *) {
+    const at::Tensor g = gu.narrow(-1, 0, f), u = gu.narrow(-1, f, f);
+    return at::cat(std::vector<at::Tensor>{at::silu_backward(dh.mul(u), g), dh.mul(at::silu(g))}, -1);
   }
 };
 }  // namespace
@@ -179,5 +199,16 @@ char *mm_pin_memory(at::Tensor *t, at::Tensor **out) {
 char *mm_linear_saving_rounded(at::Tensor *x, at::Tensor *rounded, at::Tensor *w,
                                at::Tensor **out) {
   return guard([&] { *out = new at::Tensor(LinearSavingRounded::apply(*x, *rounded, *w)); });
+}
+
+// y = GroupedExperts(x, token, gate_up, down, offs) with SwiGLU as libtorch's ops:
+// grouped_experts.h.
+char *mm_grouped_experts_ops(at::Tensor *x, at::Tensor *token, at::Tensor *gate_up,
+                             at::Tensor *down, at::Tensor *offs, int64_t recompute_gate_up,
+                             at::Tensor **out) {
+  return guard([&] {
+    *out = new at::Tensor(mm_moe::GroupedExperts<OpsSwiGlu>::apply(
+        *x, *token, *gate_up, *down, *offs, recompute_gate_up != 0));
+  });
 }
 }

@@ -1,21 +1,25 @@
 //! MoE's grouped experts (`--moe-experts grouped`: `torch._grouped_mm` over the tokens sorted by
-//! expert) compute what the per-expert loop computes, on the CPU, for MiniMind2's MoE (top-2
+//! expert), with each `--moe-recompute` (`off`: autograd; `swiglu`, `gate-up`: the experts as one
+//! node), compute what the per-expert loop computes, on the CPU, for MiniMind2's MoE (top-2
 //! renormalised, a shared expert, seq aux) and MiniMind-3's (top-1, its aux), including an
-//! expert that gets no token, in fp32 and bf16 compute; and the training step with either path
-//! gives the same loss and gradients.
+//! expert that gets no token, in fp32 and bf16 compute; and the training step with any path
+//! gives the same loss and gradients. The two autograd nodes of our own are checked against the
+//! ops they stand for, exactly.
 //!
-//! Tolerances (both paths share the router, so they route every token alike):
+//! Tolerances (every path shares the router, so they route every token alike):
 //! - fp32: max |grouped - loop| <= 1e-6 * max |loop| per tensor. The same per-expert products of
-//!   the same fp32 operands; libtorch may block a GEMM differently for another row count, which
-//!   reorders a sum of d..F products: a few fp32 ulps (6e-8) of the largest term. (Measured: 0
-//!   on these layers; on the CPU the grouped op runs the same matmuls.)
+//!   the same fp32 operands; libtorch may block a GEMM differently for another row count or for
+//!   gate and up merged into one matmul (the node's layout), which reorders a sum of d..F
+//!   products: a few fp32 ulps (6e-8) of the largest term. (Measured: 0 with `off`, at most
+//!   3.0e-7 with the node, in the input's gradient.)
 //! - bf16: ||grouped - loop|| / ||loop|| <= 1e-2, the bf16 tolerance of `fast kernels`: an
-//!   element rounded differently once is off by a bf16 ulp (3.9e-3 relative), norm-wise far less.
-//!   (Measured: 0 on the CPU.)
-//! - The aux loss: the same router ops on the same input in both paths: exactly equal.
+//!   element rounded differently once is off by a bf16 ulp (3.9e-3 relative), norm-wise far less;
+//!   with the node the router's weight gradient also comes from the bf16 rows. (Measured: at
+//!   most 1.1e-3 with `off`, 2.9e-3 with the node.)
+//! - The aux loss: the same router ops on the same input in every path: exactly equal.
 mod common;
 
-use fast::kernels::{KernelConfig, Kernels, MoeExperts};
+use fast::kernels::{KernelConfig, Kernels, MoeExperts, MoeRecompute};
 use fast::model::precision::Precision;
 use fast::model::{Mlp, ModelConfig, MoeFeedForward, MoeRouting};
 use fast::train::trainer::{Trainer, TrainerConfig};
@@ -48,11 +52,24 @@ fn minimind3_moe(d: usize) -> ModelConfig {
 }
 
 fn kernels(e: MoeExperts) -> Kernels {
+    kernels_with(e, MoeRecompute::Off)
+}
+
+fn kernels_with(e: MoeExperts, r: MoeRecompute) -> Kernels {
     Kernels::new(KernelConfig {
         moe_experts: e,
+        moe_recompute: r,
         ..KernelConfig::default()
     })
 }
+
+/// The grouped path in each `--moe-recompute` mode, and the loop.
+const PATHS: [(MoeExperts, MoeRecompute); 4] = [
+    (MoeExperts::Grouped, MoeRecompute::Off),
+    (MoeExperts::Grouped, MoeRecompute::Swiglu),
+    (MoeExperts::Grouped, MoeRecompute::GateUp),
+    (MoeExperts::Loop, MoeRecompute::Off),
+];
 
 /// A layer of `cfg` with N(0, 0.1) fp32 weights requiring grad; with `starve`, the last expert's
 /// router row is -e_0 (paired with inputs whose feature 0 is 4, it never makes the top k).
@@ -95,9 +112,9 @@ fn run(
     x: &Tensor,
     gy: &Tensor,
     compute: Kind,
-    e: MoeExperts,
+    k: &Kernels,
 ) -> (Tensor, f64, Vec<Tensor>) {
-    let (y, aux) = m.forward(x, compute, &kernels(e));
+    let (y, aux) = m.forward(x, compute, k);
     let s = (&y * gy).sum(Kind::Float) + &aux;
     let mut all = vec![x.shallow_clone()];
     all.extend(leaves(m));
@@ -144,36 +161,39 @@ fn grouped_experts_equal_the_loop_on_the_cpu() {
                     d,
                     m.width()
                 ));
-                let (yg, auxg, gg) = run(&m, &x, &gy, compute, MoeExperts::Grouped);
-                let (yl, auxl, gl) = run(&m, &x, &gy, compute, MoeExperts::Loop);
-                let what = format!("{name} {compute:?} starve {starve}");
-                assert_eq!(auxg, auxl, "{what}: aux");
-                let err = |a: &Tensor, b: &Tensor| {
-                    if compute == Kind::Float {
-                        max_rel(a, b)
-                    } else {
-                        norm_rel(a, b)
+                let looped = kernels(MoeExperts::Loop);
+                let (yl, auxl, gl) = run(&m, &x, &gy, compute, &looped);
+                for (e, r) in &PATHS[..3] {
+                    let (yg, auxg, gg) = run(&m, &x, &gy, compute, &kernels_with(*e, *r));
+                    let what = format!("{name} {compute:?} starve {starve} --moe-recompute {r:?}");
+                    assert_eq!(auxg, auxl, "{what}: aux");
+                    let err = |a: &Tensor, b: &Tensor| {
+                        if compute == Kind::Float {
+                            max_rel(a, b)
+                        } else {
+                            norm_rel(a, b)
+                        }
+                    };
+                    let mut worst = ("y".to_string(), err(&yg, &yl));
+                    for (i, (a, b)) in gg.iter().zip(&gl).enumerate() {
+                        let e = err(a, b);
+                        if e > worst.1 || e.is_nan() {
+                            worst = (format!("gradient {i}"), e);
+                        }
                     }
-                };
-                let mut worst = ("y".to_string(), err(&yg, &yl));
-                for (i, (a, b)) in gg.iter().zip(&gl).enumerate() {
-                    let e = err(a, b);
-                    if e > worst.1 || e.is_nan() {
-                        worst = (format!("gradient {i}"), e);
-                    }
-                }
-                println!("{what}: worst {} {:.3e} (tol {tol:e})", worst.0, worst.1);
-                assert!(
-                    worst.1 <= tol,
-                    "{what}: {} differs by {:e}",
-                    worst.0,
-                    worst.1
-                );
-                if starve {
-                    // [x, router, then 3 per expert]: the last expert's gradients are exactly 0.
-                    let e = m.experts.len() - 1;
-                    for g in &gg[2 + 3 * e..5 + 3 * e] {
-                        assert_eq!(f64::try_from(g.abs().max()).unwrap(), 0.0, "{what}");
+                    println!("{what}: worst {} {:.3e} (tol {tol:e})", worst.0, worst.1);
+                    assert!(
+                        worst.1 <= tol,
+                        "{what}: {} differs by {:e}",
+                        worst.0,
+                        worst.1
+                    );
+                    if starve {
+                        // [x, router, then 3 per expert]: the last expert's gradients are exactly 0.
+                        let e = m.experts.len() - 1;
+                        for g in &gg[2 + 3 * e..5 + 3 * e] {
+                            assert_eq!(f64::try_from(g.abs().max()).unwrap(), 0.0, "{what}");
+                        }
                     }
                 }
             }
@@ -182,14 +202,12 @@ fn grouped_experts_equal_the_loop_on_the_cpu() {
 }
 
 /// The training step (`Trainer::micro_step`, the model's own MoE layers, chunked lm_head) with
-/// the experts grouped and looped: same loss, same gradient for every parameter. fp32: loss 1e-6
-/// relative; gradients max-relative 1e-5, ten times the layer bound, since one layer's round-off
-/// reaches every layer below and the MiniMind-3 router's gradient (top-1 renormalised: the
-/// weight is 1, so its gradient is the aux loss's plus a sum that cancels) is small against the
-/// sums it comes from (measured 3.5e-7 there, 1e-7 elsewhere; verify holds fp32 gradients to
-/// 1e-4). bf16 mixed precision: the loss 1e-2 and gradients 5e-2 norm-wise, verify's bf16
-/// bounds (two bf16 runs that round in different places drift apart through the layers;
-/// measured 0 on the CPU).
+/// the experts grouped (each `--moe-recompute`) and looped: same loss, same gradient for every
+/// parameter. fp32: loss 1e-6 relative; gradients max-relative 1e-5, ten times the layer bound,
+/// since one layer's round-off reaches every layer below (measured at most 3.5e-7; verify holds
+/// fp32 gradients to 1e-4). bf16 mixed precision: the loss 1e-2 and gradients 5e-2 norm-wise,
+/// verify's bf16 bounds (two bf16 runs that round in different places drift apart through the
+/// layers; measured at most 6.7e-3, the node's router gradient from bf16 rows included).
 #[test]
 fn a_training_step_is_the_same_with_grouped_and_looped_experts() {
     for cfg in [minimind2_moe(32), minimind3_moe(24)] {
@@ -203,9 +221,10 @@ fn a_training_step_is_the_same_with_grouped_and_looped_experts() {
             };
             let mut tr = Trainer::new(&cfg, tc).unwrap();
             let ids = Tensor::randint(64, [4, 9], (Kind::Int64, Device::Cpu));
-            let mut step = |e: MoeExperts| {
+            let mut step = |(e, r): (MoeExperts, MoeRecompute)| {
                 tr.set_kernels(KernelConfig {
                     moe_experts: e,
+                    moe_recompute: r,
                     ..KernelConfig::default()
                 });
                 tr.zero_grad().unwrap();
@@ -213,32 +232,34 @@ fn a_training_step_is_the_same_with_grouped_and_looped_experts() {
                 let grads: Vec<Tensor> = tr.grads().iter().map(|g| g.copy()).collect();
                 (f64::try_from(&out.loss).unwrap(), grads)
             };
-            let (lg, gg) = step(MoeExperts::Grouped);
-            let (ll, gl) = step(MoeExperts::Loop);
-            let rel = (lg - ll).abs() / ll.abs();
-            let worst = gg
-                .iter()
-                .zip(&gl)
-                .map(|(a, b)| {
-                    if precision == Precision::Fp32 {
-                        max_rel(a, b)
-                    } else {
-                        norm_rel(a, b)
-                    }
-                })
-                .fold(0.0f64, f64::max);
-            println!(
-                "{:?} {precision:?}: loss rel {rel:.3e}, worst grad {worst:.3e}",
-                cfg.architecture
-            );
-            assert!(rel <= loss_tol, "loss {lg} vs {ll}");
-            assert!(worst <= grad_tol, "gradients differ by {worst:e}");
+            let (ll, gl) = step(PATHS[3]);
+            for path in &PATHS[..3] {
+                let (lg, gg) = step(*path);
+                let rel = (lg - ll).abs() / ll.abs();
+                let worst = gg
+                    .iter()
+                    .zip(&gl)
+                    .map(|(a, b)| {
+                        if precision == Precision::Fp32 {
+                            max_rel(a, b)
+                        } else {
+                            norm_rel(a, b)
+                        }
+                    })
+                    .fold(0.0f64, f64::max);
+                println!(
+                    "{:?} {precision:?} {path:?}: loss rel {rel:.3e}, worst grad {worst:.3e}",
+                    cfg.architecture
+                );
+                assert!(rel <= loss_tol, "{path:?}: loss {lg} vs {ll}");
+                assert!(worst <= grad_tol, "{path:?}: gradients differ by {worst:e}");
+            }
         }
     }
 }
 
-/// `fast kernels --only moe` runs on the CPU: both variants, both kinds, the starved expert,
-/// every comparison within its tolerance, and the timings printed.
+/// `fast kernels --only moe` runs on the CPU: both variants, both kinds, every `--moe-recompute`
+/// mode, the starved expert, every comparison within its tolerance, and the timings printed.
 #[test]
 fn fast_kernels_checks_the_grouped_experts_on_the_cpu() {
     let out = common::fast()
@@ -269,13 +290,18 @@ fn fast_kernels_checks_the_grouped_experts_on_the_cpu() {
     );
     for v in ["moe2", "moe3"] {
         for k in ["bf16", "fp32"] {
-            for what in ["y", "aux", "dx", "dgate", "grads"] {
-                let line = format!("{v}_b2_{k} {what}");
+            for mode in ["", "swiglu ", "gate-up "] {
+                for what in ["y", "aux", "dx", "dgate"] {
+                    let line = format!("{v}_b2_{k} {mode}{what}");
+                    assert!(stdout.contains(&line), "no `{line}` in:\n{stdout}");
+                }
+                let line = format!("{v}_b2_{k} grads    {mode}experts: ");
                 assert!(stdout.contains(&line), "no `{line}` in:\n{stdout}");
+                assert!(stdout.contains(&format!(
+                    "{v}_starved_{k} {mode}expert 3 got no token: its gradients are zero  ok"
+                )));
             }
-            assert!(stdout.contains(&format!(
-                "{v}_starved_{k} expert 3 got no token: its gradients are zero  ok"
-            )));
+            assert!(stdout.contains(&format!("{v}_b2_{k} fwd+bwd grouped, recompute gate-up")));
             assert!(stdout.contains(&format!("{v}_b2_{k} grouped ")), "{stdout}");
         }
     }
@@ -326,4 +352,75 @@ fn the_router_node_keeps_bf16_rows_and_computes_autograds_numbers() {
 
     let err = linear_saving_rounded(&x, &rounded.narrow(0, 0, 5), &w).unwrap_err();
     assert!(format!("{err:#}").contains("rounded [5, 24]"), "{err:#}");
+}
+
+/// The experts node (fast/csrc/grouped_experts.h, here with SwiGLU as libtorch's ops: the same
+/// template our CUDA kernels instantiate) against the same ops under autograd: gather,
+/// `_grouped_mm` against `[gate_e; up_e]`, `silu(g) * u`, `_grouped_mm` against `down_e`. Both
+/// `--moe-recompute` modes, fp32 and bf16, top-2 (a token's two slots add into one row of dx)
+/// and an expert without rows. Exact equality: the node's backward calls the functions
+/// autograd calls for these ops (`silu_backward`, `_grouped_mm` on the transposed operands,
+/// `index_add`), in the same kinds; libtorch's CPU grouped matmul runs one matmul per group,
+/// and a transposed product sums over the same rows in the same order.
+#[test]
+fn the_experts_node_computes_autograds_numbers_in_both_recompute_modes() {
+    use fast::kernels::ops::grouped_experts;
+    tch::manual_seed(11);
+    let (n, k, d, f) = (13_i64, 2_i64, 16_i64, 24_i64);
+    let cpu = Device::Cpu;
+    // Slots sorted by expert; expert 1 gets none.
+    let counts = [9_i64, 0, 11, 6];
+    let offs = Tensor::from_slice(&counts).cumsum(0, Kind::Int);
+    let token = Tensor::randint(n, [n * k], (Kind::Int64, cpu));
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let leaf = |shape: &[i64], scale: f64| {
+            (Tensor::randn(shape, (Kind::Float, cpu)) * scale)
+                .to_kind(kind)
+                .set_requires_grad(true)
+        };
+        let x = leaf(&[n, d], 1.0);
+        let gate_up = leaf(&[4, 2 * f, d], 0.2);
+        let down = leaf(&[4, d, f], 0.2);
+        let gy = Tensor::randn([n * k, d], (Kind::Float, cpu)).to_kind(kind);
+        let grads = |y: &Tensor| {
+            Tensor::run_backward(
+                &[(y.to_kind(Kind::Float) * gy.to_kind(Kind::Float)).sum(Kind::Float)],
+                &[&x, &gate_up, &down],
+                false,
+                false,
+            )
+        };
+        let xs = x.index_select(0, &token);
+        let gu =
+            xs.internal_grouped_mm(&gate_up.transpose(1, 2), Some(&offs), None::<&Tensor>, None);
+        let h = gu.narrow(-1, 0, f).silu() * gu.narrow(-1, f, f);
+        let y_ref =
+            h.internal_grouped_mm(&down.transpose(1, 2), Some(&offs), None::<&Tensor>, None);
+        let g_ref = grads(&y_ref);
+        for recompute_gate_up in [false, true] {
+            let y = grouped_experts(&x, &token, &gate_up, &down, &offs, recompute_gate_up).unwrap();
+            let g = grads(&y);
+            let what = format!("{kind:?} recompute_gate_up {recompute_gate_up}");
+            assert!(y.equal(&y_ref), "{what}: y");
+            for (i, name) in ["dx", "dgate_up", "ddown"].iter().enumerate() {
+                assert!(
+                    g[i].equal(&g_ref[i]),
+                    "{what}: {name} differs by {:e}",
+                    max_rel(&g[i], &g_ref[i])
+                );
+            }
+            let empty = g[1].get(1).abs().max().to_kind(Kind::Double);
+            assert_eq!(
+                f64::try_from(empty).unwrap(),
+                0.0,
+                "{what}: expert 1 had no rows"
+            );
+        }
+    }
+    // Inputs that do not fit are refused with their shapes, not a crash.
+    let x = Tensor::zeros([n, d], (Kind::Float, cpu));
+    let gu = Tensor::zeros([4, 2 * f, d + 1], (Kind::Float, cpu));
+    let down = Tensor::zeros([4, d, f], (Kind::Float, cpu));
+    let err = grouped_experts(&x, &token, &gu, &down, &offs, false).unwrap_err();
+    assert!(format!("{err:#}").contains("shapes disagree"), "{err:#}");
 }

@@ -95,18 +95,18 @@ pub enum MoeExperts {
     Loop,
 }
 
-/// What MoE's grouped experts on the fused path recompute in backward instead of keeping from
-/// forward (the values are the same either way; the router's weight gradient is not, see
-/// [`Kernels::moe_fused_applies`]).
+/// What MoE's grouped experts recompute in backward instead of keeping from forward (the values
+/// are the same either way; the router's weight gradient is not, see
+/// [`Kernels::moe_node_applies`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum MoeRecompute {
     /// Nothing: libtorch's autograd over the grouped matmuls and our SwiGLU kernel keeps the
     /// gathered rows, the gate/up output and the SwiGLU output, and the router its fp32 rows.
     Off,
-    /// Our experts node ([`fused::grouped_experts`]) recomputes the gathered input rows and the
-    /// SwiGLU output (a gather and one element-wise kernel per layer); the gate/up projection's
-    /// output is kept.
+    /// The experts as one node (fast/csrc/grouped_experts.h) that recomputes the gathered input
+    /// rows and the SwiGLU output (a gather and one element-wise pass per layer); the gate/up
+    /// projection's output is kept.
     Swiglu,
     /// Also the gate/up projection (one more grouped matmul per layer): only the layer's input
     /// rows are kept.
@@ -154,11 +154,11 @@ pub struct KernelConfig {
     /// after another (always the case in fp64).
     #[arg(long, alias = "moe_experts", value_enum, default_value_t = MoeExperts::Grouped)]
     pub moe_experts: MoeExperts,
-    /// MoE on the fused path (grouped, bf16 on CUDA): what backward recomputes instead of
-    /// keeping from forward; off = nothing (autograd), swiglu = the gathered rows and the SwiGLU
-    /// output (our experts node), gate-up = also the gate/up projection (one more grouped
-    /// matmul per layer). With swiglu and gate-up the router's weight gradient comes from the
-    /// bf16 rows the experts read.
+    /// MoE with grouped experts: what backward recomputes instead of keeping from forward; off
+    /// = nothing (autograd), swiglu = the gathered rows and the SwiGLU output (the experts as
+    /// one node), gate-up = also the gate/up projection (one more grouped matmul per layer).
+    /// With swiglu and gate-up the router's weight gradient comes from the rows the experts read
+    /// (bf16 under mixed precision).
     #[arg(long, alias = "moe_recompute", value_enum, default_value_t = MoeRecompute::Off)]
     pub moe_recompute: MoeRecompute,
 }
@@ -333,16 +333,26 @@ impl Kernels {
             && (!x.device().is_cuda() || (hidden % 8 == 0 && width % 8 == 0))
     }
 
-    /// The routed experts as our one node ([`fused::grouped_experts`]: grouped matmuls around
-    /// our SwiGLU kernel, backward recomputing per `--moe-recompute`) and the router's weight
-    /// gradient from the same bf16 rows ([`ops::linear_saving_rounded`]): `--moe-recompute
-    /// swiglu` or `gate-up`, the grouped path with our kernels, bf16 on CUDA, both widths
-    /// multiples of 8.
+    /// The routed experts as one autograd node whose backward recomputes per
+    /// `--moe-recompute` (fast/csrc/grouped_experts.h), and the router's weight gradient from
+    /// the rows in the compute kind ([`ops::linear_saving_rounded`]): `--moe-recompute swiglu`
+    /// or `gate-up` on the grouped path. The node's SwiGLU is our kernel where
+    /// [`Self::moe_fused_applies`], libtorch's ops elsewhere ([`ops::grouped_experts`]).
+    pub fn moe_node_applies(&self, x: &Tensor, compute: Kind, hidden: i64, width: i64) -> bool {
+        self.moe_recomputes() && self.moe_grouped_applies(x, compute, hidden, width)
+    }
+
+    /// The node of [`Self::moe_node_applies`] with our SwiGLU kernels ([`fused::grouped_experts`]):
+    /// bf16 on CUDA, both widths multiples of 8.
     pub fn moe_fused_applies(&self, x: &Tensor, compute: Kind, hidden: i64, width: i64) -> bool {
-        self.config.moe_recompute != MoeRecompute::Off
-            && self.moe_grouped_applies(x, compute, hidden, width)
+        self.moe_node_applies(x, compute, hidden, width)
             && self.swiglu_applies(x, width, compute)
             && hidden % 8 == 0
+    }
+
+    /// Whether `--moe-recompute` is `swiglu` or `gate-up`.
+    pub fn moe_recomputes(&self) -> bool {
+        self.config.moe_recompute != MoeRecompute::Off
     }
 
     /// Whether the fused MoE node recomputes the gate/up projection (`--moe-recompute gate-up`).

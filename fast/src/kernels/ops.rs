@@ -52,6 +52,15 @@ extern "C" {
     fn mm_host_read_free(event: *mut std::ffi::c_void);
     fn mm_set_grad(p: *mut C_tensor, g: *mut C_tensor) -> *mut c_char;
     fn mm_backward(ts: *const *mut C_tensor, gs: *const *mut C_tensor, n: i64) -> *mut c_char;
+    fn mm_grouped_experts_ops(
+        x: *mut C_tensor,
+        token: *mut C_tensor,
+        gate_up: *mut C_tensor,
+        down: *mut C_tensor,
+        offs: *mut C_tensor,
+        recompute_gate_up: i64,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
     fn mm_linear_saving_rounded(
         x: *mut C_tensor,
         rounded: *mut C_tensor,
@@ -86,6 +95,38 @@ pub fn linear_saving_rounded(x: &Tensor, rounded: &Tensor, w: &Tensor) -> Result
             x.as_ptr() as *mut C_tensor,
             rounded.as_ptr() as *mut C_tensor,
             w.as_ptr() as *mut C_tensor,
+            &mut out,
+        )
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// A MoE layer's routed SwiGLU experts as one autograd node (fast/csrc/grouped_experts.h), the
+/// SwiGLU as libtorch's ops (any kind, any device): `xs = x[token]`, `h = silu(g) * u` of
+/// `[g | u] = xs gate_up[e]^T`, `y = h down[e]^T` `[M, d]`, expert e on rows `offs[e-1] ..
+/// offs[e]` (int32 cumulative ends), each projection one `torch._grouped_mm`. x `[N, d]`, token
+/// int64 `[M]`, gate_up `[E, 2F, d]`, down `[E, d, F]`, one kind. Differentiable in x and both
+/// weights; backward recomputes the gathered rows and h (with `recompute_gate_up` the gate/up
+/// projection too) instead of keeping them. `fused::grouped_experts` is the same node with our
+/// SwiGLU kernels.
+pub fn grouped_experts(
+    x: &Tensor,
+    token: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    offs: &Tensor,
+    recompute_gate_up: bool,
+) -> Result<Tensor> {
+    let p = |t: &Tensor| t.as_ptr() as *mut C_tensor;
+    let mut out = std::ptr::null_mut();
+    check("grouped_experts", unsafe {
+        mm_grouped_experts_ops(
+            p(x),
+            p(token),
+            p(gate_up),
+            p(down),
+            p(offs),
+            recompute_gate_up as i64,
             &mut out,
         )
     })?;

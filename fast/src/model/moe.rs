@@ -25,14 +25,16 @@
 //!   the per-expert row ranges given as a device tensor (`offs`, cumulative ends, int32) counted
 //!   by a scatter into a fixed `[E]`: static shapes, no host read, so a CUDA graph captures it.
 //!   On the bf16 CUDA path with our kernels gate and up are one grouped matmul against
-//!   `[gate_e; up_e]` and our SwiGLU kernel follows, as in the dense MLP: under autograd with
-//!   `--moe-recompute off`, or ([`Kernels::moe_fused_applies`], `swiglu` and `gate-up`) as one
-//!   autograd node ([`fused::grouped_experts`]) that keeps the layer's bf16 input rows rather
+//!   `[gate_e; up_e]` and our SwiGLU kernel follows, as in the dense MLP; elsewhere three
+//!   grouped matmuls and `silu(g) * u`, which on the CPU computes exactly the loop's numbers
+//!   (the same per-group matmuls). Both under autograd with `--moe-recompute off`. With
+//!   `swiglu` or `gate-up` ([`Kernels::moe_node_applies`]) gate and up are merged on every
+//!   device and the experts run as one autograd node (fast/csrc/grouped_experts.h; its SwiGLU
+//!   our kernel on the bf16 CUDA path, [`fused::grouped_experts`], libtorch's ops elsewhere,
+//!   [`ops::grouped_experts`]) that keeps the layer's input rows in the compute kind rather
 //!   than the gathered ones and recomputes the SwiGLU output (with `gate-up` the gate/up
-//!   projection too) in backward, while the router keeps the same bf16 rows for its weight
-//!   gradient ([`ops::linear_saving_rounded`]) instead of the fp32 ones (its forward stays
-//!   fp32). Elsewhere three grouped matmuls and `silu(g) * u` under autograd, which on the CPU
-//!   computes exactly the loop's numbers (the same per-group matmuls).
+//!   projection too) in backward; the router then keeps the same rows for its weight gradient
+//!   ([`ops::linear_saving_rounded`]) instead of the fp32 ones (its forward stays fp32).
 //! - loop (`--moe-experts loop`, and always in fp64, which `_grouped_mm` refuses): each expert
 //!   once on its slice, the slice sizes read to the host once per layer.
 //!
@@ -176,11 +178,11 @@ impl MoeFeedForward {
         let grouped = k.moe_grouped_applies(x, compute, d, f);
         // The N tokens cast once to the compute kind: the experts' input rows, gathered from
         // it in that kind (half the bytes of gathering fp32 rows; the gather's backward adds a
-        // token's k slot gradients in that kind). On the fused path the router's weight
-        // gradient is taken from these rows too, so the fp32 rows are not kept for backward.
-        let fused = k.moe_fused_applies(x, compute, d, f);
+        // token's k slot gradients in that kind). With the experts as one node the router's
+        // weight gradient is taken from these rows too, so the fp32 rows are not kept.
+        let node = k.moe_node_applies(x, compute, d, f);
         let xc = grouped.then(|| to_kind(&xf, compute));
-        let (topw, topi, aux) = self.route(&xf, xc.as_ref().filter(|_| fused), b, t);
+        let (topw, topi, aux) = self.route(&xf, xc.as_ref().filter(|_| node), b, t);
         let disp = dispatch(topw.as_ref(), &topi);
         let ys = match &xc {
             Some(xc) => {
@@ -193,18 +195,19 @@ impl MoeFeedForward {
                         &own
                     }
                 };
-                match (&w.gate_up, fused) {
-                    (GateUp::Merged(gu), true) => expect(
-                        "grouped_experts",
-                        fused::grouped_experts(
-                            xc,
-                            &disp.token,
-                            gu,
-                            &w.down,
-                            &offs,
-                            k.moe_recomputes_gate_up(),
-                        ),
-                    ),
+                match (&w.gate_up, node) {
+                    (GateUp::Merged(gu), true) => {
+                        let run = if k.moe_fused_applies(x, compute, d, f) {
+                            fused::grouped_experts
+                        } else {
+                            ops::grouped_experts
+                        };
+                        let r = k.moe_recomputes_gate_up();
+                        expect(
+                            "grouped_experts",
+                            run(xc, &disp.token, gu, &w.down, &offs, r),
+                        )
+                    }
                     _ => self.grouped_experts(&xc.index_select(0, &disp.token), &offs, w),
                 }
             }
@@ -275,7 +278,8 @@ impl MoeFeedForward {
     }
 
     /// The experts' weights stacked for [`Self::grouped_experts`] on activations like `xs`:
-    /// merged gate/up where our SwiGLU kernel applies. On CUDA in bf16 the fp32 weights become
+    /// merged gate/up where our SwiGLU kernel applies or the experts run as one node
+    /// (`--moe-recompute`). On CUDA in bf16 the fp32 weights become
     /// one bf16 operand through the weight-cast node where it applies; elsewhere cat (+ cast).
     pub fn stacked(&self, compute: Kind, xs: &Tensor, k: &Kernels) -> StackedExperts {
         let (e_n, f) = (self.experts.len() as i64, self.width());
@@ -288,7 +292,7 @@ impl MoeFeedForward {
             }
         };
         let of = |w: fn(&Mlp) -> &Tensor| self.experts.iter().map(w).collect::<Vec<_>>();
-        let gate_up = if k.swiglu_applies(xs, f, compute) {
+        let gate_up = if k.swiglu_applies(xs, f, compute) || k.moe_recomputes() {
             let ws: Vec<&Tensor> = self
                 .experts
                 .iter()

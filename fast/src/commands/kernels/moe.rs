@@ -8,18 +8,18 @@
 //! an fp32 input like the norm's output). Compared: the output, the aux loss, the gradients of
 //! the input, the router and every expert weight (under a random upstream gradient of the
 //! output plus the aux loss itself); the starved expert's gradients must be exactly zero.
-//! On the fused path (bf16 on CUDA) the grouped layer runs with each `--moe-recompute` (`off`,
-//! `swiglu`, `gate-up`), each compared so. Then forward + backward of each is timed: the loop,
-//! the grouped layer stacking the expert weights per call (what the model runs; on the fused
-//! path with each `--moe-recompute`), and the grouped layer on weights stacked once (what a persistently stacked
+//! The grouped layer runs with each `--moe-recompute` (`off`, `swiglu`, `gate-up`), each
+//! compared so. Then forward + backward of each is timed: the loop, the grouped layer stacking
+//! the expert weights per call (what the model runs, with each `--moe-recompute`), and the grouped layer on weights stacked once (what a persistently stacked
 //! parameter layout would run; the difference is the cost of stacking).
 //!
 //! Tolerances, norm-wise: fp32 1e-5 (the same per-expert products in fp32; only the GEMM's
-//! blocking may reorder a sum, a few ulps); bf16 1e-2, the command's bf16 tolerance (on the
-//! fused path gate and up are one matmul and SwiGLU one kernel, rounding once where the loop's
-//! ops round after each step, and the router's weight gradient comes from the bf16 input rows,
-//! where the loop's comes from the fp32 ones: a bf16 rounding of each row, 2e-3 relative at
-//! most, norm-wise far less). The aux loss comes from the one router both paths share: 1e-6.
+//! blocking may reorder a sum, a few ulps, and merged gate/up is one matmul where the loop does
+//! two); bf16 1e-2, the command's bf16 tolerance (on the fused path gate and up are one matmul
+//! and SwiGLU one kernel, rounding once where the loop's ops round after each step, and with
+//! `--moe-recompute swiglu` or `gate-up` the router's weight gradient comes from the bf16 input
+//! rows, where the loop's comes from the fp32 ones: a bf16 rounding of each row, 2e-3 relative
+//! at most, norm-wise far less). The aux loss comes from the one router both paths share: 1e-6.
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -98,7 +98,7 @@ fn with_experts(base: KernelConfig, e: MoeExperts) -> Kernels {
     })
 }
 
-/// The grouped path with the fused node recomputing `r` in backward.
+/// The grouped path with `--moe-recompute r`.
 fn with_recompute(base: KernelConfig, r: MoeRecompute) -> Kernels {
     Kernels::new(KernelConfig {
         moe_experts: MoeExperts::Grouped,
@@ -199,14 +199,14 @@ fn check_case(
         println!("{case:<10} skipped: the grouped path does not apply here");
         return Ok(true);
     }
-    // On the fused path the layer runs with each --moe-recompute; elsewhere that option
-    // changes nothing, so only one grouped run.
-    let fused = grouped_sw.moe_fused_applies(&probe, compute, d, m.width());
+    // The grouped layer with each --moe-recompute (the experts as one node for swiglu and
+    // gate-up, where the grouped path applies).
+    let node = grouped_sw.moe_node_applies(&probe, compute, d, m.width());
     let (yl, auxl, gl) = fwd_bwd(&m, &x, &gy, compute, &looped, &leaves);
     let auxl = scalar(auxl);
     let tol = tolerance(compute);
     let mut ok = true;
-    let runs: &[(&str, &Kernels)] = if fused {
+    let runs: &[(&str, &Kernels)] = if node {
         &[
             ("", &grouped),
             ("swiglu ", &grouped_sw),
@@ -273,7 +273,7 @@ fn check_case(
     let tg = timed("fwd+bwd grouped", &mut || {
         let _ = fwd_bwd(&m, &x, &gy, compute, &grouped, &leaves);
     })?;
-    if fused {
+    if node {
         timed("fwd+bwd grouped, recompute swiglu", &mut || {
             let _ = fwd_bwd(&m, &x, &gy, compute, &grouped_sw, &leaves);
         })?;
