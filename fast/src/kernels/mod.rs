@@ -423,7 +423,7 @@ impl Kernels {
         };
         format!(
             "kernels: {ours}; rms-norm {}; loss chunks of {}; dp overlap {} ({} layers per bucket); \
-             MoE experts {} (fused backward recomputes {})",
+             MoE experts {} (backward recomputes {})",
             match c.rms_norm {
                 RmsNormChoice::Fused => "fused",
                 RmsNormChoice::Composed => "composed",
