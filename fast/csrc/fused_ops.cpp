@@ -9,13 +9,9 @@
 // Kernels run on libtorch's current stream of the input's device, so CUDA graph capture and the
 // autograd engine's stream handling see them as ordinary kernels.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_grouped_mm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/index_add.h>
-#include <ATen/ops/index_select.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/custom_function.h>

@@ -1,7 +1,8 @@
 // libtorch's multi-tensor ("foreach") and fused optimizer ops, and two autograd nodes of MoE
 // (LinearSavingRounded; GroupedExperts with SwiGLU as libtorch ops), which tch's generated API
-// does not expose. Each entry point takes arrays of `at::Tensor*` (tch's C_tensor), never throws into Rust,
-// and returns nullptr on success or a malloc'd error message the caller frees with mm_free_error.
+// does not expose. Each entry point takes arrays of `at::Tensor*` (tch's C_tensor), never throws
+// into Rust, and returns nullptr on success or a malloc'd error message the caller frees with
+// mm_free_error.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
 #include <ATen/ops/_foreach_add.h>
@@ -9,9 +10,12 @@
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/silu_backward.h>
 #include <ATen/ops/stack.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -20,10 +24,6 @@
 #include <cstdlib>
 #include <memory>
 #include <vector>
-
-#include <ATen/ops/cat.h>
-#include <ATen/ops/silu.h>
-#include <ATen/ops/silu_backward.h>
 
 #include "ffi_error.h"
 #include "grouped_experts.h"
@@ -35,6 +35,7 @@ std::vector<at::Tensor> list(at::Tensor **ts, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
   return out;
 }
+
 // y = x w^T (at::linear, in x's kind) where backward keeps not x but `rounded`, x's values in a
 // narrower kind that the caller keeps anyway: dx = dy w exactly, dw = dy^T rounded (upcast to
 // w's kind), the weight gradient from rounded inputs as every projection's is under mixed
@@ -67,6 +68,7 @@ struct LinearSavingRounded : public torch::autograd::Function<LinearSavingRounde
     return {dx, at::Tensor(), dw};
   }
 };
+
 // GroupedExperts' SwiGLU (grouped_experts.h) as libtorch's ops, any kind and device: h =
 // silu(g) * u, and backward with the functions autograd uses for it (silu_backward of dh * u,
 // dh * silu(g)), so the node's values are those of the same ops under autograd.
@@ -78,7 +80,8 @@ struct OpsSwiGlu {
   static at::Tensor backward(const at::Tensor &gu, const at::Tensor &dh, int64_t f,
                              const char *) {
     const at::Tensor g = gu.narrow(-1, 0, f), u = gu.narrow(-1, f, f);
-    return at::cat(std::vector<at::Tensor>{at::silu_backward(dh.mul(u), g), dh.mul(at::silu(g))}, -1);
+    return at::cat(std::vector<at::Tensor>{at::silu_backward(dh.mul(u), g), dh.mul(at::silu(g))},
+                   -1);
   }
 };
 }  // namespace

@@ -34,6 +34,17 @@ verify_all() {
   done
 }
 
+# kernels_all NAME LIMIT_S [KERNELS OPTIONS...]: fast kernels --device cuda into $O/NAME.txt, a
+# summary row and the first failures.
+kernels_all() {
+  local name=$1 limit=$2; shift 2
+  local t0=$(stamp)
+  timeout $limit $FAST kernels --device cuda "$@" >$O/$name.txt 2>&1
+  local rc=$?
+  row "$name: rc $rc, $(grep -c ' ok' $O/$name.txt) ok, $(grep -c FAIL $O/$name.txt) FAIL, $(took $t0)s"
+  grep -E 'FAIL|panicked|rror' $O/$name.txt | head -20 | cut -c1-220 | tee -a $S
+}
+
 # bench NAME ARGS...: one fast bench line (its JSON in $O/bench_NAME.json).
 bench() {
   local name=$1; shift

@@ -5,11 +5,7 @@ source "$(dirname "$0")/common.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee -a $S
 verify_all "minimind fp32" "minimind bf16" "minimind3 fp32" "minimind3 bf16" "seed004 fp32" "seed004 bf16" "muon bf16" "muon fp32"
 grep -h muon $O/verify_muon_*.txt | tee -a $S
-t0=$(stamp)
-timeout 300 $FAST kernels --device cuda >$O/kernels.txt 2>&1
-rc=$?
-row "kernels: rc $rc, $(grep -c ' ok' $O/kernels.txt) ok, $(grep -c FAIL $O/kernels.txt) FAIL, $(took $t0)s"
-grep -E 'FAIL|panicked|rror' $O/kernels.txt | head -30 | cut -c1-220 | tee -a $S
+kernels_all kernels 300
 M2=(--tokenizer minimind2 --cuda-graph)
 M3=(--model minimind3 --cuda-graph)
 bench m2_b32        "${M2[@]}" --batch-size 32 --steps 60

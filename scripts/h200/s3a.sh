@@ -4,11 +4,7 @@
 source "$(dirname "$0")/common.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee -a $S
 verify_all "minimind fp32" "minimind bf16" "minimind3 fp32" "minimind3 bf16" "seed004 fp32" "seed004 bf16" "muon bf16" "muon fp32"
-t0=$(stamp)
-timeout 200 $FAST kernels --device cuda >$O/kernels.txt 2>&1
-rc=$?
-row "kernels: rc $rc, $(grep -c ' ok' $O/kernels.txt) ok, $(grep -c FAIL $O/kernels.txt) FAIL, $(took $t0)s"
-grep -E 'FAIL|panicked|rror' $O/kernels.txt | head -20 | cut -c1-220 | tee -a $S
+kernels_all kernels 200
 M2=(--tokenizer minimind2 --cuda-graph)
 for r in 1 2; do
   bench m2_packed_b128_r$r      "${M2[@]}" --batch-size 128 --steps 30 --data-mode packed

@@ -4,10 +4,7 @@
 # tokenizing pass on 16 cores, and the dense lines for no-regression.
 source "$(dirname "$0")/common.sh"
 verify_all "minimind fp32" "minimind bf16" "minimind3 fp32" "minimind3 bf16"
-t0=$(stamp)
-timeout 200 $FAST kernels --device cuda >$O/kernels.txt 2>&1
-row "kernels: rc $?, $(grep -c ' ok' $O/kernels.txt) ok, $(grep -c FAIL $O/kernels.txt) FAIL, $(took $t0)s"
-grep -E 'FAIL|panicked|rror' $O/kernels.txt | head -10 | cut -c1-220 | tee -a $S
+kernels_all kernels 200
 grep -iE 'moe|expert' $O/kernels.txt | head -12 | cut -c1-200 | tee -a $S
 rm -rf $W/tok16; t0=$(stamp)
 $FAST tokenize --data-path $W/train.jsonl --tokenizer minimind2 --out $W/tok16 --no-progress >$O/tok16.txt 2>&1

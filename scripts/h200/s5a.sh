@@ -9,10 +9,7 @@ source "$(dirname "$0")/common.sh"
 verify_all "minimind bf16" "minimind3 bf16" \
   "minimind bf16 --moe-recompute swiglu" "minimind3 bf16 --moe-recompute swiglu" \
   "minimind bf16 --moe-recompute gate-up" "minimind3 bf16 --moe-recompute gate-up"
-t0=$(stamp)
-timeout 120 $FAST kernels --device cuda --only moe >$O/kernels_moe.txt 2>&1
-row "kernels moe: rc $?, $(grep -c ' ok' $O/kernels_moe.txt) ok, $(grep -c FAIL $O/kernels_moe.txt) FAIL, $(took $t0)s"
-grep -E 'FAIL|panicked|rror' $O/kernels_moe.txt | head -10 | cut -c1-220 | tee -a $S
+kernels_all kernels_moe 120 --only moe
 grep -E 'b32_bf16 .*(dgate|fwd\+bwd)' $O/kernels_moe.txt | head -16 | cut -c1-200 | tee -a $S
 pack s5a_1
 for MODEL in minimind3-moe minimind2-moe; do

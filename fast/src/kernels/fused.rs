@@ -266,12 +266,9 @@ pub fn swiglu(gu: &Tensor, f: i64) -> Result<Tensor> {
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
-/// A MoE layer's routed SwiGLU experts over the (token, slot) pairs sorted by expert, all bf16:
-/// `xs = x[token]`, `h = swiglu(xs gate_up[e]^T)`, `y = h down[e]^T` `[M, d]`, expert e on rows
-/// `offs[e-1] .. offs[e]` (int32 cumulative ends), each projection one `torch._grouped_mm`.
-/// x `[N, d]`, token int64 `[M]`, gate_up `[E, 2F, d]`, down `[E, d, F]`. Differentiable in x
-/// and both weights; backward recomputes the gathered rows and h (and, with
-/// `recompute_gate_up`, the gate/up projection) instead of keeping them from forward.
+/// [`super::ops::grouped_experts`] with our SwiGLU kernels: the same node (gather, grouped
+/// gate/up, SwiGLU, grouped down; backward recomputing the gathered rows and the SwiGLU output,
+/// with `recompute_gate_up` the gate/up projection too), all bf16 on CUDA.
 pub fn grouped_experts(
     x: &Tensor,
     token: &Tensor,
@@ -280,19 +277,15 @@ pub fn grouped_experts(
     offs: &Tensor,
     recompute_gate_up: bool,
 ) -> Result<Tensor> {
-    let mut out = std::ptr::null_mut();
-    check("grouped_experts", unsafe {
-        ffi::mm_grouped_experts(
-            ptr(x),
-            ptr(token),
-            ptr(gate_up),
-            ptr(down),
-            ptr(offs),
-            recompute_gate_up as i64,
-            &mut out,
-        )
-    })?;
-    Ok(unsafe { Tensor::from_ptr(out) })
+    super::ops::call_grouped_experts(
+        ffi::mm_grouped_experts,
+        x,
+        token,
+        gate_up,
+        down,
+        offs,
+        recompute_gate_up,
+    )
 }
 
 /// Cross-entropy forward and backward in one pass over `logits` bf16 `[N, V]` (contiguous, not

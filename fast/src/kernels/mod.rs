@@ -11,9 +11,10 @@
 //!
 //! [`KernelConfig`] is what a user chooses (`--kernels`, `--attention`, `--weight-cast`,
 //! `--cross-entropy`, `--rms-norm`, `--loss-chunk-rows`, `--dp-overlap`, `--dp-bucket-layers`,
-//! `--moe-experts`, `--moe-recompute`); it is part of every run configuration, printed at start and saved with the
-//! checkpoints. [`Kernels`] is that choice applied to this build: each `*_applies` method below is the only test in the crate of whether
-//! a fused kernel runs for given tensors.
+//! `--moe-experts`, `--moe-recompute`); it is part of every run configuration, printed at start
+//! and saved with the checkpoints. [`Kernels`] is that choice applied to this build: each
+//! `*_applies` method below is the only test in the crate of whether a fused kernel runs for
+//! given tensors.
 
 pub mod ops;
 pub mod profiler;
@@ -343,11 +344,9 @@ impl Kernels {
     }
 
     /// The node of [`Self::moe_node_applies`] with our SwiGLU kernels ([`fused::grouped_experts`]):
-    /// bf16 on CUDA, both widths multiples of 8.
+    /// bf16 on CUDA (where the grouped path already needs both widths to be multiples of 8).
     pub fn moe_fused_applies(&self, x: &Tensor, compute: Kind, hidden: i64, width: i64) -> bool {
-        self.moe_node_applies(x, compute, hidden, width)
-            && self.swiglu_applies(x, width, compute)
-            && hidden % 8 == 0
+        self.moe_node_applies(x, compute, hidden, width) && self.swiglu_applies(x, width, compute)
     }
 
     /// Whether `--moe-recompute` is `swiglu` or `gate-up`.
@@ -355,7 +354,7 @@ impl Kernels {
         self.config.moe_recompute != MoeRecompute::Off
     }
 
-    /// Whether the fused MoE node recomputes the gate/up projection (`--moe-recompute gate-up`).
+    /// Whether the MoE experts node recomputes the gate/up projection (`--moe-recompute gate-up`).
     pub fn moe_recomputes_gate_up(&self) -> bool {
         self.config.moe_recompute == MoeRecompute::GateUp
     }

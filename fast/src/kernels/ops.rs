@@ -117,10 +117,43 @@ pub fn grouped_experts(
     offs: &Tensor,
     recompute_gate_up: bool,
 ) -> Result<Tensor> {
+    call_grouped_experts(
+        mm_grouped_experts_ops,
+        x,
+        token,
+        gate_up,
+        down,
+        offs,
+        recompute_gate_up,
+    )
+}
+
+/// A C entry point of the experts node: `mm_grouped_experts_ops` (ops.cpp) or, in `fused`,
+/// `mm_grouped_experts` (fused_ops.cpp, our SwiGLU kernels).
+pub(crate) type GroupedExpertsEntry = unsafe extern "C" fn(
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    i64,
+    *mut *mut C_tensor,
+) -> *mut c_char;
+
+/// Calls `entry` on (x, token, gate_up, down, offs, recompute_gate_up) and returns its output.
+pub(crate) fn call_grouped_experts(
+    entry: GroupedExpertsEntry,
+    x: &Tensor,
+    token: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    offs: &Tensor,
+    recompute_gate_up: bool,
+) -> Result<Tensor> {
     let p = |t: &Tensor| t.as_ptr() as *mut C_tensor;
     let mut out = std::ptr::null_mut();
     check("grouped_experts", unsafe {
-        mm_grouped_experts_ops(
+        entry(
             p(x),
             p(token),
             p(gate_up),

@@ -10,8 +10,9 @@
 //! output plus the aux loss itself); the starved expert's gradients must be exactly zero.
 //! The grouped layer runs with each `--moe-recompute` (`off`, `swiglu`, `gate-up`), each
 //! compared so. Then forward + backward of each is timed: the loop, the grouped layer stacking
-//! the expert weights per call (what the model runs, with each `--moe-recompute`), and the grouped layer on weights stacked once (what a persistently stacked
-//! parameter layout would run; the difference is the cost of stacking).
+//! the expert weights per call (what the model runs, with each `--moe-recompute`), and the
+//! grouped layer on weights stacked once (what a persistently stacked parameter layout would
+//! run; the difference is the cost of stacking).
 //!
 //! Tolerances, norm-wise: fp32 1e-5 (the same per-expert products in fp32; only the GEMM's
 //! blocking may reorder a sum, a few ulps, and merged gate/up is one matmul where the loop does
@@ -91,17 +92,10 @@ fn variants(d: usize) -> [(&'static str, ModelConfig); 2] {
     ]
 }
 
-fn with_experts(base: KernelConfig, e: MoeExperts) -> Kernels {
+/// `base` with `--moe-experts e --moe-recompute r`.
+fn with_experts(base: KernelConfig, e: MoeExperts, r: MoeRecompute) -> Kernels {
     Kernels::new(KernelConfig {
         moe_experts: e,
-        ..base
-    })
-}
-
-/// The grouped path with `--moe-recompute r`.
-fn with_recompute(base: KernelConfig, r: MoeRecompute) -> Kernels {
-    Kernels::new(KernelConfig {
-        moe_experts: MoeExperts::Grouped,
         moe_recompute: r,
         ..base
     })
@@ -190,10 +184,10 @@ fn check_case(
     let x = x.set_requires_grad(true);
     let gy = Tensor::randn([b, t, d], (Kind::Float, device));
     let leaves = params(&m);
-    let grouped = with_recompute(args.kernels, MoeRecompute::Off);
-    let grouped_sw = with_recompute(args.kernels, MoeRecompute::Swiglu);
-    let grouped_gu = with_recompute(args.kernels, MoeRecompute::GateUp);
-    let looped = with_experts(args.kernels, MoeExperts::Loop);
+    let grouped = with_experts(args.kernels, MoeExperts::Grouped, MoeRecompute::Off);
+    let grouped_sw = with_experts(args.kernels, MoeExperts::Grouped, MoeRecompute::Swiglu);
+    let grouped_gu = with_experts(args.kernels, MoeExperts::Grouped, MoeRecompute::GateUp);
+    let looped = with_experts(args.kernels, MoeExperts::Loop, MoeRecompute::Off);
     let probe = x.detach().to_kind(compute);
     if !grouped.moe_grouped_applies(&probe, compute, d, m.width()) {
         println!("{case:<10} skipped: the grouped path does not apply here");
@@ -270,16 +264,18 @@ fn check_case(
     let tl = timed("fwd+bwd loop", &mut || {
         let _ = fwd_bwd(&m, &x, &gy, compute, &looped, &leaves);
     })?;
-    let tg = timed("fwd+bwd grouped", &mut || {
-        let _ = fwd_bwd(&m, &x, &gy, compute, &grouped, &leaves);
-    })?;
-    if node {
-        timed("fwd+bwd grouped, recompute swiglu", &mut || {
-            let _ = fwd_bwd(&m, &x, &gy, compute, &grouped_sw, &leaves);
+    let mut tg = f64::NAN;
+    for &(tag, kg) in runs {
+        let what = match tag.trim() {
+            "" => "fwd+bwd grouped".to_string(),
+            mode => format!("fwd+bwd grouped, recompute {mode}"),
+        };
+        let ms = timed(&what, &mut || {
+            let _ = fwd_bwd(&m, &x, &gy, compute, kg, &leaves);
         })?;
-        timed("fwd+bwd grouped, recompute gate-up", &mut || {
-            let _ = fwd_bwd(&m, &x, &gy, compute, &grouped_gu, &leaves);
-        })?;
+        if tag.is_empty() {
+            tg = ms;
+        }
     }
     let tp = timed("fwd+bwd grouped, pre-stacked", &mut || {
         let (y, aux) = m.forward_with(&x, compute, &grouped, Some(&pre));
