@@ -614,13 +614,14 @@ char *mm_swiglu(at::Tensor *gu, int64_t f, at::Tensor **out) {
   return guard([&] { *out = new at::Tensor(SwiGlu::apply(*gu, f)); });
 }
 
-// y = GroupedExperts(x, token, gate_up, down, offs) with our SwiGLU kernels: grouped_experts.h.
-char *mm_grouped_experts(at::Tensor *x, at::Tensor *token, at::Tensor *gate_up, at::Tensor *down,
-                         at::Tensor *offs, int64_t recompute_gate_up, at::Tensor **out) {
+// y = GroupedExperts(x, token, slot, gate_up, down, offs) with our SwiGLU kernels:
+// grouped_experts.h.
+char *mm_grouped_experts(at::Tensor *x, at::Tensor *token, at::Tensor *slot,
+                         at::Tensor *gate_up, at::Tensor *down, at::Tensor *offs,
+                         int64_t recompute_gate_up, at::Tensor **out) {
   return guard([&] {
-    *out = new at::Tensor(
-        mm_moe::GroupedExperts<KernelSwiGlu>::apply(*x, *token, *gate_up, *down, *offs,
-                                                  recompute_gate_up != 0));
+    *out = new at::Tensor(mm_moe::GroupedExperts<KernelSwiGlu>::apply(
+        *x, *token, *slot, *gate_up, *down, *offs, recompute_gate_up != 0));
   });
 }
 

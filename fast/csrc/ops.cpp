@@ -1,8 +1,8 @@
-// libtorch's multi-tensor ("foreach") and fused optimizer ops, and two autograd nodes of MoE
-// (LinearSavingRounded; GroupedExperts with SwiGLU as libtorch ops), which tch's generated API
-// does not expose. Each entry point takes arrays of `at::Tensor*` (tch's C_tensor), never throws
-// into Rust, and returns nullptr on success or a malloc'd error message the caller frees with
-// mm_free_error.
+// libtorch's multi-tensor ("foreach") and fused optimizer ops, and the autograd nodes of MoE
+// (LinearSavingRounded; SlotRows and PermuteRows, the dispatch and the combine without atomics;
+// GroupedExperts with SwiGLU as libtorch ops), which tch's generated API does not expose. Each
+// entry point takes arrays of `at::Tensor*` (tch's C_tensor), never throws into Rust, and returns
+// nullptr on success or a malloc'd error message the caller frees with mm_free_error.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
 #include <ATen/ops/_foreach_add.h>
@@ -147,6 +147,50 @@ char *mm_unscale(at::Tensor **grads, int64_t n, at::Tensor *found_inf, at::Tenso
 
 // torch.autograd.backward(tensors, grad_tensors): backpropagates each tensor with its given
 // gradient in one pass (tch's backward takes no gradient argument).
+// MoE's dispatch: x [N, d] -> x[token] [N k, d] (the (token, slot) pairs sorted by expert),
+// backward dx = sum_slots(dy, slot, N) (grouped_experts.h): a gather and one reduction per token
+// instead of index_select's backward, which adds the k slot gradients with atomics.
+struct SlotRows : public torch::autograd::Function<SlotRows> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
+                            const at::Tensor &token, const at::Tensor &slot) {
+    TORCH_CHECK(x.dim() == 2 && token.dim() == 1 && slot.sizes() == token.sizes() &&
+                    x.size(0) > 0 && token.size(0) % x.size(0) == 0,
+                "slot_rows: expected x [N, d], token and slot [N k]; got x ", x.sizes(),
+                ", token ", token.sizes(), ", slot ", slot.sizes());
+    ctx->save_for_backward({slot});
+    ctx->saved_data["n"] = x.size(0);
+    return at::index_select(x, 0, token);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    return {mm_moe::sum_slots(grads[0].contiguous(), saved[0], ctx->saved_data["n"].toInt()),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+// Rows of x [M, d] in another order: y = x[idx], idx a permutation of 0 .. M-1 and inv its
+// inverse; backward dx = dy[inv] (a gather, where index_select's backward would add with
+// atomics). MoE's combine: the experts' rows, sorted by expert, back in (token, slot) order.
+struct PermuteRows : public torch::autograd::Function<PermuteRows> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
+                            const at::Tensor &idx, const at::Tensor &inv) {
+    TORCH_CHECK(x.dim() == 2 && idx.dim() == 1 && inv.sizes() == idx.sizes() &&
+                    idx.size(0) == x.size(0),
+                "permute_rows: expected x [M, d], idx and inv [M]; got x ", x.sizes(), ", idx ",
+                idx.sizes(), ", inv ", inv.sizes());
+    ctx->save_for_backward({inv});
+    return at::index_select(x, 0, idx);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    return {at::index_select(grads[0], 0, saved[0]), at::Tensor(), at::Tensor()};
+  }
+};
+
 char *mm_backward(at::Tensor **tensors, at::Tensor **grads, int64_t n) {
   return guard([&] { torch::autograd::backward(list(tensors, n), list(grads, n)); });
 }
@@ -204,14 +248,24 @@ char *mm_linear_saving_rounded(at::Tensor *x, at::Tensor *rounded, at::Tensor *w
   return guard([&] { *out = new at::Tensor(LinearSavingRounded::apply(*x, *rounded, *w)); });
 }
 
-// y = GroupedExperts(x, token, gate_up, down, offs) with SwiGLU as libtorch's ops:
+// xs = SlotRows(x, token, slot): see above.
+char *mm_slot_rows(at::Tensor *x, at::Tensor *token, at::Tensor *slot, at::Tensor **out) {
+  return guard([&] { *out = new at::Tensor(SlotRows::apply(*x, *token, *slot)); });
+}
+
+// y = PermuteRows(x, idx, inv): see above.
+char *mm_permute_rows(at::Tensor *x, at::Tensor *idx, at::Tensor *inv, at::Tensor **out) {
+  return guard([&] { *out = new at::Tensor(PermuteRows::apply(*x, *idx, *inv)); });
+}
+
+// y = GroupedExperts(x, token, slot, gate_up, down, offs) with SwiGLU as libtorch's ops:
 // grouped_experts.h.
-char *mm_grouped_experts_ops(at::Tensor *x, at::Tensor *token, at::Tensor *gate_up,
-                             at::Tensor *down, at::Tensor *offs, int64_t recompute_gate_up,
-                             at::Tensor **out) {
+char *mm_grouped_experts_ops(at::Tensor *x, at::Tensor *token, at::Tensor *slot,
+                             at::Tensor *gate_up, at::Tensor *down, at::Tensor *offs,
+                             int64_t recompute_gate_up, at::Tensor **out) {
   return guard([&] {
     *out = new at::Tensor(mm_moe::GroupedExperts<OpsSwiGlu>::apply(
-        *x, *token, *gate_up, *down, *offs, recompute_gate_up != 0));
+        *x, *token, *slot, *gate_up, *down, *offs, recompute_gate_up != 0));
   });
 }
 }

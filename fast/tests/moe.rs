@@ -359,9 +359,11 @@ fn the_router_node_keeps_bf16_rows_and_computes_autograds_numbers() {
 /// `_grouped_mm` against `[gate_e; up_e]`, `silu(g) * u`, `_grouped_mm` against `down_e`. Both
 /// `--moe-recompute` modes, fp32 and bf16, top-2 (a token's two slots add into one row of dx)
 /// and an expert without rows. Exact equality: the node's backward calls the functions
-/// autograd calls for these ops (`silu_backward`, `_grouped_mm` on the transposed operands,
-/// `index_add`), in the same kinds; libtorch's CPU grouped matmul runs one matmul per group,
-/// and a transposed product sums over the same rows in the same order.
+/// autograd calls for these ops (`silu_backward`, `_grouped_mm` on the transposed operands), in
+/// the same kinds; libtorch's CPU grouped matmul runs one matmul per group, and a transposed
+/// product sums over the same rows in the same order. dx sums a token's two slot rows in one
+/// reduction where `index_select`'s backward adds them one after the other into zeros: one
+/// rounding of the same sum either way.
 #[test]
 fn the_experts_node_computes_autograds_numbers_in_both_recompute_modes() {
     use fast::kernels::ops::grouped_experts;
@@ -371,7 +373,8 @@ fn the_experts_node_computes_autograds_numbers_in_both_recompute_modes() {
     // Slots sorted by expert; expert 1 gets none.
     let counts = [9_i64, 0, 11, 6];
     let offs = Tensor::from_slice(&counts).cumsum(0, Kind::Int);
-    let token = Tensor::randint(n, [n * k], (Kind::Int64, cpu));
+    // A dispatch: sorted row p holds pair order[p] = t k + s; slot is its inverse.
+    let (token, slot) = random_dispatch(n, k);
     for kind in [Kind::Float, Kind::BFloat16] {
         let leaf = |shape: &[i64], scale: f64| {
             (Tensor::randn(shape, (Kind::Float, cpu)) * scale)
@@ -398,7 +401,8 @@ fn the_experts_node_computes_autograds_numbers_in_both_recompute_modes() {
             h.internal_grouped_mm(&down.transpose(1, 2), Some(&offs), None::<&Tensor>, None);
         let g_ref = grads(&y_ref);
         for recompute_gate_up in [false, true] {
-            let y = grouped_experts(&x, &token, &gate_up, &down, &offs, recompute_gate_up).unwrap();
+            let y = grouped_experts(&x, &token, &slot, &gate_up, &down, &offs, recompute_gate_up)
+                .unwrap();
             let g = grads(&y);
             let what = format!("{kind:?} recompute_gate_up {recompute_gate_up}");
             assert!(y.equal(&y_ref), "{what}: y");
@@ -421,6 +425,80 @@ fn the_experts_node_computes_autograds_numbers_in_both_recompute_modes() {
     let x = Tensor::zeros([n, d], (Kind::Float, cpu));
     let gu = Tensor::zeros([4, 2 * f, d + 1], (Kind::Float, cpu));
     let down = Tensor::zeros([4, d, f], (Kind::Float, cpu));
-    let err = grouped_experts(&x, &token, &gu, &down, &offs, false).unwrap_err();
+    let err = grouped_experts(&x, &token, &slot, &gu, &down, &offs, false).unwrap_err();
     assert!(format!("{err:#}").contains("shapes disagree"), "{err:#}");
+    let err = grouped_experts(
+        &x,
+        &token,
+        &slot.narrow(0, 0, 3),
+        &gate_up_like(&down, f),
+        &down,
+        &offs,
+        false,
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("token and slot"), "{err:#}");
+}
+
+fn gate_up_like(down: &Tensor, f: i64) -> Tensor {
+    let (e, d) = (down.size()[0], down.size()[1]);
+    Tensor::zeros([e, 2 * f, d], (down.kind(), down.device()))
+}
+
+/// token `[n k]` and slot `[n k]` of a random dispatch of n tokens' k slots: sorted row p holds
+/// pair `order[p] = t k + s` (token `order[p] / k`), and `slot[order[p]] = p`.
+fn random_dispatch(n: i64, k: i64) -> (Tensor, Tensor) {
+    let order = Tensor::randperm(n * k, (Kind::Int64, Device::Cpu));
+    let slot = order.zeros_like().scatter(
+        0,
+        &order,
+        &Tensor::arange(n * k, (Kind::Int64, Device::Cpu)),
+    );
+    (order.divide_scalar_mode(k, "floor"), slot)
+}
+
+/// MoE's dispatch and combine nodes (`ops::slot_rows`, `ops::permute_rows`) against
+/// `index_select` under autograd: the same rows forward; backward, exactly the same gradients
+/// for one and two slots a token (one rounding of the same sum), fp32 and bf16. Wrong shapes
+/// are refused with a message.
+#[test]
+fn the_dispatch_and_combine_nodes_compute_index_selects_numbers() {
+    use fast::kernels::ops::{permute_rows, slot_rows};
+    tch::manual_seed(5);
+    let (n, d) = (11_i64, 8_i64);
+    for k in [1_i64, 2] {
+        let (token, slot) = random_dispatch(n, k);
+        let order = Tensor::argsort(&slot, 0, false);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let what = format!("k {k} {kind:?}");
+            let x = Tensor::randn([n, d], (Kind::Float, Device::Cpu))
+                .to_kind(kind)
+                .set_requires_grad(true);
+            let gy = Tensor::randn([n * k, d], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let grad = |y: &Tensor| {
+                Tensor::run_backward(&[(y * &gy).sum(kind)], &[&x], false, false).remove(0)
+            };
+            let y = slot_rows(&x, &token, &slot).unwrap();
+            let y_ref = x.index_select(0, &token);
+            assert!(y.equal(&y_ref), "{what}: slot_rows forward");
+            assert!(grad(&y).equal(&grad(&y_ref)), "{what}: slot_rows backward");
+
+            let xs = Tensor::randn([n * k, d], (Kind::Float, Device::Cpu))
+                .to_kind(kind)
+                .set_requires_grad(true);
+            let gp = |y: &Tensor| {
+                Tensor::run_backward(&[(y * &gy).sum(kind)], &[&xs], false, false).remove(0)
+            };
+            let p = permute_rows(&xs, &slot, &order).unwrap();
+            let p_ref = xs.index_select(0, &slot);
+            assert!(p.equal(&p_ref), "{what}: permute_rows forward");
+            assert!(gp(&p).equal(&gp(&p_ref)), "{what}: permute_rows backward");
+        }
+    }
+    let x = Tensor::zeros([4, 2], (Kind::Float, Device::Cpu));
+    let idx = Tensor::zeros([6], (Kind::Int64, Device::Cpu));
+    let err = slot_rows(&x, &idx, &idx.narrow(0, 0, 5)).unwrap_err();
+    assert!(format!("{err:#}").contains("slot_rows"), "{err:#}");
+    let err = permute_rows(&x, &idx, &idx).unwrap_err();
+    assert!(format!("{err:#}").contains("permute_rows"), "{err:#}");
 }

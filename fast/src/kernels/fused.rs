@@ -88,6 +88,7 @@ mod ffi {
         pub fn mm_grouped_experts(
             x: *mut C_tensor,
             token: *mut C_tensor,
+            slot: *mut C_tensor,
             gate_up: *mut C_tensor,
             down: *mut C_tensor,
             offs: *mut C_tensor,
@@ -272,6 +273,7 @@ pub fn swiglu(gu: &Tensor, f: i64) -> Result<Tensor> {
 pub fn grouped_experts(
     x: &Tensor,
     token: &Tensor,
+    slot: &Tensor,
     gate_up: &Tensor,
     down: &Tensor,
     offs: &Tensor,
@@ -281,6 +283,7 @@ pub fn grouped_experts(
         ffi::mm_grouped_experts,
         x,
         token,
+        slot,
         gate_up,
         down,
         offs,

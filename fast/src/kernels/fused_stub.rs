@@ -74,6 +74,7 @@ pub fn swiglu(_gu: &Tensor, _f: i64) -> Result<Tensor> {
 pub fn grouped_experts(
     _x: &Tensor,
     _token: &Tensor,
+    _slot: &Tensor,
     _gate_up: &Tensor,
     _down: &Tensor,
     _offs: &Tensor,

@@ -55,6 +55,7 @@ extern "C" {
     fn mm_grouped_experts_ops(
         x: *mut C_tensor,
         token: *mut C_tensor,
+        slot: *mut C_tensor,
         gate_up: *mut C_tensor,
         down: *mut C_tensor,
         offs: *mut C_tensor,
@@ -67,6 +68,43 @@ extern "C" {
         w: *mut C_tensor,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn mm_slot_rows(
+        x: *mut C_tensor,
+        token: *mut C_tensor,
+        slot: *mut C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn mm_permute_rows(
+        x: *mut C_tensor,
+        idx: *mut C_tensor,
+        inv: *mut C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+}
+
+/// MoE's dispatch under autograd: `x[token]` (x `[N, d]`, token int64 `[N k]`, the (token,
+/// slot) pairs sorted by expert; slot `[N k]` its inverse, pair `t k + s` at row `slot[t k +
+/// s]`). Backward sums each token's k slot gradients in one reduction (a gather by `slot`, no
+/// atomics: the same numbers on every run) where `index_select`'s backward adds them with atomics.
+pub fn slot_rows(x: &Tensor, token: &Tensor, slot: &Tensor) -> Result<Tensor> {
+    let p = |t: &Tensor| t.as_ptr() as *mut C_tensor;
+    let mut out = std::ptr::null_mut();
+    check("slot_rows", unsafe {
+        mm_slot_rows(p(x), p(token), p(slot), &mut out)
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `x[idx]` under autograd for a permutation idx of x's rows (`[M, d]`, idx and its inverse inv
+/// int64 `[M]`): backward is the gather `dy[inv]`, where `index_select`'s backward adds with
+/// atomics. MoE's combine: the experts' rows back in (token, slot) order.
+pub fn permute_rows(x: &Tensor, idx: &Tensor, inv: &Tensor) -> Result<Tensor> {
+    let p = |t: &Tensor| t.as_ptr() as *mut C_tensor;
+    let mut out = std::ptr::null_mut();
+    check("permute_rows", unsafe {
+        mm_permute_rows(p(x), p(idx), p(inv), &mut out)
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// `torch.autograd.backward(tensors, grads)`: one backward pass seeded with the given gradients.
@@ -105,13 +143,15 @@ pub fn linear_saving_rounded(x: &Tensor, rounded: &Tensor, w: &Tensor) -> Result
 /// SwiGLU as libtorch's ops (any kind, any device): `xs = x[token]`, `h = silu(g) * u` of
 /// `[g | u] = xs gate_up[e]^T`, `y = h down[e]^T` `[M, d]`, expert e on rows `offs[e-1] ..
 /// offs[e]` (int32 cumulative ends), each projection one `torch._grouped_mm`. x `[N, d]`, token
-/// int64 `[M]`, gate_up `[E, 2F, d]`, down `[E, d, F]`, one kind. Differentiable in x and both
-/// weights; backward recomputes the gathered rows and h (with `recompute_gate_up` the gate/up
-/// projection too) instead of keeping them. `fused::grouped_experts` is the same node with our
-/// SwiGLU kernels.
+/// and slot int64 `[M]` (M = N k; slot as in [`slot_rows`]), gate_up `[E, 2F, d]`, down `[E, d,
+/// F]`, one kind. Differentiable in x and both weights; backward recomputes the gathered rows
+/// and h (with `recompute_gate_up` the gate/up projection too) instead of keeping them, and sums
+/// dx per token as [`slot_rows`] does. `fused::grouped_experts` is the same node with our SwiGLU
+/// kernels.
 pub fn grouped_experts(
     x: &Tensor,
     token: &Tensor,
+    slot: &Tensor,
     gate_up: &Tensor,
     down: &Tensor,
     offs: &Tensor,
@@ -121,6 +161,7 @@ pub fn grouped_experts(
         mm_grouped_experts_ops,
         x,
         token,
+        slot,
         gate_up,
         down,
         offs,
@@ -136,15 +177,19 @@ pub(crate) type GroupedExpertsEntry = unsafe extern "C" fn(
     *mut C_tensor,
     *mut C_tensor,
     *mut C_tensor,
+    *mut C_tensor,
     i64,
     *mut *mut C_tensor,
 ) -> *mut c_char;
 
-/// Calls `entry` on (x, token, gate_up, down, offs, recompute_gate_up) and returns its output.
+/// Calls `entry` on (x, token, slot, gate_up, down, offs, recompute_gate_up) and returns its
+/// output.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn call_grouped_experts(
     entry: GroupedExpertsEntry,
     x: &Tensor,
     token: &Tensor,
+    slot: &Tensor,
     gate_up: &Tensor,
     down: &Tensor,
     offs: &Tensor,
@@ -156,6 +201,7 @@ pub(crate) fn call_grouped_experts(
         entry(
             p(x),
             p(token),
+            p(slot),
             p(gate_up),
             p(down),
             p(offs),

@@ -17,8 +17,10 @@
 //! renormalised the weight is exactly 1 and the combine skips it (`MoeRouting::unit_weights`).
 //! No capacity limit: every (token, slot) pair reaches its expert. Dispatch: the N*k (token,
 //! slot) pairs are sorted by expert (stable, so each expert sees its tokens in order) into one
-//! buffer `[N*k, d]`; the experts run on their contiguous slices; `index_add` adds the weighted
-//! outputs back into `[N, d]` in one pass, in the experts' compute kind. Two ways to run the
+//! buffer `[N*k, d]`; the experts run on their contiguous slices; their outputs go back to
+//! (token, slot) order by a gather and are weighted and summed per token, in the experts'
+//! compute kind. Both directions are gathers with a gather backward (`ops::slot_rows`,
+//! `ops::permute_rows`): no atomics, the same numbers on every run. Two ways to run the
 //! experts ([`Kernels::moe_grouped_applies`]):
 //! - grouped (`--moe-experts grouped`, bf16 and fp32): the experts' weights stacked `[E, in,
 //!   out]` at use time and each projection one `torch._grouped_mm` over the whole buffer, with
@@ -152,7 +154,12 @@ struct Dispatch {
     expert: Tensor,
     /// The sorted pairs' tokens `[N*k]` (row of `[N, d]`).
     token: Tensor,
-    /// The sorted pairs' routing weights `[N*k, 1]` (router kind); `None` where all are 1.
+    /// Where each sorted pair came from: pair `t*k + s` (slot s of token t) `[N*k]`.
+    order: Tensor,
+    /// Its inverse: the sorted row of pair `t*k + s` `[N*k]`.
+    slot: Tensor,
+    /// The routing weights `[N, k]` (router kind), in (token, slot) order; `None` where all are
+    /// 1.
     weight: Option<Tensor>,
 }
 
@@ -205,22 +212,30 @@ impl MoeFeedForward {
                         let r = k.moe_recomputes_gate_up();
                         expect(
                             "grouped_experts",
-                            run(xc, &disp.token, gu, &w.down, &offs, r),
+                            run(xc, &disp.token, &disp.slot, gu, &w.down, &offs, r),
                         )
                     }
-                    _ => self.grouped_experts(&xc.index_select(0, &disp.token), &offs, w),
+                    _ => self.grouped_experts(&disp.rows(xc), &offs, w),
                 }
             }
             None => self.looped_experts(&xf, &disp, compute),
         };
-        // Weighted and summed in the experts' kind (bf16 on the fused path, which the next
-        // norm's residual add takes as the dense MLP's output; x's kind otherwise).
+        // Back in (token, slot) order, weighted and summed per token in the experts' kind (bf16
+        // on the fused path, which the next norm's residual add takes as the dense MLP's output;
+        // x's kind otherwise): a gather and one reduction, no atomics.
         let yk = ys.kind();
-        let weighted = match &disp.weight {
-            Some(w) => ys * w.to_kind(yk),
-            None => ys,
+        let rows = expect(
+            "permute_rows",
+            ops::permute_rows(&ys, &disp.slot, &disp.order),
+        );
+        let y = match &disp.weight {
+            None if self.top_k == 1 => rows,
+            None => rows
+                .view([b * t, self.top_k, d])
+                .sum_dim_intlist(1, false, yk),
+            Some(w) => (rows.view([b * t, self.top_k, d]) * w.to_kind(yk).unsqueeze(-1))
+                .sum_dim_intlist(1, false, yk),
         };
-        let y = Tensor::zeros([b * t, d], (yk, x.device())).index_add(0, &disp.token, &weighted);
         let y = (self.shared_experts.iter()).fold(y.reshape([b, t, d]), |y, s| {
             y + s.forward_fused(x, compute, k)
         });
@@ -332,7 +347,7 @@ impl MoeFeedForward {
         let e_n = self.experts.len() as i64;
         let counts: Vec<i64> =
             Vec::<i64>::try_from(disp.expert.bincount::<Tensor>(None, e_n)).expect("expert counts");
-        let xs = xf.index_select(0, &disp.token);
+        let xs = disp.rows(xf);
         let mut outs = Vec::with_capacity(self.experts.len());
         let mut start = 0;
         for (expert, &c) in self.experts.iter().zip(&counts) {
@@ -396,9 +411,24 @@ fn dispatch(topw: Option<&Tensor>, topi: &Tensor) -> Dispatch {
     let k = topi.size()[1];
     let flat = topi.reshape([-1]);
     let (expert, order) = flat.sort_stable(true, 0, false);
+    let slot = order.zeros_like().scatter(
+        0,
+        &order,
+        &Tensor::arange(order.size()[0], (Kind::Int64, order.device())),
+    );
     Dispatch {
         expert,
         token: order.divide_scalar_mode(k, "floor"),
-        weight: topw.map(|w| w.reshape([-1]).index_select(0, &order).unsqueeze(-1)),
+        order,
+        slot,
+        weight: topw.map(|w| w.shallow_clone()),
+    }
+}
+
+impl Dispatch {
+    /// The experts' input rows `x[token]` `[N*k, d]` of x `[N, d]`, sorted by expert; backward
+    /// sums each token's slot gradients without atomics ([`ops::slot_rows`]).
+    fn rows(&self, x: &Tensor) -> Tensor {
+        expect("slot_rows", ops::slot_rows(x, &self.token, &self.slot))
     }
 }
