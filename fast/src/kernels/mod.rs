@@ -114,6 +114,14 @@ pub enum MoeRecompute {
     GateUp,
 }
 
+impl MoeRecompute {
+    /// What the grouped experts computed before `--moe-recompute` existed (autograd keeping
+    /// everything), for run configurations saved then.
+    fn before_the_option() -> Self {
+        MoeRecompute::Off
+    }
+}
+
 /// The kernel choices of a run. Every field changes what the GPU executes (never the formula:
 /// the results agree within the tolerances `fast kernels` and `verify` check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
@@ -155,12 +163,15 @@ pub struct KernelConfig {
     /// after another (always the case in fp64).
     #[arg(long, alias = "moe_experts", value_enum, default_value_t = MoeExperts::Grouped)]
     pub moe_experts: MoeExperts,
-    /// MoE with grouped experts: what backward recomputes instead of keeping from forward; off
-    /// = nothing (autograd), swiglu = the gathered rows and the SwiGLU output (the experts as
-    /// one node), gate-up = also the gate/up projection (one more grouped matmul per layer).
+    /// MoE with grouped experts: what backward recomputes instead of keeping from forward;
+    /// swiglu = the gathered rows and the SwiGLU output (the experts as one node), gate-up =
+    /// also the gate/up projection (one more grouped matmul per layer), off = nothing
+    /// (autograd).
     /// With swiglu and gate-up the router's weight gradient comes from the rows the experts read
-    /// (bf16 under mixed precision).
-    #[arg(long, alias = "moe_recompute", value_enum, default_value_t = MoeRecompute::Off)]
+    /// (bf16 under mixed precision). A run configuration saved without this field resumes with
+    /// off, what it computed.
+    #[arg(long, alias = "moe_recompute", value_enum, default_value_t = MoeRecompute::Swiglu)]
+    #[serde(default = "MoeRecompute::before_the_option")]
     pub moe_recompute: MoeRecompute,
 }
 
@@ -176,7 +187,7 @@ impl Default for KernelConfig {
             dp_overlap: OnOff::On,
             dp_bucket_layers: 2,
             moe_experts: MoeExperts::Grouped,
-            moe_recompute: MoeRecompute::Off,
+            moe_recompute: MoeRecompute::Swiglu,
         }
     }
 }
@@ -510,12 +521,22 @@ mod tests {
         assert!(why.contains("multiples of 8"), "{why}");
     }
 
-    /// Saved run configurations without the kernel fields read back as the defaults.
+    /// Saved run configurations without the kernel fields read back as the defaults, except
+    /// `--moe-recompute`: a run saved before it existed computed `off`, and resumes so.
     #[test]
     fn a_config_without_kernel_fields_reads_as_the_defaults() {
         let c: KernelConfig = serde_json::from_str("{}").unwrap();
-        assert_eq!(c, KernelConfig::default());
+        assert_eq!(
+            c,
+            KernelConfig {
+                moe_recompute: MoeRecompute::Off,
+                ..KernelConfig::default()
+            }
+        );
+        assert_eq!(KernelConfig::default().moe_recompute, MoeRecompute::Swiglu);
         let c: KernelConfig = serde_json::from_str(r#"{"attention": "sdpa"}"#).unwrap();
         assert_eq!(c.attention, AttentionChoice::Sdpa);
+        let c: KernelConfig = serde_json::from_str(r#"{"moe_recompute": "gate-up"}"#).unwrap();
+        assert_eq!(c.moe_recompute, MoeRecompute::GateUp);
     }
 }
