@@ -13,8 +13,11 @@ took() { python3 -c "print(f'{$(stamp) - $1:.1f}')"; }
 for f in fast verify; do
   [ -x $W/$f ] || { [ -f $D/$f.xz ] && xz -dc $D/$f.xz >$W/$f && chmod +x $W/$f; }
 done
-if [ ! -f $W/train.jsonl ] && [ -f $D/poems_full.jsonl.xz ]; then
-  xz -dc $D/poems_full.jsonl.xz >$W/full.jsonl
+# The poems (scripts/build_corpus.sh); DATA_XZ=another .jsonl.xz (a subset, for benches when the
+# call's carry has no room for the whole corpus).
+DATA_XZ=${DATA_XZ:-$D/poems_full.jsonl.xz}
+if [ ! -f $W/train.jsonl ] && [ -f $DATA_XZ ]; then
+  xz -dc $DATA_XZ >$W/full.jsonl
   head -n -2000 $W/full.jsonl >$W/train.jsonl
   tail -n 2000 $W/full.jsonl >$W/heldout.jsonl
 fi
