@@ -43,11 +43,12 @@
 // segment start falls past the tile's first key (segments), and on the last key tile past T
 // (bidirectional). On a diagonal or last tile a warp skips the 16-column blocks that lie wholly
 // past its rows or past T (or before its keys), and a warp whose rows are all past T only helps
-// copy. Rows past T are zero-filled and never written. Measured and not kept (segments, head dim
-// 64, one H200): a warp also skipping the 16-key blocks before its first row's segment (and in
-// kernel 2 the 16-query blocks whose segments start past its keys) made fwd+bwd slower, 0.748
-// against 0.683 ms: the kernels are latency-bound at these lengths (ncu: 0.2-0.4 instructions
-// issued per scheduler per cycle), and the (lo, hi) variants cost more than the skipped mma.
+// copy. Rows past T are zero-filled and never written. Measured and not kept (one H200): a warp
+// also skipping the 16-key blocks before its first row's segment (and in kernel 2 the 16-query
+// blocks whose segments start past its keys) made the 26M packed-docs b128 step slower, 22.0 /
+// 22.2 against 21.6 / 21.6 ms in one call: the kernels are latency-bound at these lengths (ncu:
+// 0.2-0.4 instructions issued per scheduler per cycle), and the (lo, hi) variants cost more than
+// the skipped mma.
 //
 // Rounding: q and k are normalised and RoPE'd in fp32 from the bf16 projection and rounded to
 // bf16 once (as the qkv_heads kernel does), P and dS are rounded to bf16 for their matmuls (as

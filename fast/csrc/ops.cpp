@@ -84,6 +84,64 @@ struct OpsSwiGlu {
                    -1);
   }
 };
+
+// MoE's dispatch: x [N, d] -> x[token] [N k, d] (the (token, slot) pairs sorted by expert),
+// backward dx = sum_slots(dy, slot, N) (grouped_experts.h): a gather and one reduction per token
+// instead of index_select's backward, which adds the k slot gradients with atomics.
+struct SlotRows : public torch::autograd::Function<SlotRows> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
+                            const at::Tensor &token, const at::Tensor &slot) {
+    TORCH_CHECK(x.dim() == 2 && token.dim() == 1 && slot.sizes() == token.sizes() &&
+                    x.size(0) > 0 && token.size(0) % x.size(0) == 0,
+                "slot_rows: expected x [N, d], token and slot [N k]; got x ", x.sizes(),
+                ", token ", token.sizes(), ", slot ", slot.sizes());
+    TORCH_CHECK(token.scalar_type() == at::kLong && slot.scalar_type() == at::kLong &&
+                    token.device() == x.device() && slot.device() == x.device(),
+                "slot_rows: token and slot must be int64 on x's device (", x.device(), "), got ",
+                token.scalar_type(), " on ", token.device(), " and ", slot.scalar_type(), " on ",
+                slot.device());
+    c10::DeviceGuard guard(x.device());
+    ctx->save_for_backward({slot});
+    ctx->saved_data["n"] = x.size(0);
+    return at::index_select(x, 0, token);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    c10::DeviceGuard guard(saved[0].device());
+    return {mm_moe::sum_slots(grads[0].contiguous(), saved[0], ctx->saved_data["n"].toInt()),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+// Rows of x [M, d] in another order: y = x[idx], idx a permutation of 0 .. M-1 and inv its
+// inverse; backward dx = dy[inv] (a gather, where index_select's backward would add with
+// atomics). MoE's combine: the experts' rows, sorted by expert, back in (token, slot) order.
+struct PermuteRows : public torch::autograd::Function<PermuteRows> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
+                            const at::Tensor &idx, const at::Tensor &inv) {
+    TORCH_CHECK(x.dim() == 2 && idx.dim() == 1 && inv.sizes() == idx.sizes() &&
+                    idx.size(0) == x.size(0),
+                "permute_rows: expected x [M, d], idx and inv [M]; got x ", x.sizes(), ", idx ",
+                idx.sizes(), ", inv ", inv.sizes());
+    TORCH_CHECK(idx.scalar_type() == at::kLong && inv.scalar_type() == at::kLong &&
+                    idx.device() == x.device() && inv.device() == x.device(),
+                "permute_rows: idx and inv must be int64 on x's device (", x.device(), "), got ",
+                idx.scalar_type(), " on ", idx.device(), " and ", inv.scalar_type(), " on ",
+                inv.device());
+    c10::DeviceGuard guard(x.device());
+    ctx->save_for_backward({inv});
+    return at::index_select(x, 0, idx);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    c10::DeviceGuard guard(saved[0].device());
+    return {at::index_select(grads[0], 0, saved[0]), at::Tensor(), at::Tensor()};
+  }
+};
 }  // namespace
 
 using mm_ffi::guard;
@@ -147,50 +205,6 @@ char *mm_unscale(at::Tensor **grads, int64_t n, at::Tensor *found_inf, at::Tenso
 
 // torch.autograd.backward(tensors, grad_tensors): backpropagates each tensor with its given
 // gradient in one pass (tch's backward takes no gradient argument).
-// MoE's dispatch: x [N, d] -> x[token] [N k, d] (the (token, slot) pairs sorted by expert),
-// backward dx = sum_slots(dy, slot, N) (grouped_experts.h): a gather and one reduction per token
-// instead of index_select's backward, which adds the k slot gradients with atomics.
-struct SlotRows : public torch::autograd::Function<SlotRows> {
-  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
-                            const at::Tensor &token, const at::Tensor &slot) {
-    TORCH_CHECK(x.dim() == 2 && token.dim() == 1 && slot.sizes() == token.sizes() &&
-                    x.size(0) > 0 && token.size(0) % x.size(0) == 0,
-                "slot_rows: expected x [N, d], token and slot [N k]; got x ", x.sizes(),
-                ", token ", token.sizes(), ", slot ", slot.sizes());
-    ctx->save_for_backward({slot});
-    ctx->saved_data["n"] = x.size(0);
-    return at::index_select(x, 0, token);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    return {mm_moe::sum_slots(grads[0].contiguous(), saved[0], ctx->saved_data["n"].toInt()),
-            at::Tensor(), at::Tensor()};
-  }
-};
-
-// Rows of x [M, d] in another order: y = x[idx], idx a permutation of 0 .. M-1 and inv its
-// inverse; backward dx = dy[inv] (a gather, where index_select's backward would add with
-// atomics). MoE's combine: the experts' rows, sorted by expert, back in (token, slot) order.
-struct PermuteRows : public torch::autograd::Function<PermuteRows> {
-  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
-                            const at::Tensor &idx, const at::Tensor &inv) {
-    TORCH_CHECK(x.dim() == 2 && idx.dim() == 1 && inv.sizes() == idx.sizes() &&
-                    idx.size(0) == x.size(0),
-                "permute_rows: expected x [M, d], idx and inv [M]; got x ", x.sizes(), ", idx ",
-                idx.sizes(), ", inv ", inv.sizes());
-    ctx->save_for_backward({inv});
-    return at::index_select(x, 0, idx);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    return {at::index_select(grads[0], 0, saved[0]), at::Tensor(), at::Tensor()};
-  }
-};
-
 char *mm_backward(at::Tensor **tensors, at::Tensor **grads, int64_t n) {
   return guard([&] { torch::autograd::backward(list(tensors, n), list(grads, n)); });
 }

@@ -3,8 +3,10 @@
 //! node), compute what the per-expert loop computes, on the CPU, for MiniMind2's MoE (top-2
 //! renormalised, a shared expert, seq aux) and MiniMind-3's (top-1, its aux), including an
 //! expert that gets no token, in fp32 and bf16 compute; and the training step with any path
-//! gives the same loss and gradients. The two autograd nodes of our own are checked against the
-//! ops they stand for, exactly.
+//! gives the same loss and gradients. The autograd nodes of our own (the router's, the experts',
+//! and the dispatch's and combine's gathers) are checked against the ops they stand for, exactly.
+//! The grouped path and the loop share the dispatch and the combine; the golden fixtures
+//! (`verify`, `tests/fast_golden.rs`) check those against MiniMind's own numbers.
 //!
 //! Tolerances (every path shares the router, so they route every token alike):
 //! - fp32: max |grouped - loop| <= 1e-6 * max |loop| per tensor. The same per-expert products of

@@ -114,14 +114,6 @@ pub enum MoeRecompute {
     GateUp,
 }
 
-impl MoeRecompute {
-    /// What the grouped experts computed before `--moe-recompute` existed (autograd keeping
-    /// everything), for run configurations saved then.
-    fn before_the_option() -> Self {
-        MoeRecompute::Off
-    }
-}
-
 /// The kernel choices of a run. Every field changes what the GPU executes (never the formula:
 /// the results agree within the tolerances `fast kernels` and `verify` check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
@@ -168,10 +160,8 @@ pub struct KernelConfig {
     /// also the gate/up projection (one more grouped matmul per layer), off = nothing
     /// (autograd).
     /// With swiglu and gate-up the router's weight gradient comes from the rows the experts read
-    /// (bf16 under mixed precision). A run configuration saved without this field resumes with
-    /// off, what it computed.
+    /// (bf16 under mixed precision).
     #[arg(long, alias = "moe_recompute", value_enum, default_value_t = MoeRecompute::Swiglu)]
-    #[serde(default = "MoeRecompute::before_the_option")]
     pub moe_recompute: MoeRecompute,
 }
 
@@ -521,19 +511,11 @@ mod tests {
         assert!(why.contains("multiples of 8"), "{why}");
     }
 
-    /// Saved run configurations without the kernel fields read back as the defaults, except
-    /// `--moe-recompute`: a run saved before it existed computed `off`, and resumes so.
+    /// Saved run configurations without the kernel fields read back as the defaults.
     #[test]
     fn a_config_without_kernel_fields_reads_as_the_defaults() {
         let c: KernelConfig = serde_json::from_str("{}").unwrap();
-        assert_eq!(
-            c,
-            KernelConfig {
-                moe_recompute: MoeRecompute::Off,
-                ..KernelConfig::default()
-            }
-        );
-        assert_eq!(KernelConfig::default().moe_recompute, MoeRecompute::Swiglu);
+        assert_eq!(c, KernelConfig::default());
         let c: KernelConfig = serde_json::from_str(r#"{"attention": "sdpa"}"#).unwrap();
         assert_eq!(c.attention, AttentionChoice::Sdpa);
         let c: KernelConfig = serde_json::from_str(r#"{"moe_recompute": "gate-up"}"#).unwrap();
