@@ -85,6 +85,15 @@ struct OpsSwiGlu {
   }
 };
 
+// The row indices a and b of node `op` (`names` in the message) must be int64 on x's device.
+void check_indices(const char *op, const char *names, const at::Tensor &x, const at::Tensor &a,
+                   const at::Tensor &b) {
+  TORCH_CHECK(a.scalar_type() == at::kLong && b.scalar_type() == at::kLong &&
+                  a.device() == x.device() && b.device() == x.device(),
+              op, ": ", names, " must be int64 on x's device (", x.device(), "), got ",
+              a.scalar_type(), " on ", a.device(), " and ", b.scalar_type(), " on ", b.device());
+}
+
 // MoE's dispatch: x [N, d] -> x[token] [N k, d] (the (token, slot) pairs sorted by expert),
 // backward dx = sum_slots(dy, slot, N) (grouped_experts.h): a gather and one reduction per token
 // instead of index_select's backward, which adds the k slot gradients with atomics.
@@ -95,11 +104,7 @@ struct SlotRows : public torch::autograd::Function<SlotRows> {
                     x.size(0) > 0 && token.size(0) % x.size(0) == 0,
                 "slot_rows: expected x [N, d], token and slot [N k]; got x ", x.sizes(),
                 ", token ", token.sizes(), ", slot ", slot.sizes());
-    TORCH_CHECK(token.scalar_type() == at::kLong && slot.scalar_type() == at::kLong &&
-                    token.device() == x.device() && slot.device() == x.device(),
-                "slot_rows: token and slot must be int64 on x's device (", x.device(), "), got ",
-                token.scalar_type(), " on ", token.device(), " and ", slot.scalar_type(), " on ",
-                slot.device());
+    check_indices("slot_rows", "token and slot", x, token, slot);
     c10::DeviceGuard guard(x.device());
     ctx->save_for_backward({slot});
     ctx->saved_data["n"] = x.size(0);
@@ -125,11 +130,7 @@ struct PermuteRows : public torch::autograd::Function<PermuteRows> {
                     idx.size(0) == x.size(0),
                 "permute_rows: expected x [M, d], idx and inv [M]; got x ", x.sizes(), ", idx ",
                 idx.sizes(), ", inv ", inv.sizes());
-    TORCH_CHECK(idx.scalar_type() == at::kLong && inv.scalar_type() == at::kLong &&
-                    idx.device() == x.device() && inv.device() == x.device(),
-                "permute_rows: idx and inv must be int64 on x's device (", x.device(), "), got ",
-                idx.scalar_type(), " on ", idx.device(), " and ", inv.scalar_type(), " on ",
-                inv.device());
+    check_indices("permute_rows", "idx and inv", x, idx, inv);
     c10::DeviceGuard guard(x.device());
     ctx->save_for_backward({inv});
     return at::index_select(x, 0, idx);

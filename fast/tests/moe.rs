@@ -477,24 +477,28 @@ fn the_dispatch_and_combine_nodes_compute_index_selects_numbers() {
                 .to_kind(kind)
                 .set_requires_grad(true);
             let gy = Tensor::randn([n * k, d], (Kind::Float, Device::Cpu)).to_kind(kind);
-            let grad = |y: &Tensor| {
-                Tensor::run_backward(&[(y * &gy).sum(kind)], &[&x], false, false).remove(0)
+            // The gradient of sum(y * gy) with respect to `leaf`.
+            let grad = |y: &Tensor, leaf: &Tensor| {
+                Tensor::run_backward(&[(y * &gy).sum(kind)], &[leaf], false, false).remove(0)
             };
             let y = slot_rows(&x, &token, &slot).unwrap();
             let y_ref = x.index_select(0, &token);
             assert!(y.equal(&y_ref), "{what}: slot_rows forward");
-            assert!(grad(&y).equal(&grad(&y_ref)), "{what}: slot_rows backward");
+            assert!(
+                grad(&y, &x).equal(&grad(&y_ref, &x)),
+                "{what}: slot_rows backward"
+            );
 
             let xs = Tensor::randn([n * k, d], (Kind::Float, Device::Cpu))
                 .to_kind(kind)
                 .set_requires_grad(true);
-            let gp = |y: &Tensor| {
-                Tensor::run_backward(&[(y * &gy).sum(kind)], &[&xs], false, false).remove(0)
-            };
             let p = permute_rows(&xs, &slot, &order).unwrap();
             let p_ref = xs.index_select(0, &slot);
             assert!(p.equal(&p_ref), "{what}: permute_rows forward");
-            assert!(gp(&p).equal(&gp(&p_ref)), "{what}: permute_rows backward");
+            assert!(
+                grad(&p, &xs).equal(&grad(&p_ref, &xs)),
+                "{what}: permute_rows backward"
+            );
         }
     }
     let x = Tensor::zeros([4, 2], (Kind::Float, Device::Cpu));

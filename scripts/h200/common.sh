@@ -10,8 +10,10 @@ touch $S
 row() { echo "$*" | tee -a $S; }
 stamp() { date +%s.%N; }
 took() { python3 -c "print(f'{$(stamp) - $1:.1f}')"; }
+# BUILD=_D: the binaries of another build carried beside the prepared ones (.device/fast_D.xz,
+# verify_D.xz).
 for f in fast verify; do
-  [ -x $W/$f ] || { [ -f $D/$f.xz ] && xz -dc $D/$f.xz >$W/$f && chmod +x $W/$f; }
+  [ -x $W/$f ] || { [ -f $D/$f${BUILD:-}.xz ] && xz -dc $D/$f${BUILD:-}.xz >$W/$f && chmod +x $W/$f; }
 done
 # The poems (scripts/build_corpus.sh); DATA_XZ=another .jsonl.xz (a subset, for benches when the
 # call's carry has no room for the whole corpus).
@@ -23,6 +25,34 @@ if [ ! -f $W/train.jsonl ] && [ -f $DATA_XZ ]; then
 fi
 FAST=$W/fast
 VERIFY=$W/verify
+
+# moe_preset MODEL: MiniMind's source (MM), its trainer's model options (AH) and our tokenizer
+# option (TK) for a MoE preset.
+moe_preset() {
+  case $1 in
+    minimind2-moe) MM=$D/minimind2; AH=(--hidden 640 --layers 8 --moe 1); TK=(--tokenizer minimind2) ;;
+    minimind3-moe) MM=$D/minimind3; AH=(--hidden 768 --layers 8 --moe 1); TK=() ;;
+  esac
+}
+
+# moe_epoch EXPERTS LIMIT_S LOG_INTERVAL: one epoch of `--use-moe 1` (b128 x 2) on the training
+# split with --moe-experts EXPERTS (grouped: with --cuda-graph), then fast eval on the held-out
+# poems; summary rows.
+moe_epoch() {
+  local e=$1 lim=$2 every=$3 g=()
+  [ $e = grouped ] && g=(--cuda-graph)
+  local dir=$W/moe_$e
+  rm -rf $dir; mkdir -p $dir
+  local t0=$(stamp)
+  (cd $dir && timeout $lim $FAST pretrain --device cuda --data-path $W/train.jsonl --tokenizer minimind2 \
+     --use-moe 1 --batch-size 128 --accumulation-steps 2 --log-interval $every --num-workers 12 --no-progress \
+     --sample-tokens 0 --moe-experts $e "${g[@]}") >$O/moe_$e.txt 2>&1
+  row "moe pretrain $e (306k poems): rc $?, $(took $t0)s wall; $(grep -E '^(done|stopped)' $O/moe_$e.txt | tail -1 | cut -c1-200)"
+  grep -E '^kernels' $O/moe_$e.txt | head -1 | cut -c1-250 | tee -a $S
+  grep Epoch $O/moe_$e.txt | tail -1 | cut -c1-200 | tee -a $S
+  local wt=$(ls $dir/out/*.safetensors 2>/dev/null | head -1)
+  grep -qE '^done' $O/moe_$e.txt && [ -n "$wt" ] && timeout 40 $FAST eval --weights $wt --data-path $W/heldout.jsonl --device cuda >$O/moe_eval_$e.txt 2>&1 && row "moe eval $e: $(tail -1 $O/moe_eval_$e.txt)"
+}
 
 # verify_all "FOLDER PRECISION [VERIFY OPTIONS...]"...: verify --device cuda on golden/FOLDER, a
 # summary row each.

@@ -18,19 +18,8 @@ row "m3 short pretrain: rc $?"
 WT=$(ls $dir/out/*.safetensors | head -1)
 timeout 60 $FAST eval --weights $WT --data-path $W/heldout.jsonl --device cuda >$O/eval_m3.txt 2>&1
 row "eval m3 (no --tokenizer: the recorded one): rc $? $(tail -1 $O/eval_m3.txt)"
-for e in grouped loop; do
-  g=(); [ $e = grouped ] && g=(--cuda-graph)
-  lim=230; [ $e = loop ] && lim=${LOOP_LIMIT:-250}
-  dir=$W/moe_$e; rm -rf $dir; mkdir -p $dir
-  t0=$(stamp)
-  (cd $dir && timeout $lim $FAST pretrain --device cuda --data-path $W/train.jsonl --tokenizer minimind2 \
-     --use-moe 1 --batch-size 128 --accumulation-steps 2 --log-interval 200 --num-workers 12 --no-progress \
-     --sample-tokens 0 --moe-experts $e "${g[@]}") >$O/moe_$e.txt 2>&1
-  row "moe pretrain $e (306k poems): rc $?, $(took $t0)s wall; $(grep -E '^(done|stopped)' $O/moe_$e.txt | tail -1 | cut -c1-200)"
-  grep Epoch $O/moe_$e.txt | tail -1 | cut -c1-200 | tee -a $S
-  wt=$(ls $dir/out/*.safetensors 2>/dev/null | head -1)
-  grep -qE '^done' $O/moe_$e.txt && [ -n "$wt" ] && timeout 40 $FAST eval --weights $wt --data-path $W/heldout.jsonl --device cuda >$O/moe_eval_$e.txt 2>&1 && row "moe eval $e: $(tail -1 $O/moe_eval_$e.txt)"
-done
+moe_epoch grouped 230 200
+moe_epoch loop ${LOOP_LIMIT:-250} 200
 pack e
 echo "==== summary"
 cat $S

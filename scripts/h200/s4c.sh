@@ -13,10 +13,7 @@ M2=(--tokenizer minimind2 --cuda-graph)
 bench m2_packeddocs_b128 "${M2[@]}" --batch-size 128 --steps 30 --data-mode packed-docs
 bench m2_b32 "${M2[@]}" --batch-size 32 --steps 60
 for MODEL in minimind2-moe minimind3-moe; do
-  case $MODEL in
-    minimind2-moe) MM=$D/minimind2; AH=(--hidden 640 --layers 8 --moe 1); TK=(--tokenizer minimind2) ;;
-    minimind3-moe) MM=$D/minimind3; AH=(--hidden 768 --layers 8 --moe 1); TK=() ;;
-  esac
+  moe_preset $MODEL
   bench ${MODEL}_b32        --model $MODEL "${TK[@]}" --cuda-graph --batch-size 32 --steps 50
   bench ${MODEL}_b128       --model $MODEL "${TK[@]}" --cuda-graph --batch-size 128 --steps 30
   anchor ${MODEL}_b32_eager    $MM "${AH[@]}" --batch 32 --steps 40 --warmup 10

@@ -3,16 +3,11 @@
 # default --moe-recompute swiglu against MiniMind's own trainer (eager, compiled), ours measured
 # before and after MiniMind's runs; gate-up beside them at b32.
 source "$(dirname "$0")/common.sh"
-# A second build carried beside the prepared one as .device/fast_D.xz, verify_D.xz replaces it.
-for f in fast verify; do [ -f $D/${f}_D.xz ] && xz -dc $D/${f}_D.xz >$W/$f && chmod +x $W/$f; done
 verify_all "minimind bf16" "minimind3 bf16" "minimind fp32" "minimind3 fp32"
 kernels_all kernels_moe 120 --only moe
 grep -E 'b(32|128)_bf16 .*(fwd\+bwd)' $O/kernels_moe.txt | head -16 | cut -c1-200 | tee -a $S
 for MODEL in minimind2-moe minimind3-moe; do
-  case $MODEL in
-    minimind2-moe) MM=$D/minimind2; AH=(--hidden 640 --layers 8 --moe 1); TK=(--tokenizer minimind2) ;;
-    minimind3-moe) MM=$D/minimind3; AH=(--hidden 768 --layers 8 --moe 1); TK=() ;;
-  esac
+  moe_preset $MODEL
   bench ${MODEL}_b32        --model $MODEL "${TK[@]}" --cuda-graph --batch-size 32 --steps 40
   bench ${MODEL}_b128       --model $MODEL "${TK[@]}" --cuda-graph --batch-size 128 --steps 20
   bench ${MODEL}_b32_gateup --model $MODEL "${TK[@]}" --cuda-graph --batch-size 32 --steps 40 --moe-recompute gate-up

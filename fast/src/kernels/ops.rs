@@ -87,23 +87,29 @@ extern "C" {
 /// s]`). Backward sums each token's k slot gradients in one reduction (a gather by `slot`, no
 /// atomics: the same numbers on every run) where `index_select`'s backward adds them with atomics.
 pub fn slot_rows(x: &Tensor, token: &Tensor, slot: &Tensor) -> Result<Tensor> {
-    let p = |t: &Tensor| t.as_ptr() as *mut C_tensor;
-    let mut out = std::ptr::null_mut();
-    check("slot_rows", unsafe {
-        mm_slot_rows(p(x), p(token), p(slot), &mut out)
-    })?;
-    Ok(unsafe { Tensor::from_ptr(out) })
+    call_node3("slot_rows", mm_slot_rows, x, token, slot)
 }
 
 /// `x[idx]` under autograd for a permutation idx of x's rows (`[M, d]`, idx and its inverse inv
 /// int64 `[M]`): backward is the gather `dy[inv]`, where `index_select`'s backward adds with
 /// atomics. MoE's combine: the experts' rows back in (token, slot) order.
 pub fn permute_rows(x: &Tensor, idx: &Tensor, inv: &Tensor) -> Result<Tensor> {
+    call_node3("permute_rows", mm_permute_rows, x, idx, inv)
+}
+
+/// A C entry point of a node of three tensors and one output (ops.cpp).
+type Node3Entry = unsafe extern "C" fn(
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut *mut C_tensor,
+) -> *mut c_char;
+
+/// Calls `entry` on (a, b, c) and returns its output; errors name `what`.
+fn call_node3(what: &str, entry: Node3Entry, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
     let p = |t: &Tensor| t.as_ptr() as *mut C_tensor;
     let mut out = std::ptr::null_mut();
-    check("permute_rows", unsafe {
-        mm_permute_rows(p(x), p(idx), p(inv), &mut out)
-    })?;
+    check(what, unsafe { entry(p(a), p(b), p(c), &mut out) })?;
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
@@ -127,16 +133,13 @@ pub fn backward(tensors: &[Tensor], grads: &[Tensor]) -> Result<()> {
 /// mixed precision; `rounded` gets no gradient from it. MoE's fp32 router on the bf16 rows its
 /// experts read.
 pub fn linear_saving_rounded(x: &Tensor, rounded: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let mut out = std::ptr::null_mut();
-    check("linear_saving_rounded", unsafe {
-        mm_linear_saving_rounded(
-            x.as_ptr() as *mut C_tensor,
-            rounded.as_ptr() as *mut C_tensor,
-            w.as_ptr() as *mut C_tensor,
-            &mut out,
-        )
-    })?;
-    Ok(unsafe { Tensor::from_ptr(out) })
+    call_node3(
+        "linear_saving_rounded",
+        mm_linear_saving_rounded,
+        x,
+        rounded,
+        w,
+    )
 }
 
 /// A MoE layer's routed SwiGLU experts as one autograd node (fast/csrc/grouped_experts.h), the

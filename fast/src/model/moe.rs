@@ -190,7 +190,7 @@ impl MoeFeedForward {
         let node = k.moe_node_applies(x, compute, d, f);
         let xc = grouped.then(|| to_kind(&xf, compute));
         let (topw, topi, aux) = self.route(&xf, xc.as_ref().filter(|_| node), b, t);
-        let disp = dispatch(topw.as_ref(), &topi);
+        let disp = dispatch(topw, &topi);
         let ys = match &xc {
             Some(xc) => {
                 let offs = self.offsets(&disp);
@@ -407,7 +407,7 @@ impl MoeFeedForward {
 }
 
 /// Sorts the (token, slot) pairs of top-k ids `[N, k]` by expert, stably.
-fn dispatch(topw: Option<&Tensor>, topi: &Tensor) -> Dispatch {
+fn dispatch(topw: Option<Tensor>, topi: &Tensor) -> Dispatch {
     let k = topi.size()[1];
     let flat = topi.reshape([-1]);
     let (expert, order) = flat.sort_stable(true, 0, false);
@@ -421,7 +421,7 @@ fn dispatch(topw: Option<&Tensor>, topi: &Tensor) -> Dispatch {
         token: order.divide_scalar_mode(k, "floor"),
         order,
         slot,
-        weight: topw.map(|w| w.shallow_clone()),
+        weight: topw,
     }
 }
 
