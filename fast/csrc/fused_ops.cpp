@@ -173,6 +173,91 @@ struct AddRmsNormBf16 : public torch::autograd::Function<AddRmsNormBf16> {
   }
 };
 
+// A MoE layer's entry in one pass: the residual add, the post-attention norm and the router's
+// logits. h = x + a (fp32); n = w * (h * rsqrt(mean(h^2) + eps)) in fp32; y = bf16(n) for the
+// routed experts; y2 = the same values again for the shared experts when copies is 2 (so that
+// the two consumers' gradients meet in fp32 in the backward kernel, as two casts' gradients
+// would; an empty, non-differentiable tensor when copies is 1); logits = n wg^T (fp32 [N, E]),
+// the router's fp32 matmul. Returns (h, y, y2, logits). Backward: the norm's gradient is
+// dy + dy2 + dlogits wg (fp32), then as AddRmsNormBf16's (dx fp32, da bf16, dw), and dwg =
+// dlogits^T n with n recomputed from h and rstd (the forward's values).
+struct MoeNormRouter : public torch::autograd::Function<MoeNormRouter> {
+  static variable_list forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &a,
+                               const at::Tensor &w, const at::Tensor &wg, double eps,
+                               int64_t copies) {
+    const char *op = "moe_norm_router";
+    check_cuda(x, at::kFloat, op, "x");
+    check_cuda(a, at::kBFloat16, op, "a");
+    check_cuda(w, at::kFloat, op, "w");
+    check_cuda(wg, at::kFloat, op, "wg");
+    TORCH_CHECK(x.sizes() == a.sizes(), op, ": x ", x.sizes(), " and a ", a.sizes(),
+                " must have one shape");
+    TORCH_CHECK(x.device() == w.device() && a.device() == x.device() && wg.device() == x.device(),
+                op, ": x, a, w and wg must be on one device");
+    const int64_t d = norm_width(x, w, op);
+    TORCH_CHECK(wg.dim() == 2 && wg.size(1) == d && wg.size(0) >= 1 &&
+                    wg.size(0) <= mm::kRouterMaxExperts,
+                op, ": the router's weight must be [E, ", d, "] with 1 <= E <= ",
+                mm::kRouterMaxExperts, ", got ", wg.sizes());
+    TORCH_CHECK(copies == 1 || copies == 2, op, ": copies must be 1 or 2, got ", copies);
+    c10::DeviceGuard guard(x.device());
+    at::Tensor xc = dense(x), ac = dense(a), wc = dense(w), gc = dense(wg);
+    const int64_t n = xc.numel() / d, e_n = gc.size(0);
+    at::Tensor h = at::empty(x.sizes(), x.options());
+    at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+    at::Tensor y2 = copies == 2 ? at::empty(x.sizes(), x.options().dtype(at::kBFloat16))
+                                : at::empty({0}, x.options().dtype(at::kBFloat16));
+    std::vector<int64_t> lsize(x.sizes().begin(), x.sizes().end() - 1);
+    lsize.push_back(e_n);
+    at::Tensor logits = at::empty(lsize, x.options());
+    at::Tensor rstd = at::empty({n}, x.options());
+    launched(mm::rms_norm_router_fwd(xc.data_ptr<float>(), ac.data_ptr(), wc.data_ptr<float>(),
+                                     y.data_ptr(), copies == 2 ? y2.data_ptr() : nullptr,
+                                     h.data_ptr<float>(), rstd.data_ptr<float>(),
+                                     gc.data_ptr<float>(), logits.data_ptr<float>(), e_n, n, d,
+                                     static_cast<float>(eps), stream_of(x)),
+             op);
+    if (copies == 1) ctx->mark_non_differentiable({y2});
+    ctx->save_for_backward({h, wc, gc, rstd});
+    return {h, y, y2, logits};
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const char *op = "moe_norm_router backward";
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &h = saved[0], &w = saved[1], &wg = saved[2], &rstd = saved[3];
+    c10::DeviceGuard guard(h.device());
+    const int64_t d = w.size(0), n = h.numel() / d, e_n = wg.size(0);
+    // Unused outputs' gradients arrive undefined; the kernels take null for them.
+    auto take = [&](int i, at::ScalarType kind, const char *name) {
+      if (!grads[i].defined() || grads[i].numel() == 0) return at::Tensor();
+      check_cuda(grads[i], kind, op, name);
+      TORCH_CHECK(grads[i].numel() == (i == 3 ? n * e_n : n * d), op, ": ", name, " has ",
+                  grads[i].numel(), " elements");
+      return dense(grads[i]);
+    };
+    at::Tensor gres = take(0, at::kFloat, "grad_h"), gy = take(1, at::kBFloat16, "grad_y"),
+               gy2 = take(2, at::kBFloat16, "grad_y2"), gl = take(3, at::kFloat, "grad_logits");
+    const int64_t parts = mm::rms_norm_bwd_parts(n);
+    at::Tensor dx = at::empty(h.sizes(), h.options());
+    at::Tensor da = at::empty(h.sizes(), h.options().dtype(at::kBFloat16));
+    at::Tensor dw_part = at::empty({parts, d}, h.options());
+    at::Tensor dw = at::empty({d}, w.options());
+    at::Tensor dwg_part = at::empty({parts, e_n, d}, h.options());
+    at::Tensor dwg = at::empty({e_n, d}, wg.options());
+    auto ptr_or_null = [](const at::Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; };
+    launched(mm::rms_norm_router_bwd(
+                 h.data_ptr<float>(), w.data_ptr<float>(), rstd.data_ptr<float>(),
+                 ptr_or_null(gy), ptr_or_null(gy2),
+                 gl.defined() ? gl.data_ptr<float>() : nullptr, wg.data_ptr<float>(), e_n,
+                 gres.defined() ? gres.data_ptr<float>() : nullptr, dx.data_ptr<float>(),
+                 da.data_ptr(), dw_part.data_ptr<float>(), dw.data_ptr<float>(),
+                 dwg_part.data_ptr<float>(), dwg.data_ptr<float>(), n, d, parts, stream_of(h)),
+             op);
+    return {dx, da, dw, dwg, at::Tensor(), at::Tensor()};
+  }
+};
+
 // The checks shared by the ops over a merged projection qkv [B, T, (heads + 2 kv_heads) hd] (bf16)
 // with RoPE tables cos/sin [T, hd] (fp32), all on one CUDA device. Returns hd.
 int64_t merged_qkv_head_dim(const at::Tensor &qkv, const at::Tensor &cos, const at::Tensor &sin,
@@ -503,6 +588,72 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   }
 };
 
+// out [N, d] = sum over s < k of w[t, s] g[slot[t k + s]] (kernels.h's slot_sum): g bf16 [N k, d]
+// (d a multiple of 8), slot int64 [N k] the sorted rows of the pairs (a permutation, as the
+// dispatch makes it), w fp32 [N, k] or none (weights 1).
+at::Tensor slot_sum(const at::Tensor &g, const at::Tensor &slot, const std::optional<at::Tensor> &w,
+                    int64_t n, const char *op) {
+  check_cuda(g, at::kBFloat16, op, "g");
+  check_cuda(slot, at::kLong, op, "slot");
+  TORCH_CHECK(g.dim() == 2 && slot.dim() == 1 && g.size(0) == slot.size(0) && n > 0 &&
+                  slot.size(0) % n == 0 && g.size(1) % 8 == 0,
+              op, ": expected g [N k, d] (d a multiple of 8) and slot [N k] for N = ", n,
+              "; got g ", g.sizes(), ", slot ", slot.sizes());
+  TORCH_CHECK(slot.device() == g.device(), op, ": slot must be on g's device, ", g.device());
+  const int64_t k = slot.size(0) / n, d = g.size(1);
+  if (w.has_value()) {
+    check_cuda(*w, at::kFloat, op, "w");
+    TORCH_CHECK(w->dim() == 2 && w->size(0) == n && w->size(1) == k &&
+                    w->device() == g.device(),
+                op, ": w must be [", n, ", ", k, "] on g's device, got ", w->sizes());
+  }
+  at::Tensor gc = dense(g), sc = slot.contiguous();
+  at::Tensor wc = w.has_value() ? w->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({n, d}, g.options());
+  launched(mm::slot_sum(gc.data_ptr(), sc.data_ptr<int64_t>(),
+                        wc.defined() ? wc.data_ptr<float>() : nullptr, out.data_ptr(), n, k, d,
+                        stream_of(g)),
+           op);
+  return out;
+}
+
+// A MoE layer's weighted combine: ys [N k, d] bf16 (the experts' outputs, sorted by expert) ->
+// y [N, d] = bf16(sum_s w[t, s] ys[slot[t k + s]]), in fp32 with one rounding, w fp32 [N, k] the
+// routing weights; one pass where permute_rows, the weights' multiply and the sum over k are
+// three. Backward: dys[slot[t k + s]] = bf16(w[t, s] dy[t]), dw[t, s] = ys[slot[t k + s]] . dy[t]
+// (fp32), one pass.
+struct MoeCombine : public torch::autograd::Function<MoeCombine> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &ys, const at::Tensor &slot,
+                            const at::Tensor &w) {
+    const char *op = "moe_combine";
+    TORCH_CHECK(w.defined() && w.dim() == 2, op, ": w must be [N, k], got ",
+                w.defined() ? w.sizes() : at::IntArrayRef());
+    c10::DeviceGuard guard(ys.device());
+    at::Tensor out = slot_sum(ys, slot, w, w.size(0), op);
+    ctx->save_for_backward({dense(ys), slot.contiguous(), w.contiguous()});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const char *op = "moe_combine backward";
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &ys = saved[0], &slot = saved[1], &w = saved[2];
+    c10::DeviceGuard guard(ys.device());
+    check_cuda(grads[0], at::kBFloat16, op, "grad_y");
+    at::Tensor dy = dense(grads[0]);
+    const int64_t n = w.size(0), k = w.size(1), d = ys.size(1);
+    TORCH_CHECK(dy.numel() == n * d, op, ": grad_y has ", dy.numel(), " elements, expected ",
+                n * d);
+    at::Tensor dys = at::empty(ys.sizes(), ys.options());
+    at::Tensor dw = at::empty(w.sizes(), w.options());
+    launched(mm::slot_sum_bwd(dy.data_ptr(), ys.data_ptr(), slot.data_ptr<int64_t>(),
+                              w.data_ptr<float>(), dys.data_ptr(), dw.data_ptr<float>(), n, k, d,
+                              stream_of(ys)),
+             op);
+    return {dys, at::Tensor(), dw};
+  }
+};
+
 // GroupedExperts' SwiGLU (grouped_experts.h) as our kernels: bf16 on CUDA, F a multiple of 8.
 struct KernelSwiGlu {
   static void check(const at::Tensor &x, const char *op) { check_cuda(x, at::kBFloat16, op, "x"); }
@@ -513,6 +664,14 @@ struct KernelSwiGlu {
   static at::Tensor backward(const at::Tensor &gu, const at::Tensor &dh, int64_t f,
                              const char *op) {
     return swiglu_backward(dense(gu), dh, f, op);
+  }
+  // mm_moe::sum_slots's numbers in one pass (no [N k, d] gather in between), bf16 rows of a
+  // width that is a multiple of 8; elsewhere mm_moe::sum_slots.
+  static at::Tensor sum_slots(const at::Tensor &g, const at::Tensor &slot, int64_t n) {
+    if (g.scalar_type() != at::kBFloat16 || g.size(1) % 8 != 0) {
+      return mm_moe::sum_slots(g, slot, n);
+    }
+    return slot_sum(g, slot, std::nullopt, n, "grouped_experts backward");
   }
 };
 
@@ -563,6 +722,19 @@ char *mm_add_rms_norm_bf16(at::Tensor *x, at::Tensor *a, at::Tensor *w, double e
     auto out = AddRmsNormBf16::apply(*x, *a, *w, eps);
     *h = new at::Tensor(out[0]);
     *y = new at::Tensor(out[1]);
+  });
+}
+
+// (h, y, y2, logits) = MoeNormRouter(x, a, w, wg): see above.
+char *mm_moe_norm_router(at::Tensor *x, at::Tensor *a, at::Tensor *w, at::Tensor *wg, double eps,
+                         int64_t copies, at::Tensor **h, at::Tensor **y, at::Tensor **y2,
+                         at::Tensor **logits) {
+  return guard([&] {
+    auto out = MoeNormRouter::apply(*x, *a, *w, *wg, eps, copies);
+    *h = new at::Tensor(out[0]);
+    *y = new at::Tensor(out[1]);
+    *y2 = new at::Tensor(out[2]);
+    *logits = new at::Tensor(out[3]);
   });
 }
 
@@ -623,6 +795,11 @@ char *mm_grouped_experts(at::Tensor *x, at::Tensor *token, at::Tensor *slot,
     *out = new at::Tensor(mm_moe::GroupedExperts<KernelSwiGlu>::apply(
         *x, *token, *slot, *gate_up, *down, *offs, recompute_gate_up != 0));
   });
+}
+
+// y = MoeCombine(ys, slot, w): see above.
+char *mm_moe_combine(at::Tensor *ys, at::Tensor *slot, at::Tensor *w, at::Tensor **out) {
+  return guard([&] { *out = new at::Tensor(MoeCombine::apply(*ys, *slot, *w)); });
 }
 
 char *mm_ce_fwd_bwd(at::Tensor *logits, at::Tensor *labels, at::Tensor *seed,

@@ -20,7 +20,8 @@
 //   dxs = dgu gate_up[e]  dx = sum_slots(dxs, slot, N) (in x's kind).
 //
 // Act supplies the SwiGLU: `check(x, op)` (what it needs of the tensors' kind and device),
-// `forward(gu, f, op)` -> h, and `backward(gu, dh, f, op)` -> dgu.
+// `forward(gu, f, op)` -> h, and `backward(gu, dh, f, op)` -> dgu; and `sum_slots(g, slot, n)`,
+// the numbers of sum_slots below (our kernel computes them in one pass).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -118,7 +119,7 @@ struct GroupedExperts : public torch::autograd::Function<GroupedExperts<Act>> {
     xs.reset();
     at::Tensor dxs = at::_grouped_mm(dgu, gate_up, offs);
     dgu.reset();
-    at::Tensor dx = sum_slots(dxs, slot, x.size(0));
+    at::Tensor dx = Act::sum_slots(dxs, slot, x.size(0));
     return {dx, at::Tensor(), at::Tensor(), dgate_up, ddown, at::Tensor(), at::Tensor()};
   }
 };

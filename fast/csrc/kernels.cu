@@ -86,8 +86,10 @@ constexpr int kRowsPerBlock = 8;  // warps per block
 template <int C>
 __global__ void rms_norm_fwd_kernel(const float *__restrict__ x, const bf16 *__restrict__ a,
                                     const float *__restrict__ w, bf16 *__restrict__ y,
-                                    float *__restrict__ h_out, float *__restrict__ rstd,
-                                    int64_t n, int d, float eps) {
+                                    bf16 *__restrict__ y2, float *__restrict__ h_out,
+                                    float *__restrict__ rstd, const float *__restrict__ wg,
+                                    float *__restrict__ logits, int e_n, int64_t n, int d,
+                                    float eps) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
   if (row >= n) return;
@@ -120,9 +122,27 @@ __global__ void rms_norm_fwd_kernel(const float *__restrict__ x, const bf16 *__r
     if (c < nc) {
       const float4 wv = wr[c];
       // MiniMind: weight * (x * rstd), in fp32, one rounding to bf16.
-      store4(yr + 4 * c, wv.x * (xv[j].x * r), wv.y * (xv[j].y * r), wv.z * (xv[j].z * r),
-             wv.w * (xv[j].w * r));
+      const float o[4] = {wv.x * (xv[j].x * r), wv.y * (xv[j].y * r), wv.z * (xv[j].z * r),
+                          wv.w * (xv[j].w * r)};
+      store4(yr + 4 * c, o[0], o[1], o[2], o[3]);
+      if (y2 != nullptr) store4(y2 + row * d + 4 * c, o[0], o[1], o[2], o[3]);
     }
+  }
+  // The router's logits from the fp32 norm: logits[row, e] = sum_col n[col] wg[e, col].
+  for (int e = 0; e < e_n; ++e) {
+    const float4 *gr = reinterpret_cast<const float4 *>(wg + static_cast<int64_t>(e) * d);
+    float dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+      const int c = lane + 32 * j;
+      if (c < nc) {
+        const float4 wv = wr[c], g4 = gr[c];
+        dot += (wv.x * (xv[j].x * r)) * g4.x + (wv.y * (xv[j].y * r)) * g4.y +
+               (wv.z * (xv[j].z * r)) * g4.z + (wv.w * (xv[j].w * r)) * g4.w;
+      }
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) logits[row * e_n + e] = dot;
   }
 }
 
@@ -134,8 +154,10 @@ template <int C>
 __global__ void __launch_bounds__(32 * kRowsPerBlock, 2)
     rms_norm_bwd_kernel(const float *__restrict__ x, const float *__restrict__ w,
                         const float *__restrict__ rstd, const bf16 *__restrict__ gy,
-                        const float *__restrict__ gres, float *__restrict__ dx,
-                        bf16 *__restrict__ da, float *__restrict__ dw_part, int64_t n, int d) {
+                        const bf16 *__restrict__ gy2, const float *__restrict__ glogits,
+                        const float *__restrict__ wg, int e_n, const float *__restrict__ gres,
+                        float *__restrict__ dx, bf16 *__restrict__ da,
+                        float *__restrict__ dw_part, int64_t n, int d) {
   __shared__ float red[kRowsPerBlock][32 * 4 * C];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nc = d / 4;
@@ -161,8 +183,33 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, 2)
       const int c = lane + 32 * j;
       if (c < nc) {
         xv[j] = xr[c];
-        load4(gr + 4 * c, g[j]);
+        if (gy != nullptr) {
+          load4(gr + 4 * c, g[j]);
+        } else {
+          g[j][0] = g[j][1] = g[j][2] = g[j][3] = 0.f;
+        }
         if (kEarlyRes && gres != nullptr) rv[j] = rr[c];
+      }
+    }
+    // The norm's other consumers (the MoE layer's): a second bf16 copy and the router's
+    // logits, whose gradient reaches the norm as glogits[row] wg; all summed here in fp32.
+    if (gy2 != nullptr || glogits != nullptr) {
+#pragma unroll
+      for (int j = 0; j < C; ++j) {
+        const int c = lane + 32 * j;
+        if (c < nc) {
+          if (gy2 != nullptr) {
+            float g2[4];
+            load4(gy2 + row * d + 4 * c, g2);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) g[j][i] += g2[i];
+          }
+          for (int e = 0; e < e_n; ++e) {
+            const float ge = glogits[row * e_n + e];
+            const float4 g4 = reinterpret_cast<const float4 *>(wg + static_cast<int64_t>(e) * d)[c];
+            g[j][0] += ge * g4.x, g[j][1] += ge * g4.y, g[j][2] += ge * g4.z, g[j][3] += ge * g4.w;
+          }
+        }
       }
     }
     float dot = 0.f;
@@ -235,6 +282,102 @@ __global__ void rms_norm_dw_kernel(const float *__restrict__ dw_part, float *__r
 #pragma unroll
     for (int k = 0; k < 8; ++k) t += red[k][threadIdx.x];
     dw[col] = t;
+  }
+}
+
+// dwg_part[p, e, col] = sum over part p's rows of glogits[row, e] * n[row, col], with the norm's
+// fp32 output n = w * (h * rstd) recomputed (the values the forward's logits were taken from): the
+// router's weight gradient per part, summed over parts by rms_norm_dw_kernel (no atomics). One
+// thread per 4 columns (d <= 4 * blockDim), rows_per_part rows a block.
+__global__ void router_dw_kernel(const float *__restrict__ h, const float *__restrict__ w,
+                                 const float *__restrict__ rstd, const float *__restrict__ glogits,
+                                 float *__restrict__ dwg_part, int64_t n, int d, int e_n,
+                                 int64_t rows_per_part) {
+  const int c = threadIdx.x, nc = d / 4;
+  if (c >= nc) return;
+  float acc[mm::kRouterMaxExperts][4];
+#pragma unroll
+  for (int e = 0; e < mm::kRouterMaxExperts; ++e) acc[e][0] = acc[e][1] = acc[e][2] = acc[e][3] = 0.f;
+  const float4 wv = reinterpret_cast<const float4 *>(w)[c];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_part;
+  const int64_t r1 = r0 + rows_per_part < n ? r0 + rows_per_part : n;
+#pragma unroll 4
+  for (int64_t row = r0; row < r1; ++row) {
+    const float r = rstd[row];
+    const float4 hv = reinterpret_cast<const float4 *>(h + row * d)[c];
+    const float nv[4] = {wv.x * (hv.x * r), wv.y * (hv.y * r), wv.z * (hv.z * r),
+                         wv.w * (hv.w * r)};
+#pragma unroll
+    for (int e = 0; e < mm::kRouterMaxExperts; ++e) {
+      if (e < e_n) {
+        const float ge = glogits[row * e_n + e];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[e][i] += ge * nv[i];
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < mm::kRouterMaxExperts; ++e) {
+    if (e < e_n) {
+      reinterpret_cast<float4 *>(dwg_part + (static_cast<int64_t>(blockIdx.x) * e_n + e) * d)[c] =
+          make_float4(acc[e][0], acc[e][1], acc[e][2], acc[e][3]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoE: the rows of the (token, slot) pairs sorted by expert back per token. slot [N k] (int64) is
+// the sorted row of pair t k + s (a permutation of 0 .. N k). One warp per token, each lane 8
+// columns at a time.
+
+// out[t] = bf16(sum_s w[t, s] g[slot[t k + s]]) (w fp32 [N, k], or null: weights 1), summed in
+// fp32 in slot order, one rounding.
+__global__ void slot_sum_kernel(const bf16 *__restrict__ g, const int64_t *__restrict__ slot,
+                                const float *__restrict__ w, bf16 *__restrict__ out, int64_t n,
+                                int k, int d) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
+  if (t >= n) return;
+  for (int c = 8 * lane; c < d; c += 8 * 32) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < k; ++s) {
+      const int64_t q = t * k + s;
+      const float ws = w != nullptr ? w[q] : 1.f;
+      float v[8];
+      load8(g + slot[q] * d + c, v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += ws * v[i];
+    }
+    store8(out + t * d + c, acc);
+  }
+}
+
+// The backward of slot_sum_kernel with weights: dg[slot[t k + s]] = bf16(w[t, s] dy[t]) and
+// dw[t, s] = sum_c g[slot[t k + s], c] dy[t, c] (fp32).
+__global__ void slot_sum_bwd_kernel(const bf16 *__restrict__ dy, const bf16 *__restrict__ g,
+                                    const int64_t *__restrict__ slot, const float *__restrict__ w,
+                                    bf16 *__restrict__ dg, float *__restrict__ dw, int64_t n,
+                                    int k, int d) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
+  if (t >= n) return;
+  for (int s = 0; s < k; ++s) {
+    const int64_t q = t * k + s, r = slot[q];
+    const float ws = w[q];
+    float dot = 0.f;
+    for (int c = 8 * lane; c < d; c += 8 * 32) {
+      float gy[8], v[8], o[8];
+      load8(dy + t * d + c, gy);
+      load8(g + r * d + c, v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        dot += v[i] * gy[i];
+        o[i] = ws * gy[i];
+      }
+      store8(dg + r * d + c, o);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dw[q] = dot;
   }
 }
 
@@ -446,14 +589,25 @@ namespace mm {
 
 const char *rms_norm_fwd(const float *x, const void *a, const float *w, void *y, float *h_out,
                          float *rstd, int64_t n, int64_t d, float eps, cudaStream_t stream) {
+  return rms_norm_router_fwd(x, a, w, y, nullptr, h_out, rstd, nullptr, nullptr, 0, n, d, eps,
+                             stream);
+}
+
+const char *rms_norm_router_fwd(const float *x, const void *a, const float *w, void *y, void *y2,
+                                float *h_out, float *rstd, const float *wg, float *logits,
+                                int64_t e_n, int64_t n, int64_t d, float eps,
+                                cudaStream_t stream) {
   if (n == 0) return nullptr;
   const unsigned blocks = blocks_for(n, kRowsPerBlock), threads = 32 * kRowsPerBlock;
-  bf16 *yp = static_cast<bf16 *>(y);
+  bf16 *yp = static_cast<bf16 *>(y), *y2p = static_cast<bf16 *>(y2);
   const bf16 *ap = static_cast<const bf16 *>(a);
+  const int e = static_cast<int>(e_n);
   if (d <= 512) {
-    rms_norm_fwd_kernel<4><<<blocks, threads, 0, stream>>>(x, ap, w, yp, h_out, rstd, n, int(d), eps);
+    rms_norm_fwd_kernel<4><<<blocks, threads, 0, stream>>>(x, ap, w, yp, y2p, h_out, rstd, wg,
+                                                          logits, e, n, int(d), eps);
   } else {
-    rms_norm_fwd_kernel<8><<<blocks, threads, 0, stream>>>(x, ap, w, yp, h_out, rstd, n, int(d), eps);
+    rms_norm_fwd_kernel<8><<<blocks, threads, 0, stream>>>(x, ap, w, yp, y2p, h_out, rstd, wg,
+                                                          logits, e, n, int(d), eps);
   }
   return launched();
 }
@@ -468,19 +622,61 @@ int64_t rms_norm_bwd_parts(int64_t n) {
 const char *rms_norm_bwd(const float *x, const float *w, const float *rstd, const void *gy,
                          const float *gres, float *dx, void *da, float *dw_part, float *dw,
                          int64_t n, int64_t d, int64_t parts, cudaStream_t stream) {
+  return rms_norm_router_bwd(x, w, rstd, gy, nullptr, nullptr, nullptr, 0, gres, dx, da, dw_part,
+                             dw, nullptr, nullptr, n, d, parts, stream);
+}
+
+const char *rms_norm_router_bwd(const float *x, const float *w, const float *rstd, const void *gy,
+                                const void *gy2, const float *glogits, const float *wg,
+                                int64_t e_n, const float *gres, float *dx, void *da,
+                                float *dw_part, float *dw, float *dwg_part, float *dwg, int64_t n,
+                                int64_t d, int64_t parts, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(parts), threads = 32 * kRowsPerBlock;
-  const bf16 *gp = static_cast<const bf16 *>(gy);
+  const bf16 *gp = static_cast<const bf16 *>(gy), *g2p = static_cast<const bf16 *>(gy2);
   bf16 *dap = static_cast<bf16 *>(da);
+  const int e = glogits != nullptr ? static_cast<int>(e_n) : 0;
   if (d <= 512) {
-    rms_norm_bwd_kernel<4><<<blocks, threads, 0, stream>>>(x, w, rstd, gp, gres, dx, dap, dw_part,
-                                                          n, int(d));
+    rms_norm_bwd_kernel<4><<<blocks, threads, 0, stream>>>(x, w, rstd, gp, g2p, glogits, wg, e,
+                                                          gres, dx, dap, dw_part, n, int(d));
   } else {
-    rms_norm_bwd_kernel<8><<<blocks, threads, 0, stream>>>(x, w, rstd, gp, gres, dx, dap, dw_part,
-                                                          n, int(d));
+    rms_norm_bwd_kernel<8><<<blocks, threads, 0, stream>>>(x, w, rstd, gp, g2p, glogits, wg, e,
+                                                          gres, dx, dap, dw_part, n, int(d));
   }
-  if (const char *e = launched()) return e;
+  if (const char *err = launched()) return err;
   rms_norm_dw_kernel<<<blocks_for(d, 32), dim3(32, 8), 0, stream>>>(dw_part, dw, parts,
                                                                    static_cast<int>(d));
+  if (const char *err = launched()) return err;
+  if (dwg != nullptr) {
+    if (e > 0) {
+      const int64_t rows = (n + parts - 1) / parts;
+      router_dw_kernel<<<blocks, 256, 0, stream>>>(x, w, rstd, glogits, dwg_part, n, int(d), e,
+                                                   rows);
+      if (const char *err = launched()) return err;
+      rms_norm_dw_kernel<<<blocks_for(e_n * d, 32), dim3(32, 8), 0, stream>>>(
+          dwg_part, dwg, parts, static_cast<int>(e_n * d));
+    } else {
+      cudaMemsetAsync(dwg, 0, sizeof(float) * e_n * d, stream);
+    }
+  }
+  return launched();
+}
+
+const char *slot_sum(const void *g, const int64_t *slot, const float *w, void *out, int64_t n,
+                     int64_t k, int64_t d, cudaStream_t stream) {
+  if (n == 0) return nullptr;
+  slot_sum_kernel<<<blocks_for(n, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
+      static_cast<const bf16 *>(g), slot, w, static_cast<bf16 *>(out), n, static_cast<int>(k),
+      static_cast<int>(d));
+  return launched();
+}
+
+const char *slot_sum_bwd(const void *dy, const void *g, const int64_t *slot, const float *w,
+                         void *dg, float *dw, int64_t n, int64_t k, int64_t d,
+                         cudaStream_t stream) {
+  if (n == 0) return nullptr;
+  slot_sum_bwd_kernel<<<blocks_for(n, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
+      static_cast<const bf16 *>(dy), static_cast<const bf16 *>(g), slot, w,
+      static_cast<bf16 *>(dg), dw, n, static_cast<int>(k), static_cast<int>(d));
   return launched();
 }
 

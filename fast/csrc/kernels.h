@@ -17,6 +17,17 @@ constexpr int64_t kRmsMaxDim = 1024;
 const char *rms_norm_fwd(const float *x, const void *a, const float *w, void *y, float *h_out,
                          float *rstd, int64_t n, int64_t d, float eps, cudaStream_t stream);
 
+// Most experts the fused MoE norm + router takes (rms_norm_router_fwd / _bwd).
+constexpr int kRouterMaxExperts = 16;
+
+// The MoE layer's entry, rms_norm_fwd with two more consumers of the fp32 norm n = w * (h *
+// rstd): y2 (bf16 [N, d], or null) a second bf16 copy of y, and (wg fp32 [E, d], E = e_n <=
+// kRouterMaxExperts, or null with e_n 0) logits[N, E] = n wg^T in fp32 (the router's).
+const char *rms_norm_router_fwd(const float *x, const void *a, const float *w, void *y, void *y2,
+                                float *h_out, float *rstd, const float *wg, float *logits,
+                                int64_t e_n, int64_t n, int64_t d, float eps,
+                                cudaStream_t stream);
+
 // Number of per-block partial rows of dw the backward writes (the size of `dw_part`'s first dim).
 int64_t rms_norm_bwd_parts(int64_t n);
 
@@ -27,7 +38,30 @@ const char *rms_norm_bwd(const float *x, const float *w, const float *rstd, cons
                          const float *gres, float *dx, void *da, float *dw_part, float *dw,
                          int64_t n, int64_t d, int64_t parts, cudaStream_t stream);
 
-// y[B, T, nh*n_rep, hd] (bf16, contiguous) from x[B, T, nh, hd] (bf16, strides sb, st, sh, 1):
+// rms_norm_bwd for rms_norm_router_fwd: the norm's gradient is gy (bf16, or null: zero) + gy2
+// (bf16, or null) + glogits wg (glogits fp32 [N, E], or null), summed in fp32; with dwg (fp32
+// [E, d], or null) also the router's weight gradient dwg = glogits^T n (zero without glogits),
+// dwg_part scratch [parts, E, d] fp32.
+const char *rms_norm_router_bwd(const float *x, const float *w, const float *rstd, const void *gy,
+                                const void *gy2, const float *glogits, const float *wg,
+                                int64_t e_n, const float *gres, float *dx, void *da,
+                                float *dw_part, float *dw, float *dwg_part, float *dwg, int64_t n,
+                                int64_t d, int64_t parts, cudaStream_t stream);
+
+// MoE, the rows of the N k (token, slot) pairs sorted by expert back per token: out[t] (bf16
+// [N, d]) = sum over s < k of w[t, s] g[slot[t k + s]] (g bf16 [N k, d]; slot int64 [N k], a
+// permutation of 0 .. N k; w fp32 [N, k], or null for weights 1), in fp32, one rounding. d a
+// multiple of 8.
+const char *slot_sum(const void *g, const int64_t *slot, const float *w, void *out, int64_t n,
+                     int64_t k, int64_t d, cudaStream_t stream);
+
+// slot_sum's backward with weights, from dy (bf16 [N, d]): dg[slot[t k + s]] = bf16(w[t, s] dy[t])
+// (bf16 [N k, d]) and dw[t, s] = g[slot[t k + s]] . dy[t] (fp32 [N, k]).
+const char *slot_sum_bwd(const void *dy, const void *g, const int64_t *slot, const float *w,
+                         void *dg, float *dw, int64_t n, int64_t k, int64_t d,
+                         cudaStream_t stream);
+
+// y[B, T, nh*n_rep, hd] (bf16, contiguous) from x// y[B, T, nh*n_rep, hd] (bf16, contiguous) from x[B, T, nh, hd] (bf16, strides sb, st, sh, 1):
 // RoPE (rotate) or a plain copy, each head written to its n_rep query heads.
 const char *rope_fwd(const void *x, int64_t sb, int64_t st, int64_t sh, const float *cos,
                      const float *sin, void *y, int64_t b, int64_t t, int64_t nh, int64_t hd,

@@ -83,6 +83,9 @@ struct OpsSwiGlu {
     return at::cat(std::vector<at::Tensor>{at::silu_backward(dh.mul(u), g), dh.mul(at::silu(g))},
                    -1);
   }
+  static at::Tensor sum_slots(const at::Tensor &g, const at::Tensor &slot, int64_t n) {
+    return mm_moe::sum_slots(g, slot, n);
+  }
 };
 
 // The row indices a and b of node `op` (`names` in the message) must be int64 on x's device.

@@ -7,6 +7,8 @@
 //!   projection's cast), fp32 gradients back.
 //! - [`add_rms_norm_bf16`]: the residual add before a norm fused into it (h = x + a and the
 //!   norm of h in one pass; backward adds the residual stream's gradient in the same pass).
+//! - [`moe_norm_router`]: a MoE layer's entry: that add and norm, whose fp32 output also gives
+//!   the router's logits and (for shared experts) a second bf16 copy, in the same pass.
 //! - [`qkv_heads`]: over the merged q/k/v projection, one pass per block for RoPE, repeat_kv and
 //!   the `[B, T, nh, hd] -> [B, T, nh*n_rep, hd]` layout (v: layout and repeat only); backward
 //!   writes the merged projection's gradient.
@@ -21,6 +23,8 @@
 //! - [`grouped_experts`]: a MoE layer's routed experts (gather, grouped gate/up matmul, SwiGLU,
 //!   grouped down matmul) as one node whose backward recomputes the gathered rows and the SwiGLU
 //!   output (optionally the gate/up projection too) rather than keeping them.
+//! - [`moe_combine`]: a MoE layer's experts' outputs weighted and summed back per token in one
+//!   pass (and one backward pass), where a gather, a multiply and a sum are three.
 //! - [`cross_entropy_bf16`]: the chunked lm_head's cross-entropy forward and backward in one
 //!   kernel (fast/csrc/cross_entropy.cu) over bf16 logits, the bf16 gradient written over them;
 //!   not an autograd function: the training step calls it under no_grad (step.rs).
@@ -52,6 +56,19 @@ mod ffi {
             eps: f64,
             h: *mut *mut C_tensor,
             y: *mut *mut C_tensor,
+        ) -> *mut c_char;
+        #[allow(clippy::too_many_arguments)]
+        pub fn mm_moe_norm_router(
+            x: *mut C_tensor,
+            a: *mut C_tensor,
+            w: *mut C_tensor,
+            wg: *mut C_tensor,
+            eps: f64,
+            copies: i64,
+            h: *mut *mut C_tensor,
+            y: *mut *mut C_tensor,
+            y2: *mut *mut C_tensor,
+            logits: *mut *mut C_tensor,
         ) -> *mut c_char;
         #[allow(clippy::too_many_arguments)]
         pub fn mm_qkv_heads(
@@ -95,6 +112,12 @@ mod ffi {
             recompute_gate_up: i64,
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
+        pub fn mm_moe_combine(
+            ys: *mut C_tensor,
+            slot: *mut C_tensor,
+            w: *mut C_tensor,
+            out: *mut *mut C_tensor,
+        ) -> *mut c_char;
         pub fn mm_ce_fwd_bwd(
             logits: *mut C_tensor,
             labels: *mut C_tensor,
@@ -128,6 +151,68 @@ pub fn add_rms_norm_bf16(x: &Tensor, a: &Tensor, w: &Tensor, eps: f64) -> Result
         ffi::mm_add_rms_norm_bf16(ptr(x), ptr(a), ptr(w), eps, &mut h, &mut y)
     })?;
     Ok(unsafe { (Tensor::from_ptr(h), Tensor::from_ptr(y)) })
+}
+
+/// What [`moe_norm_router`] returns.
+pub struct MoeNormRouter {
+    /// The residual sum `x + a`, fp32.
+    pub h: Tensor,
+    /// The norm of h in bf16, for the routed experts.
+    pub y: Tensor,
+    /// The same values again for the shared experts (`copies` 2), else `None`.
+    pub y2: Option<Tensor>,
+    /// The router's logits `[..., E]` from the fp32 norm, fp32.
+    pub logits: Tensor,
+}
+
+/// A MoE layer's entry in one kernel: [`add_rms_norm_bf16`] (x fp32, a bf16 `[..., d]`, norm
+/// weight w fp32 `[d]`) whose fp32 norm n also gives the router's logits `n wg^T` (wg fp32
+/// `[E, d]`, E <= 16) and, with `copies` 2, a second bf16 copy for the shared experts (their
+/// gradient and the routed experts' then meet in fp32 in the backward kernel). Differentiable in
+/// x, a, w and wg.
+pub fn moe_norm_router(
+    x: &Tensor,
+    a: &Tensor,
+    w: &Tensor,
+    wg: &Tensor,
+    eps: f64,
+    copies: i64,
+) -> Result<MoeNormRouter> {
+    let mut o = [std::ptr::null_mut(); 4];
+    let [h, y, y2, logits] = &mut o;
+    check("moe_norm_router", unsafe {
+        ffi::mm_moe_norm_router(
+            ptr(x),
+            ptr(a),
+            ptr(w),
+            ptr(wg),
+            eps,
+            copies,
+            h,
+            y,
+            y2,
+            logits,
+        )
+    })?;
+    let [h, y, y2, logits] = o.map(|p| unsafe { Tensor::from_ptr(p) });
+    Ok(MoeNormRouter {
+        h,
+        y,
+        y2: (copies == 2).then_some(y2),
+        logits,
+    })
+}
+
+/// A MoE layer's weighted combine in one kernel: the experts' outputs ys bf16 `[N k, d]` (sorted
+/// by expert; d a multiple of 8), slot int64 `[N k]` (the sorted row of pair `t k + s`, a
+/// permutation as the dispatch makes it), the routing weights w fp32 `[N, k]` -> `[N, d]` bf16,
+/// `sum_s w[t, s] ys[slot[t k + s]]` in fp32 with one rounding. Differentiable in ys and w.
+pub fn moe_combine(ys: &Tensor, slot: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    check("moe_combine", unsafe {
+        ffi::mm_moe_combine(ptr(ys), ptr(slot), ptr(w), &mut out)
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// The merged projection qkv bf16 `[B, T, (heads + 2 kv_heads) hd]` -> (q, k, v), each bf16

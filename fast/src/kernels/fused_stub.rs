@@ -21,6 +21,28 @@ pub fn add_rms_norm_bf16(
     Err(unavailable("add_rms_norm_bf16"))
 }
 
+pub struct MoeNormRouter {
+    pub h: Tensor,
+    pub y: Tensor,
+    pub y2: Option<Tensor>,
+    pub logits: Tensor,
+}
+
+pub fn moe_norm_router(
+    _x: &Tensor,
+    _a: &Tensor,
+    _w: &Tensor,
+    _wg: &Tensor,
+    _eps: f64,
+    _copies: i64,
+) -> Result<MoeNormRouter> {
+    Err(unavailable("moe_norm_router"))
+}
+
+pub fn moe_combine(_ys: &Tensor, _slot: &Tensor, _w: &Tensor) -> Result<Tensor> {
+    Err(unavailable("moe_combine"))
+}
+
 pub fn qkv_heads(
     _qkv: &Tensor,
     _cos: &Tensor,

@@ -300,6 +300,39 @@ impl Kernels {
         self.rms_norm_applies(x, w, compute) && a.kind() == Kind::BFloat16 && x.size() == a.size()
     }
 
+    /// A MoE layer's residual add, norm and router logits in one kernel
+    /// ([`fused::moe_norm_router`]): the add-norm's conditions, an fp32 router of at most 16
+    /// experts on x's device, and the routed experts on the grouped path (which takes their rows
+    /// in bf16; the loop takes them in fp32).
+    pub fn moe_norm_router_applies(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        norm: &Tensor,
+        router: &Tensor,
+        compute: Kind,
+        width: i64,
+    ) -> bool {
+        let d = norm.size().first().copied().unwrap_or(0);
+        let e = router.size().first().copied().unwrap_or(0);
+        self.add_rms_norm_applies(x, a, norm, compute)
+            && self.moe_grouped_applies(x, compute, d, width)
+            && router.kind() == Kind::Float
+            && router.device() == x.device()
+            && router.size() == [e, d]
+            && (1..=16).contains(&e)
+    }
+
+    /// A MoE layer's weighted combine as one kernel ([`fused::moe_combine`]): the experts'
+    /// outputs ys in bf16 on CUDA (with our kernels), a width that is a multiple of 8, fp32
+    /// routing weights.
+    pub fn moe_combine_applies(&self, ys: &Tensor, w: &Tensor) -> bool {
+        self.bf16_cuda(ys, ys.kind())
+            && ys.kind() == Kind::BFloat16
+            && w.kind() == Kind::Float
+            && ys.size().last().is_some_and(|d| d % 8 == 0)
+    }
+
     /// The lm_head + cross-entropy by hand with our loss kernel: a bf16 hidden state on CUDA,
     /// bf16 compute, an fp32 loss.
     pub fn cross_entropy_applies(&self, h: &Tensor, compute: Kind, loss_kind: Kind) -> bool {

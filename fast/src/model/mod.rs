@@ -312,8 +312,8 @@ impl MiniMindForCausalLM {
         let mut aux = Tensor::zeros([], (upcast_kind(self.embed_tokens.kind()), device));
         // Each residual add happens in the norm that reads its sum (`add_forward_for_matmul`:
         // one kernel with the fused path), so a branch's output waits in `pending` until then.
-        // Norms feeding projections may come out in bf16 straight from the fused kernel; the
-        // MoE router reads its input's kind, so it keeps the fp32 norm and a separate add.
+        // Norms feeding projections may come out in bf16 straight from the fused kernel; a MoE
+        // layer's norm also feeds its fp32 router (`MoeFeedForward::forward_after`).
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(f) = &pending {
@@ -339,8 +339,8 @@ impl MiniMindForCausalLM {
                     m.forward_fused(&n2, self.compute, k)
                 }
                 FeedForward::Moe(m) => {
-                    x = &x1 + a;
-                    let (f, layer_aux) = m.forward(&norm2.forward(&x, k), self.compute, k);
+                    let (h, f, layer_aux) = m.forward_after(&x1, a, norm2, self.compute, k);
+                    x = h;
                     aux = aux + layer_aux;
                     f
                 }

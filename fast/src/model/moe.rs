@@ -20,8 +20,11 @@
 //! buffer `[N*k, d]`; the experts run on their contiguous slices; their outputs go back to
 //! (token, slot) order by a gather and are weighted and summed per token, in the experts'
 //! compute kind. Both directions are gathers with a gather backward (`ops::slot_rows`,
-//! `ops::permute_rows`): no atomics, the same numbers on every run. Two ways to run the
-//! experts ([`Kernels::moe_grouped_applies`]):
+//! `ops::permute_rows`): no atomics, the same numbers on every run. With our kernels (bf16 on
+//! CUDA) the gather, weights and sum are one kernel with fp32 products and one rounding
+//! ([`fused::moe_combine`]), and in the model the layer's residual add, its norm and the
+//! router's fp32 matmul are one kernel too ([`MoeFeedForward::forward_after`]). Two ways to run
+//! the experts ([`Kernels::moe_grouped_applies`]):
 //! - grouped (`--moe-experts grouped`, bf16 and fp32): the experts' weights stacked `[E, in,
 //!   out]` at use time and each projection one `torch._grouped_mm` over the whole buffer, with
 //!   the per-expert row ranges given as a device tensor (`offs`, cumulative ends, int32) counted
@@ -52,7 +55,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{bf16_operand, expect, linear, to_kind, Mlp, ModelConfig};
+use super::{bf16_operand, expect, linear, to_kind, Mlp, ModelConfig, RmsNorm};
 use crate::kernels::{fused, ops, Kernels};
 
 /// How a MoE layer weighs its experts and what aux loss it adds.
@@ -189,9 +192,72 @@ impl MoeFeedForward {
         // weight gradient is taken from these rows too, so the fp32 rows are not kept.
         let node = k.moe_node_applies(x, compute, d, f);
         let xc = grouped.then(|| to_kind(&xf, compute));
-        let (topw, topi, aux) = self.route(&xf, xc.as_ref().filter(|_| node), b, t);
+        let logits = self.logits(&xf, xc.as_ref().filter(|_| node));
+        let (y, aux) = self.routed(&xf, xc.as_ref(), &logits, (b, t), compute, k, stacked);
+        let y = (self.shared_experts.iter()).fold(y.reshape([b, t, d]), |y, s| {
+            y + s.forward_fused(x, compute, k)
+        });
+        (y, aux)
+    }
+
+    /// The layer after attention: `h = x + a` (the residual stream x, the attention output a,
+    /// `[B, T, d]`), the post-attention `norm` of h, and the layer on that norm -> (h, output,
+    /// aux loss). Where [`Kernels::moe_norm_router_applies`] the add, the norm, the router's fp32
+    /// matmul and the bf16 copies the experts take are one kernel ([`fused::moe_norm_router`]);
+    /// otherwise [`Self::forward`] on `norm.forward(x + a)`. Several shared experts share one
+    /// bf16 copy (their gradients summed in bf16 by autograd; MiniMind's presets have one or
+    /// none).
+    pub fn forward_after(
+        &self,
+        x: &Tensor,
+        a: Tensor,
+        norm: &RmsNorm,
+        compute: Kind,
+        k: &Kernels,
+    ) -> (Tensor, Tensor, Tensor) {
+        if !k.moe_norm_router_applies(x, &a, &norm.weight, &self.gate, compute, self.width()) {
+            let h = x + a;
+            let (y, aux) = self.forward(&norm.forward(&h, k), compute, k);
+            return (h, y, aux);
+        }
+        let (b, t, d) = x.size3().expect("MoE input must be [B, T, d]");
+        let copies = if self.shared_experts.is_empty() { 1 } else { 2 };
+        let o = expect(
+            "moe_norm_router",
+            fused::moe_norm_router(x, &a, &norm.weight, &self.gate, norm.eps, copies),
+        );
+        let xc = o.y.reshape([b * t, d]);
+        let logits = o.logits.reshape([b * t, -1]);
+        let (y, aux) = self.routed(&xc, Some(&xc), &logits, (b, t), compute, k, None);
+        let y = match &o.y2 {
+            Some(y2) => (self.shared_experts.iter()).fold(y.reshape([b, t, d]), |y, s| {
+                y + s.forward_fused(y2, compute, k)
+            }),
+            None => y.reshape([b, t, d]),
+        };
+        (o.h, y, aux)
+    }
+
+    /// The routed experts' weighted sum `[N, d]` for the router's logits `[N, E]` (fp32) over
+    /// the rows xf `[N, d]` (x's kind), or their copy xc in the compute kind where the experts
+    /// run grouped (`None`: the loop on xf); and the aux loss (N = b t).
+    #[allow(clippy::too_many_arguments)]
+    fn routed(
+        &self,
+        xf: &Tensor,
+        xc: Option<&Tensor>,
+        logits: &Tensor,
+        (b, t): (i64, i64),
+        compute: Kind,
+        k: &Kernels,
+        stacked: Option<&StackedExperts>,
+    ) -> (Tensor, Tensor) {
+        let d = xf.size()[1];
+        let f = self.width();
+        let (topw, topi, scores) = self.top(logits);
+        let aux = self.aux_loss(&scores, &topi, b, t);
         let disp = dispatch(topw, &topi);
-        let ys = match &xc {
+        let ys = match xc {
             Some(xc) => {
                 let offs = self.offsets(&disp);
                 let own;
@@ -202,9 +268,9 @@ impl MoeFeedForward {
                         &own
                     }
                 };
-                match (&w.gate_up, node) {
+                match (&w.gate_up, k.moe_node_applies(xc, compute, d, f)) {
                     (GateUp::Merged(gu), true) => {
-                        let run = if k.moe_fused_applies(x, compute, d, f) {
+                        let run = if k.moe_fused_applies(xc, compute, d, f) {
                             fused::grouped_experts
                         } else {
                             ops::grouped_experts
@@ -218,27 +284,31 @@ impl MoeFeedForward {
                     _ => self.grouped_experts(&disp.rows(xc), &offs, w),
                 }
             }
-            None => self.looped_experts(&xf, &disp, compute),
+            None => self.looped_experts(xf, &disp, compute),
         };
         // Back in (token, slot) order, weighted and summed per token in the experts' kind (bf16
         // on the fused path, which the next norm's residual add takes as the dense MLP's output;
         // x's kind otherwise): a gather and one reduction, no atomics.
+        // With our kernels the gather, the weights and the sum are one pass (fp32 products, one
+        // rounding: [`fused::moe_combine`]).
         let yk = ys.kind();
-        let rows = expect(
-            "permute_rows",
-            ops::permute_rows(&ys, &disp.slot, &disp.order),
-        );
+        let rows = || {
+            expect(
+                "permute_rows",
+                ops::permute_rows(&ys, &disp.slot, &disp.order),
+            )
+        };
         let y = match &disp.weight {
-            None if self.top_k == 1 => rows,
-            None => rows
+            None if self.top_k == 1 => rows(),
+            None => rows()
                 .view([b * t, self.top_k, d])
                 .sum_dim_intlist(1, false, yk),
-            Some(w) => (rows.view([b * t, self.top_k, d]) * w.to_kind(yk).unsqueeze(-1))
+            Some(w) if k.moe_combine_applies(&ys, w) => {
+                expect("moe_combine", fused::moe_combine(&ys, &disp.slot, w))
+            }
+            Some(w) => (rows().view([b * t, self.top_k, d]) * w.to_kind(yk).unsqueeze(-1))
                 .sum_dim_intlist(1, false, yk),
         };
-        let y = (self.shared_experts.iter()).fold(y.reshape([b, t, d]), |y, s| {
-            y + s.forward_fused(x, compute, k)
-        });
         (y, aux)
     }
 
@@ -247,28 +317,28 @@ impl MoeFeedForward {
         self.experts.first().map_or(0, |e| e.gate_proj.size()[0])
     }
 
-    /// Router on xf `[N, d]`: top-k weights `[N, k]` (fp32, renormalised as the variant does;
-    /// `None` where they are all exactly 1), top-k expert ids `[N, k]`, aux loss. With `rounded`
-    /// (xf in bf16, kept for the experts anyway) the router's weight gradient is taken from it
-    /// instead of keeping xf.
-    fn route(
-        &self,
-        xf: &Tensor,
-        rounded: Option<&Tensor>,
-        b: i64,
-        t: i64,
-    ) -> (Option<Tensor>, Tensor, Tensor) {
-        let k = self.top_k;
+    /// The router's logits `[N, E]` in fp32 on xf `[N, d]`. With `rounded` (xf in bf16, kept
+    /// for the experts anyway) the router's weight gradient is taken from it instead of keeping
+    /// xf.
+    fn logits(&self, xf: &Tensor, rounded: Option<&Tensor>) -> Tensor {
         let sk = super::upcast_kind(xf.kind());
         // The router in fp32 (its matmul is [N, d] x [d, E], a rounding error next to the
         // experts'): in bf16 a top-k choice between near-equal scores flips with round-off.
-        let logits = match rounded {
+        match rounded {
             Some(r) if xf.kind() == sk && self.gate.kind() == sk => expect(
                 "linear_saving_rounded",
                 ops::linear_saving_rounded(xf, r, &self.gate),
             ),
             _ => linear(xf, &self.gate, sk),
-        };
+        }
+    }
+
+    /// The top-k of `softmax(logits)`: weights `[N, k]` (the logits' kind, renormalised as the
+    /// variant does; `None` where they are all exactly 1), expert ids `[N, k]` and the scores
+    /// `[N, E]`.
+    fn top(&self, logits: &Tensor) -> (Option<Tensor>, Tensor, Tensor) {
+        let k = self.top_k;
+        let sk = logits.kind();
         let scores = logits.softmax(-1, sk); // [N, E]
         let (topw, topi) = scores.topk(k, -1, true, true); // [N, k]
         let topw = if self.routing.unit_weights(k) {
@@ -278,8 +348,7 @@ impl MoeFeedForward {
         } else {
             Some(topw)
         };
-        let aux = self.aux_loss(&scores, &topi, b, t);
-        (topw, topi, aux)
+        (topw, topi, scores)
     }
 
     /// Cumulative ends of the experts' row ranges in the sorted buffer, int32 `[E]` on the

@@ -8,6 +8,9 @@
 //! gradients of every input (under a random upstream gradient) of the fused op are compared with
 //! the same math done by libtorch ops under autograd (the model's own unfused functions), then
 //! forward + backward of each is timed (device-synchronised, `--iters` after `--warmup`). The
+//! MoE layer's entry (`moe_norm_router`: add, norm, router logits) is checked at MiniMind2-MoE's
+//! and MiniMind-3's widths against the unfused add, norm, casts and fp32 router matmul, and its
+//! weighted combine (`moe_combine`) against a gather, an fp32 multiply and sum. The
 //! fused cross-entropy (forward and backward in one kernel, in place over bf16 logits `[4096,
 //! 6400]`, one lm_head chunk) is compared with libtorch's fp32 cross-entropy under autograd. Our
 //! attention (`qkv_attention`, fast/csrc/attention.cu) is compared with libtorch's qk-norm,
@@ -37,8 +40,8 @@ mod ops;
 mod step;
 
 use ops::{
-    check_add_bf16, check_add_rms_norm, check_attention, check_cross_entropy, check_rms_norm,
-    check_rope, check_swiglu,
+    check_add_bf16, check_add_rms_norm, check_attention, check_cross_entropy, check_moe_combine,
+    check_moe_norm_router, check_rms_norm, check_rope, check_swiglu,
 };
 use step::{check_model, check_step};
 
@@ -346,6 +349,8 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     if runs(Only::Ops) {
         ok &= check_rms_norm(args, device)?;
         ok &= check_add_rms_norm(args, device)?;
+        ok &= check_moe_norm_router(args, device)?;
+        ok &= check_moe_combine(args, device)?;
         ok &= check_rope(args, device)?;
         ok &= check_attention(args, device)?;
         ok &= check_add_bf16(args, device)?;

@@ -57,6 +57,83 @@ pub(super) fn check_add_rms_norm(args: &KernelsArgs, device: Device) -> Result<b
     )
 }
 
+/// A MoE layer's entry (`moe_norm_router`): the residual add and norm of [`check_add_rms_norm`]
+/// whose fp32 norm also gives the router's logits (4 experts) and, with shared experts, a second
+/// bf16 copy; outputs h, y (y2), logits, gradients for x, a, w and the router weight wg. The
+/// reference is `h = x + a`, the unfused fp32 norm n, `bf16(n)` once per consumer (each cast's
+/// gradient upcast and summed in fp32 by autograd) and `n wg^T` in fp32. At MiniMind2-MoE's
+/// width (640, one shared expert) and MiniMind-3's (768, none).
+pub(super) fn check_moe_norm_router(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let mut ok = true;
+    for (d, copies) in [(640, 2), (768, 1)] {
+        let x = Tensor::randn([args.rows, d], (Kind::Float, device)).set_requires_grad(true);
+        let a = Tensor::randn([args.rows, d], (Kind::BFloat16, device)).set_requires_grad(true);
+        let w = (Tensor::randn([d], (Kind::Float, device)) * 0.1 + 1.0).set_requires_grad(true);
+        let wg = (Tensor::randn([4, d], (Kind::Float, device)) * 0.02).set_requires_grad(true);
+        let case = format!("moe_norm{}", if copies == 2 { "2" } else { "" });
+        let outs: &[&str] = if copies == 2 {
+            &["h", "y", "y2", "logits"]
+        } else {
+            &["h", "y", "logits"]
+        };
+        ok &= check_op(
+            args,
+            device,
+            &case,
+            outs,
+            &["x", "a", "w", "wg"],
+            &[x, a, w, wg],
+            &|l| {
+                let o = fused::moe_norm_router(&l[0], &l[1], &l[2], &l[3], EPS, copies)?;
+                Ok([Some(o.h), Some(o.y), o.y2, Some(o.logits)]
+                    .into_iter()
+                    .flatten()
+                    .collect())
+            },
+            &|l| {
+                let h = &l[0] + &l[1];
+                let n = crate::model::rms_norm(&h, &l[2], EPS, &Kernels::default());
+                let logits = n.matmul(&l[3].tr());
+                let mut v = vec![h, n.to_kind(Kind::BFloat16)];
+                if copies == 2 {
+                    v.push(n.to_kind(Kind::BFloat16));
+                }
+                v.push(logits);
+                v
+            },
+        )?;
+    }
+    Ok(ok)
+}
+
+/// A MoE layer's weighted combine (`moe_combine`) at MiniMind2-MoE's shape (top-2 of the
+/// `--rows` tokens, width 640): output and the gradients of the experts' outputs ys and the
+/// weights w, against the gather, an fp32 multiply and sum, and one rounding, under autograd.
+pub(super) fn check_moe_combine(args: &KernelsArgs, device: Device) -> Result<bool> {
+    let (n, k, d) = (args.rows, 2, 640);
+    let ys = Tensor::randn([n * k, d], (Kind::BFloat16, device)).set_requires_grad(true);
+    let w = Tensor::rand([n, k], (Kind::Float, device)).set_requires_grad(true);
+    let slot = Tensor::randperm(n * k, (Kind::Int64, device));
+    check_op(
+        args,
+        device,
+        "combine",
+        &["y"],
+        &["ys", "w"],
+        &[ys, w],
+        &|l| Ok(vec![fused::moe_combine(&l[0], &slot, &l[1])?]),
+        &|l| {
+            let rows = l[0]
+                .index_select(0, &slot)
+                .view([n, k, d])
+                .to_kind(Kind::Float);
+            vec![(rows * l[1].unsqueeze(-1))
+                .sum_dim_intlist(1, false, Kind::Float)
+                .to_kind(Kind::BFloat16)]
+        },
+    )
+}
+
 pub(super) fn check_rope(args: &KernelsArgs, device: Device) -> Result<bool> {
     let (b, t, h, kv, hd) = ((args.rows / SEQ).max(1), SEQ, 8i64, 2i64, 64i64);
     let n_rep = h / kv;
