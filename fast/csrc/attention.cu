@@ -8,7 +8,7 @@
 //
 // Compile-time variants (every kernel is a template over both, so no variant pays for another's
 // masks at run time):
-// - head dim HD 64, 96 or 128: tiles are 64 rows (queries or keys) by HD columns;
+// - head dim HD 64, 80, 96 or 128: tiles are 64 rows (queries or keys) by HD columns;
 // - mask MODE: causal (key j visible to query i iff j <= i); segments (iff seg_start[i] <= j <=
 //   i, seg_start [B, T] int32 the row index of the first token of each token's segment, and RoPE
 //   positions t - seg_start[t], restarting at every segment); bidirectional (every key 0 .. T-1,
@@ -78,26 +78,27 @@ constexpr int kSegments = mm::kAttnSegments;
 constexpr int kBidirectional = mm::kAttnBidirectional;
 
 // One 64-row tile of one head in shared memory, rows HD + 8 elements apart: (HD + 8) * 2 bytes
-// is 16 (HD 64, 128) or 80 (HD 96) mod 128, so the 8 rows one ldmatrix reads hit distinct
-// 16-byte bank groups.
+// is 16 (HD 64, 128), 48 (HD 80) or 80 (HD 96) mod 128, so the 8 rows one ldmatrix reads hit
+// distinct 16-byte bank groups.
 template <int HD>
 struct Tile {
   bf16 r[kTile][HD + 8];
 };
 
 // Blocks an SM each kernel is compiled for (registers: 65536 / (128 x blocks)). Head dim 64 as
-// measured before; 96 and 128 as their shared memory allows (forward 3 and 2, backward 2).
+// measured before; 80, 96 and 128 as their shared memory allows (forward 3, 3 and 2, backward
+// 2).
 template <int HD>
-constexpr int kFwdBlocks = HD == 64 ? 1 : HD == 96 ? 3 : 2;
+constexpr int kFwdBlocks = HD == 64 ? 1 : HD <= 96 ? 3 : 2;
 template <int HD>
 constexpr int kDqBlocks = HD == 64 ? 4 : 2;
 template <int HD>
 constexpr int kDkvBlocks = HD == 64 ? 3 : 2;
 
 // Threads per head vector in rope_heads and qk_norm_bwd (a power of two, 8 elements of each half
-// a thread; for HD 96 two of the 8 only take part in the norm's reduction).
+// a thread; for HD 80 and 96 three and two of the 8 only take part in the norm's reduction).
 template <int HD>
-constexpr int kHeadLanes = HD == 96 ? 8 : HD / 16;
+constexpr int kHeadLanes = HD / 16 <= 4 ? 4 : 8;
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -289,7 +290,7 @@ __global__ void rope_heads_kernel(const bf16 *__restrict__ qkv, const float *__r
   const int nh = heads + kv_heads;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int i = static_cast<int>(item % kLanes) * 8;
-  // Lanes past a head's first half (HD 96) and items past the end only join the reduction.
+  // Lanes past a head's first half (HD 80, 96) and items past the end only join the reduction.
   const bool in = item < b_n * t_n * nh * kLanes && i < kHalf;
   if (!NORM && !in) return;
   int64_t rest = item / kLanes;
@@ -964,9 +965,10 @@ const char *with_variant(int64_t hd, int mask, F &&f) {
   };
   switch (hd) {
     case 64: return by_mask(Int<64>{});
+    case 80: return by_mask(Int<80>{});
     case 96: return by_mask(Int<96>{});
     case 128: return by_mask(Int<128>{});
-    default: return "attention: the head dim must be 64, 96 or 128";
+    default: return "attention: the head dim must be 64, 80, 96 or 128";
   }
 }
 
@@ -975,9 +977,10 @@ template <typename F>
 const char *with_head_dim(int64_t hd, F &&f) {
   switch (hd) {
     case 64: return f(Int<64>{});
+    case 80: return f(Int<80>{});
     case 96: return f(Int<96>{});
     case 128: return f(Int<128>{});
-    default: return "attention: the head dim must be 64, 96 or 128";
+    default: return "attention: the head dim must be 64, 80, 96 or 128";
   }
 }
 
@@ -1027,7 +1030,7 @@ const char *attn_fwd(const void *qkv, const float *cos, const float *sin, const 
 }
 
 int64_t attn_norm_bwd_parts(int64_t b, int64_t t, int64_t heads, int64_t head_dim) {
-  const int64_t lanes = head_dim == 96 ? 8 : head_dim / 16;
+  const int64_t lanes = head_dim / 16 <= 4 ? 4 : 8;  // kHeadLanes
   const int64_t slots = kNormThreads / (lanes > 0 ? lanes : 1);
   const int64_t rows_per_part = slots * 8;  // about 8 q rows a thread
   const int64_t parts = (b * t * heads + rows_per_part - 1) / rows_per_part;

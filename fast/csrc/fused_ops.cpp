@@ -243,7 +243,7 @@ struct MoeNormRouter : public torch::autograd::Function<MoeNormRouter> {
     at::Tensor da = at::empty(h.sizes(), h.options().dtype(at::kBFloat16));
     at::Tensor dw_part = at::empty({parts, d}, h.options());
     at::Tensor dw = at::empty({d}, w.options());
-    at::Tensor dwg_part = at::empty({parts, e_n, d}, h.options());
+    at::Tensor dwg_part = at::empty({mm::router_dw_parts(n), e_n, d}, h.options());
     at::Tensor dwg = at::empty({e_n, d}, wg.options());
     auto ptr_or_null = [](const at::Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; };
     launched(mm::rms_norm_router_bwd(
@@ -344,7 +344,7 @@ struct QkvHeads : public torch::autograd::Function<QkvHeads> {
   }
 };
 
-// The merged projection qkv [B, T, (H + 2 KV) hd] bf16 (hd 64, 96 or 128) -> o [B, T, H * hd]
+// The merged projection qkv [B, T, (H + 2 KV) hd] bf16 (hd 64, 80, 96 or 128) -> o [B, T, H * hd]
 // bf16: attention with RoPE on q and k and query head h reading kv head h / (H / KV), in
 // attention.cu's kernels (no repeat_kv copies, no fp32 dQ). `mask` is an mm::AttnMask: causal,
 // segments (seg_start int32 [B, T], positions restarting at each segment) or bidirectional.
@@ -361,7 +361,8 @@ struct QkvAttention : public torch::autograd::Function<QkvAttention> {
                             const std::optional<at::Tensor> &k_norm, double eps) {
     const char *op = "qkv_attention";
     const int64_t hd = merged_qkv_head_dim(qkv, cos, sin, heads, kv_heads, op);
-    TORCH_CHECK(hd == 64 || hd == 96 || hd == 128, op, ": head dim 64, 96 or 128 only, got ", hd);
+    TORCH_CHECK(hd == 64 || hd == 80 || hd == 96 || hd == 128, op,
+                ": head dim 64, 80, 96 or 128 only, got ", hd);
     TORCH_CHECK(mask == mm::kAttnCausal || mask == mm::kAttnSegments ||
                     mask == mm::kAttnBidirectional,
                 op, ": mask must be ", int(mm::kAttnCausal), " (causal), ", int(mm::kAttnSegments),

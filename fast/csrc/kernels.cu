@@ -626,6 +626,11 @@ const char *rms_norm_bwd(const float *x, const float *w, const float *rstd, cons
                              dw, nullptr, nullptr, n, d, parts, stream);
 }
 
+int64_t router_dw_parts(int64_t n) {
+  const int64_t p = (n + 31) / 32;
+  return p > 0 ? p : 1;
+}
+
 const char *rms_norm_router_bwd(const float *x, const float *w, const float *rstd, const void *gy,
                                 const void *gy2, const float *glogits, const float *wg,
                                 int64_t e_n, const float *gres, float *dx, void *da,
@@ -648,12 +653,12 @@ const char *rms_norm_router_bwd(const float *x, const float *w, const float *rst
   if (const char *err = launched()) return err;
   if (dwg != nullptr) {
     if (e > 0) {
-      const int64_t rows = (n + parts - 1) / parts;
-      router_dw_kernel<<<blocks, 256, 0, stream>>>(x, w, rstd, glogits, dwg_part, n, int(d), e,
-                                                   rows);
+      const int64_t rparts = router_dw_parts(n), rows = (n + rparts - 1) / rparts;
+      router_dw_kernel<<<static_cast<unsigned>(rparts), 256, 0, stream>>>(
+          x, w, rstd, glogits, dwg_part, n, int(d), e, rows);
       if (const char *err = launched()) return err;
       rms_norm_dw_kernel<<<blocks_for(e_n * d, 32), dim3(32, 8), 0, stream>>>(
-          dwg_part, dwg, parts, static_cast<int>(e_n * d));
+          dwg_part, dwg, rparts, static_cast<int>(e_n * d));
     } else {
       cudaMemsetAsync(dwg, 0, sizeof(float) * e_n * d, stream);
     }

@@ -38,10 +38,14 @@ const char *rms_norm_bwd(const float *x, const float *w, const float *rstd, cons
                          const float *gres, float *dx, void *da, float *dw_part, float *dw,
                          int64_t n, int64_t d, int64_t parts, cudaStream_t stream);
 
+// Number of per-block partial rows of the router's weight gradient (dwg_part's first dim): 32
+// rows a block, so that enough blocks stream the norm's input.
+int64_t router_dw_parts(int64_t n);
+
 // rms_norm_bwd for rms_norm_router_fwd: the norm's gradient is gy (bf16, or null: zero) + gy2
 // (bf16, or null) + glogits wg (glogits fp32 [N, E], or null), summed in fp32; with dwg (fp32
 // [E, d], or null) also the router's weight gradient dwg = glogits^T n (zero without glogits),
-// dwg_part scratch [parts, E, d] fp32.
+// dwg_part scratch [router_dw_parts(n), E, d] fp32.
 const char *rms_norm_router_bwd(const float *x, const float *w, const float *rstd, const void *gy,
                                 const void *gy2, const float *glogits, const float *wg,
                                 int64_t e_n, const float *gres, float *dx, void *da,
@@ -102,8 +106,8 @@ enum AttnMask : int {
   kAttnBidirectional = 2,
 };
 
-// Attention over the merged projection qkv [B, T, (H + 2 KV) hd] (bf16, contiguous; hd 64, 96
-// or 128), query head h reading kv head h / (H / KV), softmax scale 1 / sqrt(hd), keys as `mask`
+// Attention over the merged projection qkv [B, T, (H + 2 KV) hd] (bf16, contiguous; hd 64, 80,
+// 96 or 128), query head h reading kv head h / (H / KV), softmax scale 1 / sqrt(hd), keys as `mask`
 // says (seg_start: null unless kAttnSegments). With q_norm and k_norm (fp32 [hd], both or
 // neither) each head vector of q and k first becomes w * x * rsqrt(mean(x^2) + eps) in fp32,
 // rstd [B, T, H + KV] (fp32) saved; rstd may be null without them. Then RoPE (fp32 tables

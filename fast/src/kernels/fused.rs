@@ -14,8 +14,8 @@
 //!   writes the merged projection's gradient.
 //! - [`weights_bf16`]: the merged bf16 operand of a projection from its fp32 weights; backward
 //!   adds the gradient into each weight's `.grad` in place ([`add_bf16_`]).
-//! - [`qkv_attention`]: attention of our own over the merged q/k/v projection (head dim 64, 96
-//!   or 128; causal, causal within packed segments, or bidirectional; optional q/k RMSNorm; RoPE
+//! - [`qkv_attention`]: attention of our own over the merged q/k/v projection (head dim 64, 80,
+//!   96 or 128; causal, causal within packed segments, or bidirectional; optional q/k RMSNorm; RoPE
 //!   on load, kv heads read once per group, the merged projection's gradient written directly);
 //!   replaces `qkv_heads` + cuDNN's SDPA.
 //! - [`swiglu`]: `silu(g) * u` over a merged `[g | u]` projection, rounding as autocast's
@@ -297,7 +297,7 @@ pub struct QkNorm<'a> {
 }
 
 /// Attention straight from the merged projection qkv bf16 `[B, T, (heads + 2 kv_heads) hd]`
-/// (hd 64, 96 or 128) -> o bf16 `[B, T, heads * hd]` (fast/csrc/attention.cu): with `qk_norm`,
+/// (hd 64, 80, 96 or 128) -> o bf16 `[B, T, heads * hd]` (fast/csrc/attention.cu): with `qk_norm`,
 /// each head vector of q and k first becomes `w * x * rsqrt(mean(x^2) + eps)` (fp32); q and k
 /// RoPE'd as [`qkv_heads`] does it (fp32 tables cos/sin `[T, hd]` indexed by position, one
 /// rounding to bf16), query head h reading kv head `h / (heads / kv_heads)`, softmax scale

@@ -123,7 +123,7 @@ pub struct KernelConfig {
     /// libtorch: libtorch's ops only.
     #[arg(long, value_enum, default_value_t = KernelChoice::Fused)]
     pub kernels: KernelChoice,
-    /// With --kernels fused: fused = our attention kernels (head dims 64, 96, 128; causal,
+    /// With --kernels fused: fused = our attention kernels (head dims 64, 80, 96, 128; causal,
     /// packed documents or bidirectional; qk-norm fused), sdpa = our RoPE layout kernel then
     /// libtorch's SDPA (causal without qk-norm; libtorch's ops otherwise).
     #[arg(long, value_enum, default_value_t = AttentionChoice::Fused)]
@@ -277,7 +277,7 @@ impl Kernels {
             return AttentionPath::Libtorch;
         }
         let batch = x.size().first().copied().unwrap_or(0);
-        if matches!(head_dim, 64 | 96 | 128)
+        if matches!(head_dim, 64 | 80 | 96 | 128)
             && batch <= 65_535
             && self.config.attention == AttentionChoice::Fused
         {
@@ -441,7 +441,7 @@ impl Kernels {
                 "fused (ours: RMSNorm, SwiGLU; attention {}; weight cast {}; cross-entropy {})",
                 match c.attention {
                     AttentionChoice::Fused =>
-                        "ours for head dims 64/96/128 (every mask, qk-norm fused), else SDPA",
+                        "ours for head dims 64/80/96/128 (every mask, qk-norm fused), else SDPA",
                     AttentionChoice::Sdpa => "SDPA",
                 },
                 match c.weight_cast {

@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with RoPE (rotate-half) and optional qk-norm, causal, causal
 //! within packed documents, or bidirectional, through libtorch's `scaled_dot_product_attention`
 //! (flash / memory-efficient kernels on CUDA), or, on the fused bf16 CUDA path, our own kernels
-//! (fast/csrc/attention.cu: head dims 64, 96 and 128, every mask, the qk-norm fused).
+//! (fast/csrc/attention.cu: head dims 64, 80, 96 and 128, every mask, the qk-norm fused).
 
 use tch::{Kind, Tensor};
 

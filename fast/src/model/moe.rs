@@ -340,7 +340,10 @@ impl MoeFeedForward {
         let k = self.top_k;
         let sk = logits.kind();
         let scores = logits.softmax(-1, sk); // [N, E]
-        let (topw, topi) = scores.topk(k, -1, true, true); // [N, k]
+                                             // The top k of E: the first k of a stable descending sort (ties to the lower expert),
+                                             // one small sorting kernel where topk launches a selection and then a sort.
+        let (sorted, order) = scores.sort_stable(true, -1, true);
+        let (topw, topi) = (sorted.narrow(-1, 0, k), order.narrow(-1, 0, k).contiguous()); // [N, k]
         let topw = if self.routing.unit_weights(k) {
             None
         } else if self.routing.renormalises(k) {
@@ -352,13 +355,12 @@ impl MoeFeedForward {
     }
 
     /// Cumulative ends of the experts' row ranges in the sorted buffer, int32 `[E]` on the
-    /// device: counts scattered into a fixed `[E]` (bincount's shape would depend on the data).
+    /// device: for each expert e the number of sorted pairs with expert <= e, a binary search in
+    /// the sorted ids (a fixed `[E]`, where bincount's shape would depend on the data).
     fn offsets(&self, disp: &Dispatch) -> Tensor {
         let e_n = self.experts.len() as i64;
-        let ones = disp.expert.ones_like();
-        Tensor::zeros([e_n], (Kind::Int64, disp.expert.device()))
-            .scatter_add(0, &disp.expert, &ones)
-            .cumsum(0, Kind::Int)
+        let ids = Tensor::arange(e_n, (Kind::Int64, disp.expert.device()));
+        ids.searchsorted(&disp.expert, true, true, "right", None::<&Tensor>)
     }
 
     /// The experts' weights stacked for [`Self::grouped_experts`] on activations like `xs`:

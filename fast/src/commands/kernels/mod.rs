@@ -15,7 +15,7 @@
 //! 6400]`, one lm_head chunk) is compared with libtorch's fp32 cross-entropy under autograd. Our
 //! attention (`qkv_attention`, fast/csrc/attention.cu) is compared with libtorch's qk-norm,
 //! RoPE, repeat_kv and SDPA (causal, causal within packed segments, bidirectional) for head dims
-//! 64, 96 and 128 at T 340 and at two small shapes for its edges, and timed against the
+//! 64, 80, 96 and 128 at T 340 and at two small shapes for its edges, and timed against the
 //! reference and against the path it replaced (`qkv_heads` then cuDNN's SDPA).
 //! Then the whole model (forward, lm_head, cross-entropy, backward) runs with the fused path off
 //! and on in one process: loss, final hidden state and every parameter gradient are compared and

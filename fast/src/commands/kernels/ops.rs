@@ -261,8 +261,9 @@ fn segment_starts(b: i64, t: i64) -> Tensor {
 /// and SDPA (`is_causal` for causal, an explicit boolean mask `seg_start[i] <= j <= i` for
 /// segments, no mask for bidirectional). The output and the gradients of qkv and of both norm
 /// weights (fp32) are held to the bf16 tolerance, 1e-2 norm-wise relative error. Head dims 64,
-/// 96 and 128, each at the b128 shape (T 340: five full tiles and one of 20 rows; 8 heads over
-/// 2 kv heads at 64, over 4 at 96 and 128, MiniMind-3's grouping) causal without and with
+/// 80, 96 and 128, each at the b128 shape (T 340: five full tiles and one of 20 rows; 8 heads
+/// over 2 kv heads at 64 and 80 (MiniMind2 at hidden 512 and 640), over 4 at 96 and 128,
+/// MiniMind-3's grouping) causal without and with
 /// qk-norm, segments and bidirectional with qk-norm, all timed; then at the edge shapes (T 129
 /// with 3 query heads per kv head, T 64 exactly one tile) every mask without and with qk-norm.
 /// Extra timings at b128: the causal cases without qk-norm against the path the model takes
@@ -271,8 +272,8 @@ fn segment_starts(b: i64, t: i64) -> Tensor {
 pub(super) fn check_attention(args: &KernelsArgs, device: Device) -> Result<bool> {
     let b128 = (args.rows / SEQ).max(1);
     let mut cases = Vec::new();
-    for hd in [64i64, 96, 128] {
-        let kv = if hd == 64 { 2 } else { 4 };
+    for hd in [64i64, 80, 96, 128] {
+        let kv = if hd <= 80 { 2 } else { 4 };
         for (mask, qk_norm) in [
             (Mask::Causal, false),
             (Mask::Causal, true),
@@ -291,7 +292,7 @@ pub(super) fn check_attention(args: &KernelsArgs, device: Device) -> Result<bool
             });
         }
     }
-    for hd in [64i64, 96, 128] {
+    for hd in [64i64, 80, 96, 128] {
         for (b, t, heads, kv_heads) in [(3, 129, 6, 2), (2, 64, 4, 4)] {
             for mask in [Mask::Causal, Mask::Segments, Mask::Bidirectional] {
                 for qk_norm in [false, true] {
