@@ -146,7 +146,8 @@ struct AddRmsNormBf16 : public torch::autograd::Function<AddRmsNormBf16> {
     const at::Tensor &h = saved[0], &w = saved[1], &rstd = saved[2];
     c10::DeviceGuard guard(h.device());
     const int64_t d = w.size(0), n = h.numel() / d;
-    // An unused output's gradient arrives undefined: h feeds nothing after the final norm.
+    // h feeds nothing after the final norm: autograd materialises its gradient as zeros (an
+    // undefined one is taken as none).
     at::Tensor gres;
     if (grads[0].defined()) {
       check_cuda(grads[0], at::kFloat, op, "grad_h");
@@ -228,7 +229,9 @@ struct MoeNormRouter : public torch::autograd::Function<MoeNormRouter> {
     const at::Tensor &h = saved[0], &w = saved[1], &wg = saved[2], &rstd = saved[3];
     c10::DeviceGuard guard(h.device());
     const int64_t d = w.size(0), n = h.numel() / d, e_n = wg.size(0);
-    // Unused outputs' gradients arrive undefined; the kernels take null for them.
+    // Autograd materialises an unused output's gradient as zeros (the empty y2 of copies 1 as
+    // an empty one); an undefined or empty gradient is passed as null, which the kernels read
+    // as zero.
     auto take = [&](int i, at::ScalarType kind, const char *name) {
       if (!grads[i].defined() || grads[i].numel() == 0) return at::Tensor();
       check_cuda(grads[i], kind, op, name);

@@ -65,7 +65,7 @@ const char *slot_sum_bwd(const void *dy, const void *g, const int64_t *slot, con
                          void *dg, float *dw, int64_t n, int64_t k, int64_t d,
                          cudaStream_t stream);
 
-// y[B, T, nh*n_rep, hd] (bf16, contiguous) from x// y[B, T, nh*n_rep, hd] (bf16, contiguous) from x[B, T, nh, hd] (bf16, strides sb, st, sh, 1):
+// y[B, T, nh*n_rep, hd] (bf16, contiguous) from x[B, T, nh, hd] (bf16, strides sb, st, sh, 1):
 // RoPE (rotate) or a plain copy, each head written to its n_rep query heads.
 const char *rope_fwd(const void *x, int64_t sb, int64_t st, int64_t sh, const float *cos,
                      const float *sin, void *y, int64_t b, int64_t t, int64_t nh, int64_t hd,

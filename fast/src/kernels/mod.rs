@@ -370,8 +370,9 @@ impl Kernels {
 
     /// The routed experts as one autograd node whose backward recomputes per
     /// `--moe-recompute` (fast/csrc/grouped_experts.h), and the router's weight gradient from
-    /// the rows in the compute kind ([`ops::linear_saving_rounded`]): `--moe-recompute swiglu`
-    /// or `gate-up` on the grouped path. The node's SwiGLU is our kernel where
+    /// the rows in the compute kind ([`ops::linear_saving_rounded`]; the model's fused MoE entry
+    /// takes it from the fp32 norm instead): `--moe-recompute swiglu` or `gate-up` on the
+    /// grouped path. The node's SwiGLU is our kernel where
     /// [`Self::moe_fused_applies`], libtorch's ops elsewhere ([`ops::grouped_experts`]).
     pub fn moe_node_applies(&self, x: &Tensor, compute: Kind, hidden: i64, width: i64) -> bool {
         self.moe_recomputes() && self.moe_grouped_applies(x, compute, hidden, width)

@@ -27,8 +27,9 @@
 //! the experts ([`Kernels::moe_grouped_applies`]):
 //! - grouped (`--moe-experts grouped`, bf16 and fp32): the experts' weights stacked `[E, in,
 //!   out]` at use time and each projection one `torch._grouped_mm` over the whole buffer, with
-//!   the per-expert row ranges given as a device tensor (`offs`, cumulative ends, int32) counted
-//!   by a scatter into a fixed `[E]`: static shapes, no host read, so a CUDA graph captures it.
+//!   the per-expert row ranges given as a device tensor (`offs`, cumulative ends, int32) found
+//!   by a binary search in the sorted ids, a fixed `[E]`: static shapes, no host read, so a CUDA
+//!   graph captures it.
 //!   On the bf16 CUDA path with our kernels gate and up are one grouped matmul against
 //!   `[gate_e; up_e]` and our SwiGLU kernel follows, as in the dense MLP; elsewhere three
 //!   grouped matmuls and `silu(g) * u`, which on the CPU computes exactly the loop's numbers
@@ -39,7 +40,9 @@
 //!   [`ops::grouped_experts`]) that keeps the layer's input rows in the compute kind rather
 //!   than the gathered ones and recomputes the SwiGLU output (with `gate-up` the gate/up
 //!   projection too) in backward; the router then keeps the same rows for its weight gradient
-//!   ([`ops::linear_saving_rounded`]) instead of the fp32 ones (its forward stays fp32).
+//!   ([`ops::linear_saving_rounded`]) instead of the fp32 ones (its forward stays fp32), except
+//!   in the model's fused entry ([`MoeFeedForward::forward_after`]), whose backward recomputes
+//!   the fp32 norm for it in every `--moe-recompute` mode.
 //! - loop (`--moe-experts loop`, and always in fp64, which `_grouped_mm` refuses): each expert
 //!   once on its slice, the slice sizes read to the host once per layer.
 //!
@@ -339,9 +342,9 @@ impl MoeFeedForward {
     fn top(&self, logits: &Tensor) -> (Option<Tensor>, Tensor, Tensor) {
         let k = self.top_k;
         let sk = logits.kind();
-        let scores = logits.softmax(-1, sk); // [N, E]
-                                             // The top k of E: the first k of a stable descending sort (ties to the lower expert),
-                                             // one small sorting kernel where topk launches a selection and then a sort.
+        // [N, E]. The top k of E: the first k of a stable descending sort (ties to the lower
+        // expert), one small sorting kernel where topk launches a selection and then a sort.
+        let scores = logits.softmax(-1, sk);
         let (sorted, order) = scores.sort_stable(true, -1, true);
         let (topw, topi) = (sorted.narrow(-1, 0, k), order.narrow(-1, 0, k).contiguous()); // [N, k]
         let topw = if self.routing.unit_weights(k) {

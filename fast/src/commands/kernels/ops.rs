@@ -62,15 +62,20 @@ pub(super) fn check_add_rms_norm(args: &KernelsArgs, device: Device) -> Result<b
 /// bf16 copy; outputs h, y (y2), logits, gradients for x, a, w and the router weight wg. The
 /// reference is `h = x + a`, the unfused fp32 norm n, `bf16(n)` once per consumer (each cast's
 /// gradient upcast and summed in fp32 by autograd) and `n wg^T` in fp32. At MiniMind2-MoE's
-/// width (640, one shared expert) and MiniMind-3's (768, none).
+/// width (640, 4 experts, one shared expert), MiniMind-3's (768, 4, none), and the 26M config's
+/// (512, the kernels' narrow variant) with the most experts the kernel takes (16) and `--rows`
+/// + 5 rows (the router gradient's last part partly filled).
 pub(super) fn check_moe_norm_router(args: &KernelsArgs, device: Device) -> Result<bool> {
     let mut ok = true;
-    for (d, copies) in [(640, 2), (768, 1)] {
-        let x = Tensor::randn([args.rows, d], (Kind::Float, device)).set_requires_grad(true);
-        let a = Tensor::randn([args.rows, d], (Kind::BFloat16, device)).set_requires_grad(true);
+    for (case, d, e, copies, rows) in [
+        ("moe_norm2", 640, 4, 2, args.rows),
+        ("moe_norm", 768, 4, 1, args.rows),
+        ("moe_norm16", 512, 16, 2, args.rows + 5),
+    ] {
+        let x = Tensor::randn([rows, d], (Kind::Float, device)).set_requires_grad(true);
+        let a = Tensor::randn([rows, d], (Kind::BFloat16, device)).set_requires_grad(true);
         let w = (Tensor::randn([d], (Kind::Float, device)) * 0.1 + 1.0).set_requires_grad(true);
-        let wg = (Tensor::randn([4, d], (Kind::Float, device)) * 0.02).set_requires_grad(true);
-        let case = format!("moe_norm{}", if copies == 2 { "2" } else { "" });
+        let wg = (Tensor::randn([e, d], (Kind::Float, device)) * 0.02).set_requires_grad(true);
         let outs: &[&str] = if copies == 2 {
             &["h", "y", "y2", "logits"]
         } else {
@@ -79,7 +84,7 @@ pub(super) fn check_moe_norm_router(args: &KernelsArgs, device: Device) -> Resul
         ok &= check_op(
             args,
             device,
-            &case,
+            case,
             outs,
             &["x", "a", "w", "wg"],
             &[x, a, w, wg],
@@ -107,17 +112,36 @@ pub(super) fn check_moe_norm_router(args: &KernelsArgs, device: Device) -> Resul
 }
 
 /// A MoE layer's weighted combine (`moe_combine`) at MiniMind2-MoE's shape (top-2 of the
-/// `--rows` tokens, width 640): output and the gradients of the experts' outputs ys and the
-/// weights w, against the gather, an fp32 multiply and sum, and one rounding, under autograd.
+/// `--rows` tokens, width 640), and at top-1 and top-4 of half as many: output and the gradients
+/// of the experts' outputs ys and the weights w, against the gather, an fp32 multiply and sum,
+/// and one rounding, under autograd.
 pub(super) fn check_moe_combine(args: &KernelsArgs, device: Device) -> Result<bool> {
-    let (n, k, d) = (args.rows, 2, 640);
+    let mut ok = true;
+    for (case, n, k) in [
+        ("combine", args.rows, 2),
+        ("combine1", args.rows / 2, 1),
+        ("combine4", args.rows / 2, 4),
+    ] {
+        ok &= check_combine_case(args, device, case, n, k)?;
+    }
+    Ok(ok)
+}
+
+fn check_combine_case(
+    args: &KernelsArgs,
+    device: Device,
+    case: &str,
+    n: i64,
+    k: i64,
+) -> Result<bool> {
+    let d = 640;
     let ys = Tensor::randn([n * k, d], (Kind::BFloat16, device)).set_requires_grad(true);
     let w = Tensor::rand([n, k], (Kind::Float, device)).set_requires_grad(true);
     let slot = Tensor::randperm(n * k, (Kind::Int64, device));
     check_op(
         args,
         device,
-        "combine",
+        case,
         &["y"],
         &["ys", "w"],
         &[ys, w],
