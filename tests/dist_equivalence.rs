@@ -10,7 +10,8 @@
 //!   all-reduce the gradients; every rank ends with the same gradient, equal to the oracle's
 //!   single-process gradient within fp32 tolerance: max |fast - ref| <= 2e-5 * max |ref|
 //!   (measured: ~5e-8 absolute on gradients of ~0.3). Once with a 0-layer model written here, once
-//!   with fast's own Trainer (2 dense layers).
+//!   with fast's own Trainer (2 dense layers), and once with that Trainer on MiniMind2's MoE with
+//!   its aux loss off (the aux loss is a per-batch mean and does not split across ranks).
 
 use std::time::Duration;
 
@@ -282,15 +283,29 @@ fn fast_in_process_ranks_match_the_oracle_single_batch() {
 }
 
 /// The real fast model (fast::train::trainer::Trainer, 2 dense layers, fp32) on every rank: micro-step with
-/// weight count_r / global count, then token-weighted gradient averaging. (Dense only: MoE's aux
-/// loss is a per-batch mean and does not split across ranks.)
+/// weight count_r / global count, then token-weighted gradient averaging.
 #[test]
 fn fast_trainer_ranks_match_the_oracle_single_batch() {
+    trainer_ranks_match_the_oracle(tiny(2));
+}
+
+/// The same with MiniMind2's MoE in both layers (4 routed experts top-2 renormalised, 1 shared;
+/// the grouped experts, fast's default) and its aux loss off: the aux loss is a per-batch mean
+/// of routing statistics and does not split across ranks, everything else does, exactly.
+#[test]
+fn fast_moe_trainer_ranks_match_the_oracle_single_batch_without_aux_loss() {
+    trainer_ranks_match_the_oracle(ModelConfig {
+        use_moe: true,
+        aux_loss_alpha: 0.0,
+        ..tiny(2)
+    });
+}
+
+fn trainer_ranks_match_the_oracle(rcfg: ModelConfig) {
     use fast::model::precision::Precision;
     use fast::train::trainer::{Trainer, TrainerConfig};
     use std::collections::HashMap;
 
-    let rcfg = tiny(2);
     let fcfg = fast::model::config::ModelConfig {
         hidden_size: rcfg.hidden_size,
         num_hidden_layers: rcfg.num_hidden_layers,
@@ -298,6 +313,13 @@ fn fast_trainer_ranks_match_the_oracle_single_batch() {
         num_key_value_heads: rcfg.num_key_value_heads,
         vocab_size: rcfg.vocab_size,
         intermediate_size: rcfg.intermediate_size,
+        use_moe: rcfg.use_moe,
+        num_experts_per_tok: rcfg.num_experts_per_tok,
+        n_routed_experts: rcfg.n_routed_experts,
+        n_shared_experts: rcfg.n_shared_experts,
+        aux_loss_alpha: rcfg.aux_loss_alpha,
+        seq_aux: rcfg.seq_aux,
+        norm_topk_prob: rcfg.norm_topk_prob,
         ..fast::model::config::ModelConfig::default()
     };
     let p = init_params(&rcfg, 5);
