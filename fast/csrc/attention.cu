@@ -97,8 +97,9 @@ constexpr int kDkvBlocks = HD == 64 ? 3 : 2;
 
 // Threads per head vector in rope_heads and qk_norm_bwd (a power of two, 8 elements of each half
 // a thread; for HD 80 and 96 three and two of the 8 only take part in the norm's reduction).
+constexpr int head_lanes(int64_t hd) { return hd / 16 <= 4 ? 4 : 8; }
 template <int HD>
-constexpr int kHeadLanes = HD / 16 <= 4 ? 4 : 8;
+constexpr int kHeadLanes = head_lanes(HD);
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -1030,7 +1031,7 @@ const char *attn_fwd(const void *qkv, const float *cos, const float *sin, const 
 }
 
 int64_t attn_norm_bwd_parts(int64_t b, int64_t t, int64_t heads, int64_t head_dim) {
-  const int64_t lanes = head_dim / 16 <= 4 ? 4 : 8;  // kHeadLanes
+  const int64_t lanes = head_lanes(head_dim);
   const int64_t slots = kNormThreads / (lanes > 0 ? lanes : 1);
   const int64_t rows_per_part = slots * 8;  // about 8 q rows a thread
   const int64_t parts = (b * t * heads + rows_per_part - 1) / rows_per_part;

@@ -36,7 +36,8 @@
 use anyhow::Result;
 use tch::Tensor;
 
-use super::ops::check;
+use super::ops::{call_node3, check};
+pub use super::MoeNormRouter;
 
 mod ffi {
     use std::ffi::c_char;
@@ -153,18 +154,6 @@ pub fn add_rms_norm_bf16(x: &Tensor, a: &Tensor, w: &Tensor, eps: f64) -> Result
     Ok(unsafe { (Tensor::from_ptr(h), Tensor::from_ptr(y)) })
 }
 
-/// What [`moe_norm_router`] returns.
-pub struct MoeNormRouter {
-    /// The residual sum `x + a`, fp32.
-    pub h: Tensor,
-    /// The norm of h in bf16, for the routed experts.
-    pub y: Tensor,
-    /// The same values again for the shared experts (`copies` 2), else `None`.
-    pub y2: Option<Tensor>,
-    /// The router's logits `[..., E]` from the fp32 norm, fp32.
-    pub logits: Tensor,
-}
-
 /// A MoE layer's entry in one kernel: [`add_rms_norm_bf16`] (x fp32, a bf16 `[..., d]`, norm
 /// weight w fp32 `[d]`) whose fp32 norm n also gives the router's logits `n wg^T` (wg fp32
 /// `[E, d]`, E <= 16) and, with `copies` 2, a second bf16 copy for the shared experts (their
@@ -208,11 +197,7 @@ pub fn moe_norm_router(
 /// permutation as the dispatch makes it), the routing weights w fp32 `[N, k]` -> `[N, d]` bf16,
 /// `sum_s w[t, s] ys[slot[t k + s]]` in fp32 with one rounding. Differentiable in ys and w.
 pub fn moe_combine(ys: &Tensor, slot: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let mut out = std::ptr::null_mut();
-    check("moe_combine", unsafe {
-        ffi::mm_moe_combine(ptr(ys), ptr(slot), ptr(w), &mut out)
-    })?;
-    Ok(unsafe { Tensor::from_ptr(out) })
+    call_node3("moe_combine", ffi::mm_moe_combine, ys, slot, w)
 }
 
 /// The merged projection qkv bf16 `[B, T, (heads + 2 kv_heads) hd]` -> (q, k, v), each bf16

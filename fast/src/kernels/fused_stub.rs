@@ -21,12 +21,7 @@ pub fn add_rms_norm_bf16(
     Err(unavailable("add_rms_norm_bf16"))
 }
 
-pub struct MoeNormRouter {
-    pub h: Tensor,
-    pub y: Tensor,
-    pub y2: Option<Tensor>,
-    pub logits: Tensor,
-}
+pub use super::MoeNormRouter;
 
 pub fn moe_norm_router(
     _x: &Tensor,

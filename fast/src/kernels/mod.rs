@@ -84,6 +84,18 @@ pub enum OnOff {
     Off,
 }
 
+/// What [`fused::moe_norm_router`] returns (one type for `fused.rs` and its stub).
+pub struct MoeNormRouter {
+    /// The residual sum `x + a`, fp32.
+    pub h: Tensor,
+    /// The norm of h in bf16, for the routed experts.
+    pub y: Tensor,
+    /// The same values again for the shared experts (`copies` 2), else `None`.
+    pub y2: Option<Tensor>,
+    /// The router's logits `[..., E]` from the fp32 norm, fp32.
+    pub logits: Tensor,
+}
+
 /// How a MoE layer runs its routed experts (see [`Kernels::moe_experts_path`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -97,8 +97,8 @@ pub fn permute_rows(x: &Tensor, idx: &Tensor, inv: &Tensor) -> Result<Tensor> {
     call_node3("permute_rows", mm_permute_rows, x, idx, inv)
 }
 
-/// A C entry point of a node of three tensors and one output (ops.cpp).
-type Node3Entry = unsafe extern "C" fn(
+/// A C entry point of a node of three tensors and one output (ops.cpp, fused_ops.cpp).
+pub(crate) type Node3Entry = unsafe extern "C" fn(
     *mut C_tensor,
     *mut C_tensor,
     *mut C_tensor,
@@ -106,7 +106,13 @@ type Node3Entry = unsafe extern "C" fn(
 ) -> *mut c_char;
 
 /// Calls `entry` on (a, b, c) and returns its output; errors name `what`.
-fn call_node3(what: &str, entry: Node3Entry, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
+pub(crate) fn call_node3(
+    what: &str,
+    entry: Node3Entry,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+) -> Result<Tensor> {
     let p = |t: &Tensor| t.as_ptr() as *mut C_tensor;
     let mut out = std::ptr::null_mut();
     check(what, unsafe { entry(p(a), p(b), p(c), &mut out) })?;
