@@ -48,7 +48,9 @@
 // blocks whose segments start past its keys) made the 26M packed-docs b128 step slower, 22.0 /
 // 22.2 against 21.6 / 21.6 ms in one call: the kernels are latency-bound at these lengths (ncu:
 // 0.2-0.4 instructions issued per scheduler per cycle), and the (lo, hi) variants cost more than
-// the skipped mma.
+// the skipped mma. The same skips as warp-uniform run-time branches around one copy of the code
+// were slower still (22.8 against 21.2 ms, one call): the branches break the interleaving of the
+// ldmatrix and mma chains.
 //
 // Rounding: q and k are normalised and RoPE'd in fp32 from the bf16 projection and rounded to
 // bf16 once (as the qkv_heads kernel does), P and dS are rounded to bf16 for their matmuls (as
@@ -85,13 +87,19 @@ struct Tile {
   bf16 r[kTile][HD + 8];
 };
 
-// Blocks an SM each kernel is compiled for (registers: 65536 / (128 x blocks)). Head dim 64 as
-// measured before; 80, 96 and 128 as their shared memory allows (forward 3, 3 and 2, backward
-// 2).
+// Blocks an SM each kernel is compiled for (registers: 65536 / (128 x blocks)), as their shared
+// memory allows past head dim 64: forward 3, 3 and 2 at 80, 96 and 128, backward 2. At head dim
+// 64 the forward reads Q from shared memory per k-step (kFwdQInSmem) and fits 4 blocks (128
+// registers), and the dQ kernel takes 3 blocks (168 registers, no spills) rather than 4 (128,
+// spilling). Measured on one H200, 26M packed-docs b128 step, same call: 21.02 ms against 21.27
+// with the forward at 3 blocks (Q in registers) and dQ at 4; dK/dV at 4 blocks (128 registers,
+// spilling) was slower, 21.53.
 template <int HD>
-constexpr int kFwdBlocks = HD == 64 ? 1 : HD <= 96 ? 3 : 2;
+constexpr int kFwdBlocks = HD == 64 ? 4 : HD <= 96 ? 3 : 2;
 template <int HD>
-constexpr int kDqBlocks = HD == 64 ? 4 : 2;
+constexpr bool kFwdQInSmem = HD == 64;
+template <int HD>
+constexpr int kDqBlocks = HD == 64 ? 3 : 2;
 template <int HD>
 constexpr int kDkvBlocks = HD == 64 ? 3 : 2;
 
@@ -486,7 +494,7 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocks<HD>) attn_fwd_kernel(
     const int buf = (j - rg.j0) & 1;
     cp_async_wait_all();
     __syncthreads();  // tile j is in, and every warp is done with tile j - 1's buffers
-    if (j == rg.j0) {
+    if (!kFwdQInSmem<HD> && j == rg.j0) {
 #pragma unroll
       for (int kk = 0; kk < HD / 16; ++kk) load_a(qs, 16 * w, kk, qa[kk]);
     }
@@ -508,7 +516,10 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocks<HD>) attn_fwd_kernel(
       constexpr int HI = decltype(hi_c)::value;
       float s[8][4];
       zero(s);
-      mma_nk<0, HI>(s, qa, ks[buf]);
+      if constexpr (kFwdQInSmem<HD>)
+        mma_nk<0, HI>(s, qs, 16 * w, ks[buf]);
+      else
+        mma_nk<0, HI>(s, qa, ks[buf]);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         [[maybe_unused]] const int q = t0 + 16 * w + g + 8 * half;
@@ -624,9 +635,22 @@ __global__ void __launch_bounds__(kThreads, kDqBlocks<HD>) attn_bwd_dq_kernel(
         if (t < sh.t_n) {
           const bf16 *op =
               out + at.o_head(h) + static_cast<int64_t>(t) * od + (l % 4) * (HD / 4);
+          const bf16 *dp = &dos.r[r][(l % 4) * (HD / 4)];
+          if constexpr ((HD / 4) % 8 == 0) {
+            // 16-byte pieces (the quarter row starts 16-byte aligned), summed in column order.
 #pragma unroll
-          for (int k = 0; k < HD / 4; ++k)
-            acc += __bfloat162float(op[k]) * __bfloat162float(dos.r[r][(l % 4) * (HD / 4) + k]);
+            for (int k = 0; k < HD / 4; k += 8) {
+              const uint4 ov = *reinterpret_cast<const uint4 *>(op + k);
+              const uint4 dv = *reinterpret_cast<const uint4 *>(dp + k);
+              const bf16 *o8 = reinterpret_cast<const bf16 *>(&ov);
+              const bf16 *d8 = reinterpret_cast<const bf16 *>(&dv);
+#pragma unroll
+              for (int e = 0; e < 8; ++e) acc += __bfloat162float(o8[e]) * __bfloat162float(d8[e]);
+            }
+          } else {
+#pragma unroll
+            for (int k = 0; k < HD / 4; ++k) acc += __bfloat162float(op[k]) * __bfloat162float(dp[k]);
+          }
         }
         acc += __shfl_xor_sync(0xffffffffu, acc, 1);
         acc += __shfl_xor_sync(0xffffffffu, acc, 2);
