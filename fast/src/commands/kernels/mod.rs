@@ -35,12 +35,14 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
+mod attention;
 mod moe;
 mod ops;
 mod step;
 
+use attention::check_attention;
 use ops::{
-    check_add_bf16, check_add_rms_norm, check_attention, check_cross_entropy, check_moe_combine,
+    check_add_bf16, check_add_rms_norm, check_cross_entropy, check_moe_combine,
     check_moe_norm_router, check_rms_norm, check_rope, check_swiglu,
 };
 use step::{check_model, check_step};
