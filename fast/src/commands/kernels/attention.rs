@@ -327,3 +327,43 @@ fn check_attention_case(
     }
     Ok(ok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check's packed rows keep seg_start's contract and hold the cases it is meant to
+    /// reach: one document, a continued prefix, single-token documents, boundaries at tile edges.
+    #[test]
+    fn segment_starts_are_valid_packed_rows() {
+        let (b, t) = (5, SEQ);
+        let s = Vec::<i32>::try_from(segment_starts(b, t).flatten(0, 1)).unwrap();
+        let (mut singles, mut edges) = (0, 0);
+        for row in s.chunks(t as usize) {
+            assert_eq!(row[0], 0);
+            for (i, &v) in row.iter().enumerate() {
+                assert!(v >= 0 && v as usize <= i, "seg_start {v} at {i}");
+                if i > 0 {
+                    // A segment either continues or starts here.
+                    assert!(v == row[i - 1] || v as usize == i, "seg_start {v} at {i}");
+                }
+                let starts_next = i + 1 == row.len() || row[i + 1] as usize == i + 1;
+                if v as usize == i && starts_next {
+                    singles += 1;
+                }
+                if v as usize == i && [63, 64, 65, 128, 192].contains(&i) {
+                    edges += 1;
+                }
+            }
+        }
+        assert!(
+            s[..t as usize].iter().all(|&v| v == 0),
+            "row 0 is one document"
+        );
+        assert_eq!(&s[t as usize..t as usize + 6], &[0, 0, 0, 0, 0, 5]);
+        assert!(
+            singles > 30 && edges > 0,
+            "{singles} single tokens, {edges} tile edges"
+        );
+    }
+}
