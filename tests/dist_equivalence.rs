@@ -306,22 +306,7 @@ fn trainer_ranks_match_the_oracle(rcfg: ModelConfig) {
     use fast::train::trainer::{Trainer, TrainerConfig};
     use std::collections::HashMap;
 
-    let fcfg = fast::model::config::ModelConfig {
-        hidden_size: rcfg.hidden_size,
-        num_hidden_layers: rcfg.num_hidden_layers,
-        num_attention_heads: rcfg.num_attention_heads,
-        num_key_value_heads: rcfg.num_key_value_heads,
-        vocab_size: rcfg.vocab_size,
-        intermediate_size: rcfg.intermediate_size,
-        use_moe: rcfg.use_moe,
-        num_experts_per_tok: rcfg.num_experts_per_tok,
-        n_routed_experts: rcfg.n_routed_experts,
-        n_shared_experts: rcfg.n_shared_experts,
-        aux_loss_alpha: rcfg.aux_loss_alpha,
-        seq_aux: rcfg.seq_aux,
-        norm_topk_prob: rcfg.norm_topk_prob,
-        ..fast::model::config::ModelConfig::default()
-    };
+    let fcfg = harness::convert::fast_config(&rcfg);
     let p = init_params(&rcfg, 5);
     let (n, b, w, g) = (11, 2, 3, 1); // the trailing partial global batch, split 1/2/2
     let (ids, labels) = corpus(n, 17);

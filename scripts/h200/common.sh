@@ -10,18 +10,24 @@ touch $S
 row() { echo "$*" | tee -a $S; }
 stamp() { date +%s.%N; }
 took() { python3 -c "print(f'{$(stamp) - $1:.1f}')"; }
+# unpacked SRC DST: true when DST was unpacked from this SRC (same path, size and time) by an
+# earlier call on a still-warm machine, so that a call with another build or data unpacks again.
+unpacked() { [ -e "$2" ] && [ "$(cat "$2.from" 2>/dev/null)" = "$(stat -c '%n %s %Y' "$1")" ]; }
+mark_unpacked() { stat -c '%n %s %Y' "$1" >"$2.from"; }
 # BUILD=_D: the binaries of another build carried beside the prepared ones (.device/fast_D.xz,
 # verify_D.xz).
 for f in fast verify; do
-  [ -x $W/$f ] || { [ -f $D/$f${BUILD:-}.xz ] && xz -dc $D/$f${BUILD:-}.xz >$W/$f && chmod +x $W/$f; }
+  src=$D/$f${BUILD:-}.xz
+  [ -f $src ] && ! unpacked $src $W/$f && xz -dc $src >$W/$f && chmod +x $W/$f && mark_unpacked $src $W/$f
 done
 # The poems (scripts/build_corpus.sh); DATA_XZ=another .jsonl.xz (a subset, for benches when the
 # call's carry has no room for the whole corpus).
 DATA_XZ=${DATA_XZ:-$D/poems_full.jsonl.xz}
-if [ ! -f $W/train.jsonl ] && [ -f $DATA_XZ ]; then
+if [ -f $DATA_XZ ] && ! unpacked $DATA_XZ $W/train.jsonl; then
   xz -dc $DATA_XZ >$W/full.jsonl
   head -n -2000 $W/full.jsonl >$W/train.jsonl
   tail -n 2000 $W/full.jsonl >$W/heldout.jsonl
+  mark_unpacked $DATA_XZ $W/train.jsonl
 fi
 FAST=$W/fast
 VERIFY=$W/verify
@@ -111,6 +117,20 @@ try:
 except Exception as e:
     print(f"anchor {name:21s} FAILED rc {rc}: {e}")
 EOF
+}
+
+# timed_epoch NAME LIMIT_S ARGS...: one fast pretrain epoch of the training split (MiniMind's
+# tokenizer, --cuda-graph, no --eval-data) in $W/NAME, timed as a whole command as a user runs
+# it, then fast eval of its weights on the held-out poems; a summary row each.
+timed_epoch() {
+  local name=$1 lim=$2; shift 2
+  local dir=$W/$name; rm -rf $dir; mkdir -p $dir
+  local t0=$(stamp)
+  (cd $dir && timeout $lim $FAST pretrain --device cuda --data-path $W/train.jsonl --tokenizer minimind2 \
+     --cuda-graph --no-progress --num-workers 12 --sample-tokens 0 "$@") >$O/$name.txt 2>&1
+  row "pretrain $name ($*): rc $?, $(took $t0)s wall (command); $(grep -E '^done' $O/$name.txt | cut -c1-160)"
+  timeout 40 $FAST eval --weights $dir/out/pretrain_512.safetensors --data-path $W/heldout.jsonl --device cuda >$O/${name}_eval.txt 2>&1
+  row "eval $name: rc $? $(tail -1 $O/${name}_eval.txt)"
 }
 
 # run NAME ARGS...: one fast pretrain in $W/run_NAME scored on the held-out poems during training.

@@ -4,13 +4,7 @@
 # config with MiniMind2's MoE, b128 x 2), grouped + --cuda-graph against the per-expert loop.
 source "$(dirname "$0")/common.sh"
 # The packed-docs recipe as a user runs it (no --eval-data), timed as a whole, then fast eval.
-dir=$W/pd; rm -rf $dir; mkdir -p $dir
-t0=$(stamp)
-(cd $dir && timeout 60 $FAST pretrain --device cuda --data-path $W/train.jsonl --tokenizer minimind2 --cuda-graph \
-   --data-mode packed-docs --batch-size 32 --accumulation-steps 2 --no-progress --num-workers 12 --sample-tokens 0) >$O/pd.txt 2>&1
-row "pretrain packed-docs b32x2 (no --eval-data): rc $?, $(took $t0)s wall (command); $(grep -E '^done' $O/pd.txt | cut -c1-160)"
-timeout 40 $FAST eval --weights $dir/out/pretrain_512.safetensors --data-path $W/heldout.jsonl --device cuda >$O/pd_eval.txt 2>&1
-row "eval packed-docs: rc $? $(tail -1 $O/pd_eval.txt)"
+timed_epoch pd 60 --data-mode packed-docs --batch-size 32 --accumulation-steps 2
 dir=$W/m3short; rm -rf $dir; mkdir -p $dir
 (cd $dir && timeout 60 $FAST pretrain --device cuda --data-path $W/heldout.jsonl --model minimind3 --cuda-graph \
    --max-steps 100 --batch-size 32 --accumulation-steps 1 --no-progress --sample-tokens 0 --log-interval 50) >$O/m3short.txt 2>&1
