@@ -178,6 +178,19 @@ pub struct ModelFixture {
 }
 
 /// The config field a mis-shaped parameter most likely points to.
+/// Whether `name` is a tensor of a layer of which the fixture holds no tensor at all.
+fn layer_absent<'a>(name: &str, mut names: impl Iterator<Item = &'a String>) -> bool {
+    let layer = |n: &str| {
+        n.strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .map(str::to_string)
+    };
+    match layer(name) {
+        Some(l) => !names.any(|k| layer(k).as_deref() == Some(l.as_str())),
+        None => false,
+    }
+}
+
 fn field_behind(name: &str) -> &'static str {
     let tail = name.rsplit('.').nth(1).unwrap_or("");
     match tail {
@@ -193,10 +206,48 @@ fn field_behind(name: &str) -> &'static str {
     }
 }
 
+/// The config's counts can size a model: the fields every shape is derived from, one sentence
+/// naming the field where one cannot.
+fn check_config(json: &Path, c: &ModelConfig) -> Result<()> {
+    let at = json.display();
+    for (field, v) in [
+        ("hidden_size", c.hidden_size),
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("num_attention_heads", c.num_attention_heads),
+        ("num_key_value_heads", c.num_key_value_heads),
+        ("vocab_size", c.vocab_size),
+    ] {
+        if v == 0 {
+            bail!("{at}: field config.{field} is 0; it must be at least 1");
+        }
+    }
+    if c.num_attention_heads % c.num_key_value_heads != 0 {
+        bail!(
+            "{at}: field config.num_attention_heads {} is not a multiple of num_key_value_heads {}",
+            c.num_attention_heads,
+            c.num_key_value_heads
+        );
+    }
+    match c.head_dim {
+        Some(0) => bail!("{at}: field config.head_dim is 0; it must be at least 1"),
+        None if c.hidden_size % c.num_attention_heads != 0 => bail!(
+            "{at}: field config.hidden_size {} is not a multiple of num_attention_heads {} and no head_dim is given",
+            c.hidden_size,
+            c.num_attention_heads
+        ),
+        _ => {}
+    }
+    if c.use_moe && c.num_experts_per_tok == 0 {
+        bail!("{at}: field config.num_experts_per_tok is 0; it must be at least 1");
+    }
+    Ok(())
+}
+
 /// The fixture's parameters are exactly the ones its config describes (names and shapes): a
 /// config field this harness reads differently from the code that made the fixture surfaces
 /// here as one sentence, not as a shape panic inside the model.
 pub fn check_params(json: &Path, config: &ModelConfig, params: &reference::Params) -> Result<()> {
+    check_config(json, config)?;
     let want: BTreeMap<String, Vec<usize>> = reference::params::param_shapes(config)
         .into_iter()
         .collect();
@@ -205,7 +256,11 @@ pub fn check_params(json: &Path, config: &ModelConfig, params: &reference::Param
             None => bail!(
                 "{}: its config describes a tensor {name} that the fixture does not hold (field {})",
                 json.display(),
-                field_behind(name)
+                if layer_absent(name, params.keys()) {
+                    "num_hidden_layers"
+                } else {
+                    field_behind(name)
+                }
             ),
             Some(a) if a.shape() != shape.as_slice() => bail!(
                 "{}: its config gives {name} the shape {shape:?} but the fixture holds {:?} (field {})",
@@ -220,7 +275,11 @@ pub fn check_params(json: &Path, config: &ModelConfig, params: &reference::Param
         bail!(
             "{}: the fixture holds {extra}, which its config does not describe (field {})",
             json.display(),
-            field_behind(extra)
+            if layer_absent(extra, want.keys()) {
+                "num_hidden_layers"
+            } else {
+                field_behind(extra)
+            }
         );
     }
     Ok(())
@@ -322,7 +381,13 @@ impl TrainFixture {
             name: name.to_string(),
             config,
             micro_steps,
-            accumulation_steps: field(&json, "accumulation_steps", &jp)?,
+            accumulation_steps: match field(&json, "accumulation_steps", &jp)? {
+                0 => bail!(
+                    "{}: field accumulation_steps is 0; it must be at least 1",
+                    jp.display()
+                ),
+                n => n,
+            },
             lr: field(&json, "lr", &jp)?,
             clip: field(&json, "clip", &jp)?,
             adamw: field(&json, "adamw", &jp)?,
@@ -512,16 +577,25 @@ pub fn discover(dir: &Path) -> Result<Inventory> {
         let Some(stem) = file.strip_suffix(".json") else {
             continue;
         };
-        if !dir.join(format!("{stem}.safetensors")).exists() {
-            continue;
-        }
         let json = read_json(&p)?;
         if json.get("config").is_none() {
             continue;
         }
-        if json.get("ce_loss").is_some() || json.get("objective").is_some() {
+        let model = json.get("ce_loss").is_some() || json.get("objective").is_some();
+        let trajectory = json.get("rows").is_some();
+        if !dir.join(format!("{stem}.safetensors")).exists() {
+            if model || trajectory {
+                bail!(
+                    "{}: a {} fixture, but its tensors {stem}.safetensors are not beside it",
+                    p.display(),
+                    if model { "model" } else { "trajectory" }
+                );
+            }
+            continue;
+        }
+        if model {
             inv.models.push(stem.to_string());
-        } else if json.get("rows").is_some() {
+        } else if trajectory {
             inv.trajectories.push(stem.to_string());
         }
     }

@@ -165,6 +165,70 @@ fn a_fixture_whose_config_does_not_fit_its_tensors_names_the_file_and_the_field(
     );
 }
 
+/// Fixture configs that cannot size a model, and fixtures missing half of their pair, are
+/// refused with one sentence naming the file and the field, not a division by zero inside the
+/// reference or a folder that passes by skipping them.
+#[test]
+fn unusable_fixture_configs_and_lone_halves_are_refused_by_file_and_field() {
+    let edit = |stem: &str, f: &dyn Fn(&mut serde_json::Value)| -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        for ext in ["json", "safetensors"] {
+            let f = format!("{stem}.{ext}");
+            std::fs::copy(dir().join(&f), tmp.path().join(&f)).unwrap();
+        }
+        let jp = tmp.path().join(format!("{stem}.json"));
+        let mut j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+        f(&mut j);
+        std::fs::write(&jp, serde_json::to_string(&j).unwrap()).unwrap();
+        let err = harness::verify::run(tmp.path(), &harness::verify::Target::Reference)
+            .map(|_| ())
+            .unwrap_err();
+        format!("{err:#}")
+    };
+    let set = |k: &'static str, v: serde_json::Value| {
+        move |j: &mut serde_json::Value| j["config"][k] = v.clone()
+    };
+    for (case, file, msg) in [
+        (
+            edit("dense_tiny", &set("num_attention_heads", 0.into())),
+            "dense_tiny.json",
+            "field config.num_attention_heads is 0",
+        ),
+        (
+            edit("dense_tiny", &set("num_key_value_heads", 3.into())),
+            "dense_tiny.json",
+            "is not a multiple of num_key_value_heads 3",
+        ),
+        (
+            edit("dense_tiny", &|j| {
+                let n = j["config"]["num_hidden_layers"].as_u64().unwrap();
+                j["config"]["num_hidden_layers"] = (n + 1).into();
+            }),
+            "dense_tiny.json",
+            "(field num_hidden_layers)",
+        ),
+        (
+            edit("train_tiny", &|j| j["accumulation_steps"] = 0.into()),
+            "train_tiny.json",
+            "field accumulation_steps is 0",
+        ),
+    ] {
+        assert!(case.contains(file) && case.contains(msg), "want {file} and {msg:?} in {case}");
+    }
+    // A model fixture's JSON without its tensors.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(dir().join("dense_tiny.json"), tmp.path().join("dense_tiny.json")).unwrap();
+    let err = harness::verify::run(tmp.path(), &harness::verify::Target::Reference)
+        .map(|_| ())
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("dense_tiny.json") && msg.contains("dense_tiny.safetensors are not beside it"),
+        "{msg}"
+    );
+}
+
 /// The textbook recipe's fixtures (golden/seed004: a masked-LM step of MiniMind-3's decoder with
 /// bidirectional attention, transformers' linear schedule, group_texts) through the reference.
 #[test]

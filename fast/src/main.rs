@@ -35,6 +35,12 @@ enum Command {
 }
 
 fn main() {
+    // A closed output pipe (`fast ... | head`) ends the process as it ends other Unix tools,
+    // by SIGPIPE, instead of a panic in the next print. A run keeps its last resume checkpoint.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => fast::commands::doctor::run(&args),

@@ -268,6 +268,17 @@ fn bad_tokenizers_options_and_directories_are_refused() {
             "--learning-rate must be a positive number",
         ),
         ("--grad-clip", "-1", "--grad-clip"),
+        (
+            "--aux-loss-coef",
+            "nan",
+            "--aux-loss-coef must be zero or a positive number",
+        ),
+        ("--num-workers", "100000", "--num-workers must be at most 1024"),
+        (
+            "--num-hidden-layers",
+            "100000000",
+            "parameters (",
+        ),
         ("--num-workers", "0", "--num-workers"),
         ("--log-interval", "0", "--log-interval"),
         ("--save-interval", "0", "--save-interval"),
@@ -278,6 +289,33 @@ fn bad_tokenizers_options_and_directories_are_refused() {
         let arg = format!("{opt}={val}");
         t.refused(&format!("{opt} {val}"), pretrain(d, &[&arg]), want);
     }
+    t.refused(
+        "train-tokenizer with a special token twice",
+        fast(
+            d,
+            &[
+                "train-tokenizer",
+                "--data-path",
+                "none.jsonl",
+                "--out",
+                "tok_dup",
+                "--special-tokens",
+                "<a>,<a>",
+            ],
+        ),
+        "--special-tokens \"<a>\": given twice",
+    );
+    // MiniMind's options without a counterpart here name what to use instead.
+    t.refused(
+        "MiniMind's --use_wandb",
+        pretrain(d, &["--use_wandb", "--wandb_project", "p"]),
+        "--use-wandb: there is no wandb here; every run writes TensorBoard event files",
+    );
+    t.refused(
+        "MiniMind's --use_compile 1",
+        pretrain(d, &["--use_compile", "1"]),
+        "--use-compile 1: there is no torch.compile here; --cuda-graph",
+    );
     // On this CPU-only build: the flag names what it needs instead of silently running eagerly.
     t.refused(
         "--cuda-graph on the CPU",
@@ -294,6 +332,16 @@ fn bad_tokenizers_options_and_directories_are_refused() {
         pretrain(d, &["--checkpoint-dir", "/dev/null/ck", "--max-steps", "1"]),
         "/dev/null/ck",
     );
+    // Output directories that are files are refused by option before the first step.
+    std::fs::write(d.join("a_file"), "x").unwrap();
+    for opt in ["--save-dir", "--checkpoint-dir", "--tensorboard"] {
+        let out = pretrain(d, &[opt, "a_file", "--max-steps", "1"]);
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("tok/s"),
+            "{opt}: trained before refusing"
+        );
+        t.refused(&format!("{opt} is a file"), out, &format!("{opt} a_file"));
+    }
 }
 
 /// A write that fails (here: a file-size limit, as a full disk would) stops the run with the
@@ -399,4 +447,27 @@ fn a_non_finite_loss_stops_the_run_or_is_skipped_and_counted() {
         text.contains("optimizer step(s) with a non-finite loss or gradient"),
         "{text}"
     );
+}
+
+/// `fast pretrain | head`: once the reader has gone, the run ends by SIGPIPE as Unix tools do,
+/// without a panic message.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_the_run_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = common::fast()
+        .current_dir(dir.path())
+        .args(TINY)
+        .args(["--max-steps", "50"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running fast");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("waiting for fast");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}\n{err}", out.status);
 }

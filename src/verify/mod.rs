@@ -81,8 +81,12 @@ pub fn run(dir: &Path, target: &Target) -> Result<Vec<Row>> {
         let fx = ModelFixture::load(dir, name).with_context(|| format!("model fixture {name}"))?;
         rows.extend(guarded(name, || checks.model(&fx))?);
     }
+    // The cases the reference makes run beside any folder; they are not the folder's fixtures.
+    let mut made = 0;
     for fx in crate::cases::all() {
-        rows.extend(guarded(&fx.name, || checks.reference_case(&fx))?);
+        let r = guarded(&fx.name, || checks.reference_case(&fx))?;
+        made += r.len();
+        rows.extend(r);
     }
     for name in &inv.trajectories {
         let fx =
@@ -107,6 +111,6 @@ pub fn run(dir: &Path, target: &Target) -> Result<Vec<Row>> {
         rows.extend(guarded("muon_cases.json", || checks.muon(&cases))?);
     }
     rows.extend(guarded("the .pth weight files", || checks.pth(dir))?);
-    anyhow::ensure!(!rows.is_empty(), "{}: no fixtures found", dir.display());
+    anyhow::ensure!(rows.len() > made, "{}: no fixtures found", dir.display());
     Ok(rows)
 }

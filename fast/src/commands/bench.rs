@@ -160,6 +160,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.batch_size == 0 || args.max_seq_len < 2 || args.steps == 0 {
         bail!("--batch-size and --steps must be at least 1 and --max-seq-len at least 2");
     }
+    // Synthetic rows draw ids above the special tokens (ids 0-2).
+    if args.data_path.is_empty() && args.vocab_size < 4 {
+        bail!("--vocab-size must be at least 4 (got {})", args.vocab_size);
+    }
+    for (name, v) in [
+        ("learning-rate", args.learning_rate),
+        ("grad-clip", args.grad_clip),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            bail!("--{name} must be a positive number (got {v})");
+        }
+    }
+    if args.num_workers > crate::train::options::MAX_WORKERS {
+        bail!(
+            "--num-workers must be at most {} (got {})",
+            crate::train::options::MAX_WORKERS,
+            args.num_workers
+        );
+    }
+    args.optimizer.validate()?;
     let dtype = args.dtype.unwrap_or(match device {
         Device::Cuda(_) => DType::Bfloat16,
         _ => DType::Float32,
@@ -214,6 +234,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         vocab_size: vocab,
         ..args.model.resolve(ModelConfig::default())?
     };
+    crate::model::presets::check(&cfg)?;
     let tc = TrainerConfig {
         precision,
         device,

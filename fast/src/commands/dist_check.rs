@@ -6,7 +6,7 @@ use crate::parallel::{
     average_gradients, broadcast_parameters, communicator_from_env, weight_checksum, DistEnv,
     GradAverage,
 };
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -37,11 +37,21 @@ fn max_err(got: &Tensor, want: &Tensor) -> Result<f64> {
 }
 
 pub fn run(args: &DistCheckArgs) -> Result<()> {
+    if args.numel < 1 || args.iters == 0 {
+        bail!(
+            "--numel and --iters must be at least 1 (got {} and {})",
+            args.numel,
+            args.iters
+        );
+    }
     let env = DistEnv::from_env()?;
-    let requested = if args.device == "cuda" {
-        Device::Cuda(0)
-    } else {
-        Device::Cpu
+    let requested = match args.device.as_str() {
+        "cuda" if !tch::Cuda::is_available() => {
+            bail!("--device cuda: libtorch sees no CUDA device here")
+        }
+        "cuda" => Device::Cuda(0),
+        "cpu" => Device::Cpu,
+        other => bail!("--device {other:?}: give cpu or cuda"),
     };
     let device = env.device(requested);
     let t0 = Instant::now();
@@ -180,7 +190,7 @@ pub fn run(args: &DistCheckArgs) -> Result<()> {
     }
 }
 
-/// The bucketed all-reduce started from gradient hooks (dist/overlap.rs) leaves what one
+/// The bucketed all-reduce started from gradient hooks (parallel/overlap.rs) leaves what one
 /// all-reduce after backward leaves. Each rank runs a micro-step of the 26M model (bf16) on its
 /// own batch; the reference sums that micro-step's local gradients after it has finished. Then
 /// the same micro-step runs with the overlap, eagerly and as a replayed CUDA graph (the host

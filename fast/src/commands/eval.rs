@@ -239,6 +239,21 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let (mut model, from) =
         crate::io::weights::load_model(&args.weights, args.config.as_deref(), kind, device)?;
     model.kernels = Kernels::new(args.kernels);
+    let max_pos = model.cfg.max_position_embeddings;
+    if args.max_seq_len < 2 || args.max_seq_len > max_pos {
+        bail!(
+            "--max-seq-len must be between 2 and the model's max_position_embeddings {max_pos} (got {})",
+            args.max_seq_len
+        );
+    }
+    if let Some(n) = args.num_workers {
+        if n == 0 || n > crate::train::options::MAX_WORKERS {
+            bail!(
+                "--num-workers must be between 1 and {} (got {n})",
+                crate::train::options::MAX_WORKERS
+            );
+        }
+    }
     let (objective, mlm) = objective_of(args)?;
     model.causal = objective == Objective::CausalLm;
     eprintln!("model: {from}; {kind:?} on {device:?}");
@@ -254,7 +269,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         args.data_mode,
     );
     if let Some(n) = args.num_workers {
-        spec.threads = n.max(1);
+        spec.threads = n;
     }
     spec.token_cache = args.token_cache.clone();
     spec.rebuild_cache = args.rebuild_cache;

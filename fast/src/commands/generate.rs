@@ -123,7 +123,30 @@ pub fn generate_ids(
     Ok(out)
 }
 
+impl GenerateArgs {
+    /// Refuse sampling values that have no meaning, with the option's name.
+    fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!(
+                "--temperature must be zero (greedy) or positive (got {})",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1] (got {})", self.top_p);
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            bail!(
+                "--repetition-penalty must be a positive number (1 = off; got {})",
+                self.repetition_penalty
+            );
+        }
+        Ok(())
+    }
+}
+
 pub fn run(args: &GenerateArgs) -> Result<()> {
+    args.validate()?;
     let device = crate::model::precision::parse_device(&args.device)?;
     let kind = parse_dtype(args.dtype.as_deref(), device)?;
     let tdir = crate::io::checkpoint::tokenizer_for(

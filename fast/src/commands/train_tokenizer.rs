@@ -51,9 +51,12 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
             3 + args.special_tokens.len()
         );
     }
-    for t in &args.special_tokens {
+    for (i, t) in args.special_tokens.iter().enumerate() {
         if t.is_empty() || [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN].contains(&t.as_str()) {
             bail!("--special-tokens {t:?}: empty or already one of MiniMind's three");
+        }
+        if args.special_tokens[..i].contains(t) {
+            bail!("--special-tokens {t:?}: given twice");
         }
     }
     let policy = if args.skip_bad_lines {

@@ -490,13 +490,18 @@ impl TokenCache {
         let b = read_u64(&sh.offsets, j + 1);
         match (a, b) {
             (Some(a), Some(b)) if a <= b && b <= sh.tokens => Ok((a, b)),
-            _ => Err(self.damaged(
-                s,
-                format!(
-                    "offsets of document {j} are {a:?}..{b:?} of {} tokens",
-                    sh.tokens
-                ),
-            )),
+            _ => {
+                let shown = |v: Option<u64>| v.map_or("missing".to_string(), |v| v.to_string());
+                Err(self.damaged(
+                    s,
+                    format!(
+                        "offsets of document {j} are {}..{} of {} tokens",
+                        shown(a),
+                        shown(b),
+                        sh.tokens
+                    ),
+                ))
+            }
         }
     }
 

@@ -193,6 +193,17 @@ pub fn tokenizer_for(
     weights: &Path,
     config: Option<&Path>,
 ) -> Result<PathBuf> {
+    if !weights.is_file() {
+        bail!(
+            "--weights {}: {}",
+            weights.display(),
+            if weights.exists() {
+                "not a file"
+            } else {
+                "no such file"
+            }
+        );
+    }
     match given {
         Some(t) => crate::train::options::resolve_tokenizer(t),
         None => {

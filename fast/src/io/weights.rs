@@ -201,8 +201,24 @@ pub fn resolve_config(
     weights_path: &Path,
     config: Option<&Path>,
 ) -> Result<(ModelConfig, String)> {
-    let shape = |n: &str| weights.iter().find(|(k, _)| k == n).map(|(_, t)| t.size());
     let src = weights_path.display();
+    // The tensors whose shapes fix the config, with the number of dimensions each must have.
+    for (n, t) in weights {
+        let rank = if n.ends_with("norm.weight") {
+            1
+        } else if n == EMBED || n.ends_with("_proj.weight") || n.ends_with("mlp.gate.weight") {
+            2
+        } else {
+            continue;
+        };
+        if t.dim() != rank {
+            bail!(
+                "{src}: {n} has shape {:?}, where a {rank}-dimensional tensor belongs",
+                t.size()
+            );
+        }
+    }
+    let shape = |n: &str| weights.iter().find(|(k, _)| k == n).map(|(_, t)| t.size());
     let embed = shape(EMBED).with_context(|| format!("{src}: no {EMBED}"))?;
     let (vocab, d) = (embed[0] as usize, embed[1] as usize);
     let layer_of = |n: &str| {
@@ -212,14 +228,17 @@ pub fn resolve_config(
             .parse::<usize>()
             .ok()
     };
-    let layers = weights
-        .iter()
-        .filter_map(|(n, _)| layer_of(n))
-        .max()
-        .map(|m| m + 1)
-        .unwrap_or(0);
+    let layer_ids: std::collections::BTreeSet<usize> =
+        weights.iter().filter_map(|(n, _)| layer_of(n)).collect();
+    let layers = layer_ids.len();
     if layers == 0 {
         bail!("{src}: no model.layers.* tensors");
+    }
+    if let Some(missing) = (0..layers).find(|i| !layer_ids.contains(i)) {
+        bail!(
+            "{src}: has tensors of model.layers.{} but none of model.layers.{missing} (layers must be numbered 0 .. N-1)",
+            layer_ids.iter().next_back().expect("not empty")
+        );
     }
     let q = shape("model.layers.0.self_attn.q_proj.weight")
         .with_context(|| format!("{src}: no model.layers.0.self_attn.q_proj.weight"))?;
@@ -237,9 +256,7 @@ pub fn resolve_config(
                     .parse::<usize>()
                     .ok()
             })
-            .max()
-            .map(|m| m + 1)
-            .unwrap_or(0)
+            .collect::<std::collections::BTreeSet<usize>>()
     };
     let ffn_name = if is_moe.is_some() {
         "model.layers.0.mlp.experts.0.gate_proj.weight"
@@ -341,7 +358,14 @@ pub fn resolve_config(
         cfg.num_experts_per_tok =
             get_u("num_experts_per_tok").unwrap_or(defaults.num_experts_per_tok);
         cfg.norm_topk_prob = get_b("norm_topk_prob").unwrap_or(defaults.norm_topk_prob);
-        let shared = count("model.layers.0.mlp.shared_experts.");
+        let shared_ids = count("model.layers.0.mlp.shared_experts.");
+        let shared = shared_ids.len();
+        if let Some(missing) = (0..shared).find(|i| !shared_ids.contains(i)) {
+            bail!(
+                "{src}: has model.layers.0.mlp.shared_experts.{} but not shared_experts.{missing} (experts must be numbered 0 .. N-1)",
+                shared_ids.iter().next_back().expect("not empty")
+            );
+        }
         match architecture {
             Architecture::MiniMind2 => {
                 check("n_routed_experts", n_routed)?;
@@ -400,4 +424,69 @@ pub fn load_model(
     let model =
         MiniMindForCausalLM::from_weights(&cfg, w, kind, device, &path.display().to_string())?;
     Ok((model, from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The named tensors of a dense model at `cfg`, zeros.
+    fn dense(cfg: &ModelConfig) -> Vec<(String, Tensor)> {
+        cfg.param_shapes()
+            .into_iter()
+            .map(|(n, s)| (n, Tensor::zeros(s.as_slice(), (Kind::Float, Device::Cpu))))
+            .collect()
+    }
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            vocab_size: 32,
+            intermediate_size: Some(32),
+            ..ModelConfig::default()
+        }
+    }
+
+    fn refused(w: &[(String, Tensor)]) -> String {
+        resolve_config(w, Path::new("w.safetensors"), None)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Tensors of the wrong rank, and layers or shared experts numbered with gaps (one huge
+    /// number), are refused naming the tensor, before anything is sized from them.
+    #[test]
+    fn tensors_that_cannot_size_a_model_are_refused_by_name() {
+        let cfg = tiny();
+        assert!(resolve_config(&dense(&cfg), Path::new("w.safetensors"), None).is_ok());
+        for (name, shape) in [
+            (EMBED, vec![32 * 16]),
+            ("model.layers.0.self_attn.q_proj.weight", vec![]),
+            ("model.layers.0.input_layernorm.weight", vec![16, 1]),
+        ] {
+            let mut w = dense(&cfg);
+            for (n, t) in w.iter_mut() {
+                if n == name {
+                    *t = Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu));
+                }
+            }
+            let e = refused(&w);
+            assert!(e.contains(name) && e.contains("-dimensional tensor belongs"), "{e}");
+        }
+        let mut w = dense(&cfg);
+        w.push((
+            "model.layers.18446744073709551614.foo".into(),
+            Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+        ));
+        let e = refused(&w);
+        assert!(
+            e.contains("model.layers.18446744073709551614") && e.contains("none of model.layers.2"),
+            "{e}"
+        );
+    }
 }

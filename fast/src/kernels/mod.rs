@@ -372,12 +372,19 @@ impl Kernels {
     /// A MoE layer's routed experts as grouped matmuls (`torch._grouped_mm`, libtorch's own op,
     /// whatever `--kernels` says) for activations `x` in `compute`, model width `hidden`, expert
     /// width `width`: chosen (`--moe-experts grouped`), bf16 or fp32 compute (libtorch has no
-    /// fp64 grouped matmul), and on CUDA both widths multiples of 8 (its bf16 kernel needs
-    /// 16-byte strides). Otherwise the per-expert loop.
+    /// fp64 grouped matmul), and both widths whole 16-byte rows, as the op requires of its
+    /// strides: multiples of 8 on CUDA (its bf16 kernel), of 16 bytes' worth of `compute`
+    /// elsewhere (4 in fp32, 8 in bf16). Otherwise the per-expert loop.
     pub fn moe_grouped_applies(&self, x: &Tensor, compute: Kind, hidden: i64, width: i64) -> bool {
+        let align = if x.device().is_cuda() || compute == Kind::BFloat16 {
+            8
+        } else {
+            4
+        };
         self.config.moe_experts == MoeExperts::Grouped
             && matches!(compute, Kind::BFloat16 | Kind::Float)
-            && (!x.device().is_cuda() || (hidden % 8 == 0 && width % 8 == 0))
+            && hidden % align == 0
+            && width % align == 0
     }
 
     /// The routed experts as one autograd node whose backward recomputes per
@@ -542,6 +549,11 @@ mod tests {
             assert!(k.moe_grouped_applies(&x, Kind::BFloat16, 8, 24));
             assert!(k.moe_grouped_applies(&x, Kind::Float, 8, 24));
             assert!(!k.moe_grouped_applies(&x, Kind::Double, 8, 24));
+            // The op's 16-byte strides: 4 fp32 or 8 bf16 elements a row on the CPU.
+            assert!(k.moe_grouped_applies(&x, Kind::Float, 12, 20));
+            assert!(!k.moe_grouped_applies(&x, Kind::Float, 6, 24));
+            assert!(!k.moe_grouped_applies(&x, Kind::Float, 8, 7));
+            assert!(!k.moe_grouped_applies(&x, Kind::BFloat16, 12, 24));
         }
         assert!(!looped.moe_grouped_applies(&x, Kind::BFloat16, 8, 24));
         assert_eq!(grouped.moe_graph_refusal(Kind::BFloat16, 512, 1408), None);

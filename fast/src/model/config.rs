@@ -246,6 +246,12 @@ impl ModelConfig {
             self.num_attention_heads,
             self.num_key_value_heads
         );
+        let n = self.param_count();
+        ensure!(
+            n <= MAX_PARAMS,
+            "the model would have {n} parameters ({:.0} GiB in fp32), more than the {MAX_PARAMS} this trainer takes: check hidden_size, num_hidden_layers, intermediate_size, vocab_size and the experts",
+            n as f64 * 4.0 / (1u64 << 30) as f64
+        );
         if self.use_moe {
             ensure!(
                 self.num_experts_per_tok >= 1 && self.num_experts_per_tok <= self.routed_experts(),
@@ -315,6 +321,23 @@ impl ModelConfig {
         out
     }
 
+    /// Number of parameters (the tied embedding counted once) from the sizes alone, without
+    /// listing them, so that any option values give an answer at once.
+    pub fn param_count(&self) -> u128 {
+        let u = |v: usize| v as u128;
+        let (d, hd) = (u(self.hidden_size), u(self.head_dim()));
+        let (h, kv) = (u(self.num_attention_heads), u(self.num_key_value_heads));
+        let attn = 2 * h * hd * d + 2 * kv * hd * d + if self.qk_norm { 2 * hd } else { 0 };
+        let mlp = |f: usize| 3 * d * u(f);
+        let ffn = if self.use_moe {
+            u(self.routed_experts()) * d
+                + u(self.routed_experts() + self.shared_experts()) * mlp(self.expert_width())
+        } else {
+            mlp(self.ffn_width())
+        };
+        u(self.vocab_size) * d + u(self.num_hidden_layers) * (2 * d + attn + ffn) + d
+    }
+
     /// Number of parameters (the tied embedding counted once).
     pub fn num_params(&self) -> i64 {
         self.param_shapes()
@@ -324,9 +347,35 @@ impl ModelConfig {
     }
 }
 
+/// The most parameters a model may have: 2^36 (275 GB of fp32 weights, beyond any one machine
+/// this trainer runs on), so that a mistyped size is refused before anything is allocated.
+pub const MAX_PARAMS: u128 = 1 << 36;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The count from the sizes equals the sum over the listed shapes.
+    #[test]
+    fn param_count_is_the_sum_of_the_listed_shapes() {
+        let moe = ModelConfig {
+            use_moe: true,
+            ..ModelConfig::minimind_26m()
+        };
+        let m3_moe = ModelConfig {
+            use_moe: true,
+            ..ModelConfig::minimind3()
+        };
+        for c in [ModelConfig::minimind_26m(), ModelConfig::minimind3(), moe, m3_moe] {
+            assert_eq!(c.param_count(), c.num_params() as u128, "{c:?}");
+        }
+        let huge = ModelConfig {
+            num_hidden_layers: 100_000_000,
+            ..ModelConfig::minimind_26m()
+        };
+        let e = huge.validate().unwrap_err().to_string();
+        assert!(e.contains("more than the 68719476736 this trainer takes"), "{e}");
+    }
 
     #[test]
     fn derived_ffn_width_is_1408_for_d512() {

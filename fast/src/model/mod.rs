@@ -132,6 +132,17 @@ impl MiniMindForCausalLM {
     /// the parameters' kind until [`Self::set_compute_kind`].
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self> {
         cfg.validate()?;
+        // Weights the device cannot hold are an error naming the sizes, not a panic inside
+        // libtorch's allocator halfway through the layers (empty: nothing is written).
+        let n = cfg.param_count();
+        if let Err(e) = Tensor::f_empty([n as i64], (Kind::Float, root.device())) {
+            anyhow::bail!(
+                "the model's {n} parameters ({:.1} GiB in fp32) do not fit on {:?}: {}",
+                n as f64 * 4.0 / (1u64 << 30) as f64,
+                root.device(),
+                e.to_string().lines().next().unwrap_or("")
+            );
+        }
         let m = root / "model";
         let (d, hd) = (cfg.hidden_size as i64, cfg.head_dim() as i64);
         let mat = |p: &nn::Path, o: i64, i: i64| {

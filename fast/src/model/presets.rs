@@ -236,6 +236,11 @@ pub fn check(c: &ModelConfig) -> Result<()> {
             c.routed_experts()
         );
     }
+    for coef in [c.aux_loss_alpha, c.router_aux_loss_coef] {
+        if !(coef.is_finite() && coef >= 0.0) {
+            bail!("--aux-loss-coef must be zero or a positive number (got {coef})");
+        }
+    }
     if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) {
         bail!(
             "--rms-norm-eps must be a positive number (got {})",

@@ -69,11 +69,7 @@ impl Sampler {
         }
         // Candidates by descending logit (ties by lower id, for determinism).
         let mut idx: Vec<usize> = (0..l.len()).collect();
-        idx.sort_by(|&a, &b| {
-            l[b].partial_cmp(&l[a])
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.cmp(&b))
-        });
+        idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
         if self.cfg.top_k > 0 && self.cfg.top_k < idx.len() {
             idx.truncate(self.cfg.top_k);
         }

@@ -5,7 +5,7 @@
 //! the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, default on), so ranks never hang on a dead peer;
 //! torchrun then stops the remaining ranks. A rank that fails in Rust calls `abort` (also done on
 //! drop unless `finish` ran), which aborts its communicators at once. Before any of that, the
-//! monitor (dist/monitor.rs) ends the peers of a failed rank with its message within a second.
+//! monitor (parallel/monitor.rs) ends the peers of a failed rank with its message within a second.
 
 use super::{for_each_bucket, Communicator, DistEnv, DEFAULT_BUCKET_BYTES};
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -79,7 +79,7 @@ pub struct Nccl {
     world: usize,
     device: Device,
     bucket_bytes: usize,
-    /// Failure notices and heartbeats through the store (dist/monitor.rs).
+    /// Failure notices and heartbeats through the store (parallel/monitor.rs).
     monitor: Option<super::monitor::Monitor>,
 }
 

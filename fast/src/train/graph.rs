@@ -2,7 +2,7 @@
 //! AdamW, zero) each captured once as a CUDA graph and replayed, so a step costs two launches of
 //! host time instead of ~1,500. Between them the data-parallel all-reduce runs eagerly on the
 //! flat gradient buffer, so no collective is ever captured (with the overlap, the micro-step's
-//! graph only records the events its buckets wait for: dist/overlap.rs).
+//! graph only records the events its buckets wait for: parallel/overlap.rs).
 //!
 //! A replay computes exactly what the eager calls compute: the same kernels on the same
 //! persistent tensors (parameters, `.grad` views, AdamW moments, the device learning rate). Only

@@ -408,9 +408,14 @@ fn save_checkpoint(
 /// run's atomic writes removed, and metrics.jsonl holding the resumed history.
 fn prepare_outputs(cfg: &RunConfig, main: bool, history: &[MetricRow]) -> Result<PathBuf> {
     std::fs::create_dir_all(&cfg.save_dir)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", cfg.save_dir.display()))?;
+        .map_err(|e| anyhow::anyhow!("--save-dir {}: {e}", cfg.save_dir.display()))?;
     let metrics_path = cfg.save_dir.join("metrics.jsonl");
     if main {
+        // Made now, so that a checkpoint directory that cannot be is refused before training
+        // rather than at the first save.
+        std::fs::create_dir_all(&cfg.checkpoint_dir).map_err(|e| {
+            anyhow::anyhow!("--checkpoint-dir {}: {e}", cfg.checkpoint_dir.display())
+        })?;
         for p in [
             cfg.weights_path(),
             cfg.resume_path(),

@@ -121,6 +121,17 @@ pub struct PretrainArgs {
     /// 1 = continue from the resume checkpoint in --checkpoint-dir (start fresh if there is none).
     #[arg(long, alias = "from_resume", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub from_resume: u8,
+    /// MiniMind's wandb switch. There is no wandb here: every run writes TensorBoard event files
+    /// (--tensorboard) and metrics.jsonl, so giving it is refused with that sentence.
+    #[arg(long, alias = "use_wandb")]
+    pub use_wandb: bool,
+    /// MiniMind's wandb project name: accepted and unused (see --use-wandb).
+    #[arg(long, alias = "wandb_project")]
+    pub wandb_project: Option<String>,
+    /// MiniMind's torch.compile switch: 0 (its default) is accepted; 1 is refused, naming
+    /// --cuda-graph, which is how this trainer takes the host out of the step.
+    #[arg(long, alias = "use_compile", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub use_compile: u8,
 
     // ---- ours ----
     /// Seed of the weight init and of every epoch's data permutation.
@@ -423,6 +434,16 @@ impl PretrainArgs {
         device: tch::Device,
         default_data: impl FnOnce() -> Result<(PathBuf, PathBuf)>,
     ) -> Result<RunConfig> {
+        if self.use_wandb {
+            bail!(
+                "--use-wandb: there is no wandb here; every run writes TensorBoard event files (--tensorboard DIR, default <save-dir>/tensorboard) and <save-dir>/metrics.jsonl"
+            );
+        }
+        if self.use_compile == 1 {
+            bail!(
+                "--use-compile 1: there is no torch.compile here; --cuda-graph captures the micro-step and the optimizer step as CUDA graphs instead (CUDA, a binary built with make release-cuda)"
+            );
+        }
         let cuda = device.is_cuda();
         let mut notes = Vec::new();
         let mut embedded = None;
@@ -622,6 +643,10 @@ impl PretrainArgs {
     }
 }
 
+/// The most data-loader threads a run may ask for (more than any machine's cores, fewer than
+/// an operating system refuses to start).
+pub const MAX_WORKERS: usize = 1024;
+
 impl RunConfig {
     /// Refuse impossible values with the option's name, before anything is loaded.
     pub fn validate(&self) -> Result<()> {
@@ -637,6 +662,12 @@ impl RunConfig {
         at_least("log-interval", self.log_interval, 1)?;
         at_least("save-interval", self.save_interval, 1)?;
         at_least("num-workers", self.num_workers, 1)?;
+        if self.num_workers > MAX_WORKERS {
+            bail!(
+                "--num-workers must be at most {MAX_WORKERS} (got {}): each is a thread of the data loader and of the tokenizing pass",
+                self.num_workers
+            );
+        }
         at_least("max-seq-len", self.max_seq_len, 2)?;
         at_least("eval-interval", self.eval_interval, 1)?;
         at_least("eval-batch-size", self.eval_batch_size, 1)?;

@@ -63,7 +63,7 @@ impl EventWriter {
         elapsed_before: f64,
     ) -> Result<EventWriter> {
         std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the TensorBoard directory {}", dir.display()))?;
+            .with_context(|| format!("--tensorboard {}: creating the directory", dir.display()))?;
         let now = unix_now();
         let suffix = run_suffix(cfg);
         let path = dir.join(format!("{FILE_PREFIX}{}{suffix}", now as u64));

@@ -338,6 +338,11 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
         args.moe_seq > 0 && args.moe_hidden > 0 && args.moe_batches.iter().all(|&b| b > 0),
         "--moe-batches, --moe-seq and --moe-hidden must be positive"
     );
+    anyhow::ensure!(
+        args.moe_hidden % 8 == 0,
+        "--moe-hidden must be a multiple of 8 (got {}): the grouped experts checked against the loop need rows of whole 16 bytes",
+        args.moe_hidden
+    );
     tch::manual_seed(args.seed);
     println!(
         "fast kernels: rows {}, iters {} (+{} warm-up), device {}",
