@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel checks on a machine with 2 or more GPUs (nvidia-h200-x2, -x4). Needs no Rust: only the `fast`
-# binary built with `cargo build --release -p fast --features nccl`, and python3 with PyTorch 2.11
+# binary built by `make release-cuda` (`--features cuda`: NCCL plus the bucket events that overlap
+# the all-reduce with backward; `--features nccl` alone has no overlap), and python3 with PyTorch 2.11
 # (for torchrun and libtorch's shared libraries).
 #
 # Usage: scripts/ddp_check.sh INPUT_DIR [WORK_DIR]
@@ -25,7 +26,7 @@ die() { echo "ddp_check: $*" >&2; exit 1; }
 [ $# -ge 1 ] || die "usage: $0 INPUT_DIR [WORK_DIR]"
 IN=$(cd "$1" && pwd) || die "no folder $1"
 BIN="$IN/fast"
-[ -x "$BIN" ] || die "$BIN is not an executable (build: cargo build --release -p fast --features nccl)"
+[ -x "$BIN" ] || die "$BIN is not an executable (build: make release-cuda)"
 WORK=${2:-$(mktemp -d /tmp/ddp_check.XXXXXX)}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)

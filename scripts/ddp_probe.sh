@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where an NP-GPU data-parallel step's time goes at batch 32 per GPU (docs/gpu-runs.md, third
+# Where an NP-GPU data-parallel step's time goes at batch 32 per GPU (docs/journal/gpu-runs.md, third
 # and fourth sessions): variants of ddp_check.sh's scaling run, each printed as the median
 # tokens/s over log intervals of 30 steps (300 steps, --cuda-graph, bf16, token-weighted loss).
 # `pair` runs two independent one-GPU runs at once, one per card, without NCCL: what a busy

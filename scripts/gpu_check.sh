@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Single-GPU checks on a machine with PyTorch 2.11 and one CUDA GPU (nvidia-h100-x1). Needs no
-# Rust: only binaries built here (`make release-cuda` for fast, `cargo build --release --bin verify`).
+# Rust: only the binaries `make release-cuda` builds here (target/release/fast and verify, both
+# with `--features cuda`, so that verify --device cuda reaches the fused kernels).
 #
 # Usage: scripts/gpu_check.sh INPUT_DIR OUT_DIR
 #   INPUT_DIR/fast, INPUT_DIR/verify      the binaries

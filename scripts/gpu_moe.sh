@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MoE on one GPU (H200, PyTorch 2.11 installed): grouped experts against the per-expert loop.
-# Needs no Rust: the binaries built here (`make release-cuda` for fast, `cargo build --release
-# --bin verify` for verify), copied to .device/fast and .device/verify. Run from the repo root:
+# Needs no Rust: the binaries `make release-cuda` builds here (fast and verify, both with
+# `--features cuda`), copied to .device/fast and .device/verify. Run from the repo root:
 #
 #   OUT=/some/dir scripts/gpu_moe.sh            # $OUT: where logs and summary.txt go
 #

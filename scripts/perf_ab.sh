@@ -5,7 +5,7 @@
 #
 # Usage: scripts/perf_ab.sh INPUT_DIR
 #   INPUT_DIR/fast_old, INPUT_DIR/fast    the builds to compare (make release-cuda)
-#   INPUT_DIR/verify                      cargo build --release --bin verify (same sources as fast)
+#   INPUT_DIR/verify                      the verify of the same make release-cuda (same sources as fast)
 #   INPUT_DIR/poems_100k.jsonl.xz         corpus for real-data batches (scripts/build_corpus.sh)
 # Variants: VARIANTS="name|binary|ENV=..|args" lines; defaults below. Prints one table row each.
 set -uo pipefail

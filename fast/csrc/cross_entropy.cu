@@ -1,5 +1,5 @@
 // Fused cross-entropy forward + backward over bf16 logits, for the chunked lm_head of the bf16
-// training step (fast/src/step.rs). One block per row: read the bf16 row, reduce its max and its
+// training step (fast/src/train/head.rs). One block per row: read the bf16 row, reduce its max and its
 // sum of exp in fp32, write the row's loss to an fp32 [n] buffer and overwrite the row, in place,
 // with the bf16 gradient of `seed * sum of losses`. This replaces libtorch's fp32 copy of the
 // logits, log_softmax forward and backward, nll_loss forward and backward and their fp32

@@ -1,6 +1,6 @@
 // Data parallel: start reducing a bucket of gradients while backward is still computing the rest.
 //
-// A gradient hook on a tensor that only layer i's first op reads (dist/overlap.rs: the previous
+// A gradient hook on a tensor that only layer i's first op reads (parallel/overlap.rs: the previous
 // layer's feed-forward output, or the embedding's) fires once every layer >= i has
 // backpropagated, and their .grad are written: AccumulateGrad nodes run first in the engine's
 // ready queue. The hook records CUDA event i on the backward's stream. After backward returns on the host,

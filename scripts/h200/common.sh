@@ -53,7 +53,7 @@ moe_epoch() {
   (cd $dir && timeout $lim $FAST pretrain --device cuda --data-path $W/train.jsonl --tokenizer minimind2 \
      --use-moe 1 --batch-size 128 --accumulation-steps 2 --log-interval $every --num-workers 12 --no-progress \
      --sample-tokens 0 --moe-experts $e "${g[@]}") >$O/moe_$e.txt 2>&1
-  row "moe pretrain $e (306k poems): rc $?, $(took $t0)s wall; $(grep -E '^(done|stopped)' $O/moe_$e.txt | tail -1 | cut -c1-200)"
+  row "moe pretrain $e (310k poems): rc $?, $(took $t0)s wall; $(grep -E '^(done|stopped)' $O/moe_$e.txt | tail -1 | cut -c1-200)"
   grep -E '^kernels' $O/moe_$e.txt | head -1 | cut -c1-250 | tee -a $S
   grep Epoch $O/moe_$e.txt | tail -1 | cut -c1-200 | tee -a $S
   local wt=$(ls $dir/out/*.safetensors 2>/dev/null | head -1)

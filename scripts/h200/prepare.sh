@@ -3,13 +3,14 @@
 # that has PyTorch 2.11 but no Rust and no network: stripped, xz-compressed `fast` and `verify`
 # (from `make release-cuda`), the poems corpus (scripts/build_corpus.sh), MiniMind's own model and
 # dataset code for the anchors (MiniMind2 at 3a5aba8 and MiniMind-3 at d65ef2c, from a clone given
-# as MINIMIND_GIT) and ../shared/minimind-anchor's bench script. Then carry .device and the tree
-# to the GPU machine and run the parts from the repository root.
+# as MINIMIND_GIT) and the anchor scripts of scripts/h200/anchor/ (MiniMind's trainer step timed,
+# held-out loss scored MiniMind's way). Then carry .device and the tree to the GPU machine and run
+# the parts from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CORPUS=${CORPUS:-data/poems_full.jsonl}
 MINIMIND_GIT=${MINIMIND_GIT:?set MINIMIND_GIT to a clone of jingyaogong/minimind (its .git directory)}
-ANCHOR=${ANCHOR:-../shared/minimind-anchor}
+ANCHOR=${ANCHOR:-scripts/h200/anchor}
 mkdir -p .device
 for b in fast verify; do
   strip -o /tmp/$b.stripped target/release/$b

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One epoch of the 306k training poems with the packed-docs recipe and with MiniMind's padded
+# One epoch of the 310k training poems with the packed-docs recipe and with MiniMind's padded
 # recipe, each timed as a whole command (no --eval-data), then fast eval of both on the held-out
 # poems; the same binary, one call.
 source "$(dirname "$0")/common.sh"
