@@ -177,7 +177,6 @@ pub struct ModelFixture {
     pub after_step: reference::Params,
 }
 
-/// The config field a mis-shaped parameter most likely points to.
 /// Whether `name` is a tensor of a layer of which the fixture holds no tensor at all.
 fn layer_absent<'a>(name: &str, mut names: impl Iterator<Item = &'a String>) -> bool {
     let layer = |n: &str| {
@@ -191,6 +190,7 @@ fn layer_absent<'a>(name: &str, mut names: impl Iterator<Item = &'a String>) -> 
     }
 }
 
+/// The config field a mis-shaped parameter most likely points to.
 fn field_behind(name: &str) -> &'static str {
     let tail = name.rsplit('.').nth(1).unwrap_or("");
     match tail {
@@ -237,8 +237,18 @@ fn check_config(json: &Path, c: &ModelConfig) -> Result<()> {
         ),
         _ => {}
     }
-    if c.use_moe && c.num_experts_per_tok == 0 {
-        bail!("{at}: field config.num_experts_per_tok is 0; it must be at least 1");
+    if c.head_dim() % 2 != 0 {
+        bail!(
+            "{at}: the head size {} (field config.head_dim, or hidden_size / num_attention_heads) is odd; RoPE rotates pairs",
+            c.head_dim()
+        );
+    }
+    if c.use_moe && !(1..=c.routed_experts()).contains(&c.num_experts_per_tok) {
+        bail!(
+            "{at}: field config.num_experts_per_tok {} must be between 1 and the {} routed experts (num_experts / n_routed_experts)",
+            c.num_experts_per_tok,
+            c.routed_experts()
+        );
     }
     Ok(())
 }

@@ -271,13 +271,13 @@ fn bad_tokenizers_options_and_directories_are_refused() {
         (
             "--aux-loss-coef",
             "nan",
-            "--aux-loss-coef must be zero or a positive number",
+            "--aux-loss-coef (aux_loss_alpha / router_aux_loss_coef) must be zero or a positive number",
         ),
-        ("--num-workers", "100000", "--num-workers must be at most 1024"),
+        ("--num-workers", "100000", "--num-workers must be between 1 and 1024"),
         (
             "--num-hidden-layers",
             "100000000",
-            "parameters (",
+            "parameters, more than the 68719476736 this trainer takes",
         ),
         ("--num-workers", "0", "--num-workers"),
         ("--log-interval", "0", "--log-interval"),

@@ -172,13 +172,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             bail!("--{name} must be a positive number (got {v})");
         }
     }
-    if args.num_workers > crate::train::options::MAX_WORKERS {
-        bail!(
-            "--num-workers must be at most {} (got {})",
-            crate::train::options::MAX_WORKERS,
-            args.num_workers
-        );
-    }
+    crate::train::options::check_num_workers(args.num_workers)?;
     args.optimizer.validate()?;
     let dtype = args.dtype.unwrap_or(match device {
         Device::Cuda(_) => DType::Bfloat16,
@@ -198,7 +192,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 (None, None) => crate::data::defaults::materialize()?.tokenizer_dir,
             };
             let mut spec = DataSpec::new(args.data_path.clone(), tokenizer, t, args.data_mode);
-            spec.threads = args.num_workers.max(1);
+            spec.threads = args.num_workers;
             spec.token_cache = args.token_cache.clone();
             spec.rebuild_cache = args.rebuild_cache;
             let data = Data::load(&spec, &|l| eprintln!("{l}"))?;
@@ -214,7 +208,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             let perm = crate::data::order::epoch_permutation(data.dataset.len(), args.seed, 0);
             let batches: Vec<Vec<usize>> = perm[..need].chunks(b).map(<[usize]>::to_vec).collect();
-            let workers = args.num_workers.max(1);
+            let workers = args.num_workers;
             let loader =
                 Prefetcher::new(data.dataset.clone(), batches, 0, workers, 2 * workers + 2);
             (Source::Loader(loader), data.tokenizer.vocab_size())
@@ -234,7 +228,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         vocab_size: vocab,
         ..args.model.resolve(ModelConfig::default())?
     };
-    crate::model::presets::check(&cfg)?;
     let tc = TrainerConfig {
         precision,
         device,

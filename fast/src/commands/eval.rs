@@ -234,6 +234,9 @@ pub fn evaluate(
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
+    if let Some(n) = args.num_workers {
+        crate::train::options::check_num_workers(n)?;
+    }
     let device = crate::model::precision::parse_device(&args.device)?;
     let kind = crate::commands::generate::parse_dtype(args.dtype.as_deref(), device)?;
     let (mut model, from) =
@@ -245,14 +248,6 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "--max-seq-len must be between 2 and the model's max_position_embeddings {max_pos} (got {})",
             args.max_seq_len
         );
-    }
-    if let Some(n) = args.num_workers {
-        if n == 0 || n > crate::train::options::MAX_WORKERS {
-            bail!(
-                "--num-workers must be between 1 and {} (got {n})",
-                crate::train::options::MAX_WORKERS
-            );
-        }
     }
     let (objective, mlm) = objective_of(args)?;
     model.causal = objective == Objective::CausalLm;

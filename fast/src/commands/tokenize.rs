@@ -51,6 +51,9 @@ pub fn run(args: &TokenizeArgs) -> Result<()> {
     if args.max_docs == Some(0) {
         anyhow::bail!("--max-docs must be at least 1");
     }
+    if let Some(n) = args.num_workers {
+        crate::train::options::check_num_workers(n)?;
+    }
     let tokenizer = crate::train::options::resolve_tokenizer(&args.tokenizer)?;
     let tok = TextTokenizer::load(&tokenizer, &SpecialTokenStrings::default())?;
     let threads = args.num_workers.unwrap_or_else(|| {

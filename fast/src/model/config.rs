@@ -323,19 +323,28 @@ impl ModelConfig {
 
     /// Number of parameters (the tied embedding counted once) from the sizes alone, without
     /// listing them, so that any option values give an answer at once.
+    /// Saturates at `u128::MAX` (sizes no machine could hold either way).
     pub fn param_count(&self) -> u128 {
         let u = |v: usize| v as u128;
         let (d, hd) = (u(self.hidden_size), u(self.head_dim()));
         let (h, kv) = (u(self.num_attention_heads), u(self.num_key_value_heads));
-        let attn = 2 * h * hd * d + 2 * kv * hd * d + if self.qk_norm { 2 * hd } else { 0 };
-        let mlp = |f: usize| 3 * d * u(f);
+        let mul = |a: u128, b: u128| a.saturating_mul(b);
+        let attn = mul(mul(2 * (h + kv), hd), d).saturating_add(if self.qk_norm { 2 * hd } else { 0 });
+        let mlp = |f: usize| mul(3 * d, u(f));
         let ffn = if self.use_moe {
-            u(self.routed_experts()) * d
-                + u(self.routed_experts() + self.shared_experts()) * mlp(self.expert_width())
+            mul(u(self.routed_experts()), d).saturating_add(mul(
+                u(self.routed_experts()) + u(self.shared_experts()),
+                mlp(self.expert_width()),
+            ))
         } else {
             mlp(self.ffn_width())
         };
-        u(self.vocab_size) * d + u(self.num_hidden_layers) * (2 * d + attn + ffn) + d
+        mul(u(self.vocab_size), d)
+            .saturating_add(mul(
+                u(self.num_hidden_layers),
+                (2 * d).saturating_add(attn).saturating_add(ffn),
+            ))
+            .saturating_add(d)
     }
 
     /// Number of parameters (the tied embedding counted once).

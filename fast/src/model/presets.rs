@@ -236,9 +236,16 @@ pub fn check(c: &ModelConfig) -> Result<()> {
             c.routed_experts()
         );
     }
+    let n = c.param_count();
+    if n > crate::model::config::MAX_PARAMS {
+        bail!(
+            "the model would have {n} parameters, more than the {} this trainer takes: check --hidden-size, --num-hidden-layers, --intermediate-size, --vocab-size and the experts",
+            crate::model::config::MAX_PARAMS
+        );
+    }
     for coef in [c.aux_loss_alpha, c.router_aux_loss_coef] {
         if !(coef.is_finite() && coef >= 0.0) {
-            bail!("--aux-loss-coef must be zero or a positive number (got {coef})");
+            bail!("--aux-loss-coef (aux_loss_alpha / router_aux_loss_coef) must be zero or a positive number (got {coef})");
         }
     }
     if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) {

@@ -69,6 +69,10 @@ impl Sampler {
         }
         // Candidates by descending logit (ties by lower id, for determinism).
         let mut idx: Vec<usize> = (0..l.len()).collect();
+        // NaN logits (broken weights) rank last, so that the draw stays a distribution.
+        for x in l.iter_mut().filter(|x| x.is_nan()) {
+            *x = f64::NEG_INFINITY;
+        }
         idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
         if self.cfg.top_k > 0 && self.cfg.top_k < idx.len() {
             idx.truncate(self.cfg.top_k);

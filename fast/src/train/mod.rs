@@ -404,15 +404,16 @@ fn save_checkpoint(
     Ok(())
 }
 
-/// The run's output files before its first step: the save directory, leftovers of a killed
-/// run's atomic writes removed, and metrics.jsonl holding the resumed history.
+/// The run's output files before its first step: the save and checkpoint directories,
+/// leftovers of a killed run's atomic writes removed, and metrics.jsonl holding the resumed
+/// history.
 fn prepare_outputs(cfg: &RunConfig, main: bool, history: &[MetricRow]) -> Result<PathBuf> {
     std::fs::create_dir_all(&cfg.save_dir)
         .map_err(|e| anyhow::anyhow!("--save-dir {}: {e}", cfg.save_dir.display()))?;
     let metrics_path = cfg.save_dir.join("metrics.jsonl");
     if main {
-        // Made now, so that a checkpoint directory that cannot be is refused before training
-        // rather than at the first save.
+        // Created here, before the first step, so that one that cannot be created is refused
+        // now, not at the first save.
         std::fs::create_dir_all(&cfg.checkpoint_dir).map_err(|e| {
             anyhow::anyhow!("--checkpoint-dir {}: {e}", cfg.checkpoint_dir.display())
         })?;

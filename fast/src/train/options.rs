@@ -647,6 +647,16 @@ impl PretrainArgs {
 /// an operating system refuses to start).
 pub const MAX_WORKERS: usize = 1024;
 
+/// `--num-workers` of every command that reads a corpus: 1 ..= [`MAX_WORKERS`] threads.
+pub fn check_num_workers(n: usize) -> Result<()> {
+    if n == 0 || n > MAX_WORKERS {
+        bail!(
+            "--num-workers must be between 1 and {MAX_WORKERS} (got {n}): each is a thread of the data loader and of the tokenizing pass"
+        );
+    }
+    Ok(())
+}
+
 impl RunConfig {
     /// Refuse impossible values with the option's name, before anything is loaded.
     pub fn validate(&self) -> Result<()> {
@@ -661,13 +671,7 @@ impl RunConfig {
         at_least("accumulation-steps", self.accumulation_steps, 1)?;
         at_least("log-interval", self.log_interval, 1)?;
         at_least("save-interval", self.save_interval, 1)?;
-        at_least("num-workers", self.num_workers, 1)?;
-        if self.num_workers > MAX_WORKERS {
-            bail!(
-                "--num-workers must be at most {MAX_WORKERS} (got {}): each is a thread of the data loader and of the tokenizing pass",
-                self.num_workers
-            );
-        }
+        check_num_workers(self.num_workers)?;
         at_least("max-seq-len", self.max_seq_len, 2)?;
         at_least("eval-interval", self.eval_interval, 1)?;
         at_least("eval-batch-size", self.eval_batch_size, 1)?;

@@ -339,7 +339,7 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
         "--moe-batches, --moe-seq and --moe-hidden must be positive"
     );
     anyhow::ensure!(
-        args.moe_hidden % 8 == 0,
+        args.only.is_some_and(|o| o != Only::Moe) || args.moe_hidden % 8 == 0,
         "--moe-hidden must be a multiple of 8 (got {}): the grouped experts checked against the loop need rows of whole 16 bytes",
         args.moe_hidden
     );
