@@ -123,6 +123,15 @@ fn bad_data_files_are_refused_by_file_and_line() {
         run(corpus(d, "empty.jsonl", b"")),
         "is empty",
     );
+    t.refused(
+        "every text empty",
+        run(corpus(
+            d,
+            "blank.jsonl",
+            b"{\"text\": \"\"}\n{\"text\": \"\"}\n",
+        )),
+        "have no text (every \"text\" is empty)",
+    );
     std::fs::create_dir(d.join("nodata")).unwrap();
     std::fs::write(d.join("nodata/readme.txt"), "no corpus here").unwrap();
     t.refused(
@@ -304,6 +313,25 @@ fn bad_tokenizers_options_and_directories_are_refused() {
             ],
         ),
         "--special-tokens \"<a>\": given twice",
+    );
+    // Options that apply only with another are refused without it, not ignored.
+    t.refused(
+        "--eval-interval without --eval-data",
+        pretrain(d, &["--eval-interval", "5"]),
+        "--eval-interval applies to the held-out scoring of --eval-data",
+    );
+    t.refused(
+        "--mask-token with a causal LM",
+        pretrain(d, &["--mask-token", "<m>"]),
+        "--mask-token applies to --objective mlm only",
+    );
+    t.refused(
+        "--n-shared-experts with MiniMind-3's MoE",
+        pretrain(
+            d,
+            &["--architecture", "minimind3", "--use-moe", "1", "--n-shared-experts", "1"],
+        ),
+        "--n-shared-experts: MiniMind-3's MoE has no shared experts",
     );
     // MiniMind's options without a counterpart here name what to use instead.
     t.refused(

@@ -271,6 +271,18 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     spec.mlm = mlm;
     let data = Data::load(&spec, &|l| eprintln!("{l}"))?;
     let r = evaluate(&model, &data.dataset, args.batch_size)?;
+    if r.tokens == 0 {
+        bail!(
+            "{}: no label was counted in its {} rows (empty documents{}), so there is no loss to report",
+            args.data_path
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.rows,
+            if spec.mlm.is_some() { ", or --mlm-probability masking none" } else { "" }
+        );
+    }
     let what = match &spec.mlm {
         Some(m) => format!(
             " (masked LM: {} of non-special tokens masked, seed {})",

@@ -94,9 +94,17 @@ fn run_hf(args: &ExportArgs) -> Result<()> {
         crate::io::weights::load_for_inference(&args.weights, args.config.as_deref(), kind)?;
     eprintln!("model: {from}");
 
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
     let tok = TextTokenizer::load(&tdir, &SpecialTokenStrings::default())?;
+    if tok.vocab_size() > cfg.vocab_size {
+        eprintln!(
+            "warning: tokenizer {} has {} tokens but the model's vocabulary is {}: text that encodes to ids past it cannot be run (the --tokenizer the model was trained with has none)",
+            tok.path.display(),
+            tok.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("--out {}: creating the folder", args.out.display()))?;
     let ids = SpecialIds {
         pad: tok.pad,
         bos: tok.bos,

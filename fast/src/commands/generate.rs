@@ -95,6 +95,13 @@ pub fn generate_ids(
     if prompt_ids.is_empty() {
         bail!("empty prompt (and no bos)");
     }
+    let max_pos = model.cfg.max_position_embeddings;
+    if prompt_ids.len() >= max_pos {
+        bail!(
+            "the prompt is {} tokens, which leaves no room under the model's max_position_embeddings {max_pos}",
+            prompt_ids.len()
+        );
+    }
     let _guard = tch::no_grad_guard();
     let mut sampler = Sampler::new(sampling.clone());
     let mut cache = KvCache::new();

@@ -282,6 +282,27 @@ pub fn resolve_config(
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
+    // A field of the wrong type is an error, not a silent default.
+    if let Some(o) = obj {
+        for (key, v) in o.iter().filter(|(_, v)| !v.is_null()) {
+            let want = match key.as_str() {
+                "hidden_size" | "vocab_size" | "num_hidden_layers" | "num_attention_heads"
+                | "num_key_value_heads" | "head_dim" | "max_position_embeddings"
+                | "num_experts_per_tok" | "n_routed_experts" | "num_experts"
+                | "n_shared_experts" | "intermediate_size" | "moe_intermediate_size" => {
+                    (v.as_u64().is_some(), "a whole number")
+                }
+                "rms_norm_eps" | "rope_theta" | "aux_loss_alpha" | "router_aux_loss_coef" => {
+                    (v.as_f64().is_some(), "a number")
+                }
+                "norm_topk_prob" | "seq_aux" => (v.as_bool().is_some(), "true or false"),
+                _ => continue,
+            };
+            if !want.0 {
+                bail!("{cfg_name}: {key} is {v}, where {} belongs", want.1);
+            }
+        }
+    }
     let get_u = |key: &str| obj.and_then(|o| o.get(key)?.as_u64()).map(|v| v as usize);
     let get_f = |key: &str| obj.and_then(|o| o.get(key)?.as_f64());
     let get_b = |key: &str| obj.and_then(|o| o.get(key)?.as_bool());
@@ -387,6 +408,23 @@ pub fn resolve_config(
             }
         }
     }
+    if !(cfg.rms_norm_eps.is_finite() && cfg.rms_norm_eps > 0.0) {
+        bail!("{cfg_name}: rms_norm_eps is {}, where a positive number belongs", cfg.rms_norm_eps);
+    }
+    if !(cfg.rope_theta.is_finite() && cfg.rope_theta > 1.0) {
+        bail!("{cfg_name}: rope_theta is {}, where a number above 1 belongs", cfg.rope_theta);
+    }
+    if cfg.max_position_embeddings < 2 {
+        bail!(
+            "{cfg_name}: max_position_embeddings is {}; it must be at least 2",
+            cfg.max_position_embeddings
+        );
+    }
+    for coef in [cfg.aux_loss_alpha, cfg.router_aux_loss_coef] {
+        if !(coef.is_finite() && coef >= 0.0) {
+            bail!("{cfg_name}: the aux-loss coefficient is {coef}, where zero or a positive number belongs");
+        }
+    }
     cfg.validate()
         .with_context(|| format!("{src}: the model its shapes and {cfg_name} describe"))?;
     let from = match &cfg_path {
@@ -488,5 +526,30 @@ mod tests {
             e.contains("model.layers.18446744073709551614") && e.contains("none of model.layers.2"),
             "{e}"
         );
+    }
+
+    /// A config JSON field of the wrong type, or a value no model can have, is refused naming
+    /// the file and the field, where it fell back to MiniMind's default or reached RoPE.
+    #[test]
+    fn config_json_fields_of_the_wrong_type_or_range_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny();
+        let w = dense(&cfg);
+        for (field, value, want) in [
+            ("num_attention_heads", serde_json::json!("2"), "num_attention_heads is \"2\", where a whole number belongs"),
+            ("rope_theta", serde_json::json!(-1.0), "rope_theta is -1, where a number above 1 belongs"),
+            ("rms_norm_eps", serde_json::json!(0.0), "rms_norm_eps is 0, where a positive number belongs"),
+            ("max_position_embeddings", serde_json::json!(0), "max_position_embeddings is 0"),
+        ] {
+            let mut j = serde_json::json!({"hidden_size": 16, "num_attention_heads": 2});
+            j[field] = value;
+            let p = dir.path().join(format!("{field}.json"));
+            std::fs::write(&p, j.to_string()).unwrap();
+            let e = resolve_config(&w, Path::new("w.safetensors"), Some(&p))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{field}.json")) && e.contains(want), "{e}");
+        }
     }
 }

@@ -189,6 +189,11 @@ impl ModelArgs {
             c.aux_loss_alpha = a;
             c.router_aux_loss_coef = a;
         }
+        if self.n_shared_experts.is_some_and(|n| n > 0) && c.is_minimind3() {
+            bail!(
+                "--n-shared-experts: MiniMind-3's MoE has no shared experts (give --architecture minimind2 for MiniMind2's)"
+            );
+        }
         check(&c)?;
         Ok(c)
     }

@@ -444,6 +444,19 @@ impl PretrainArgs {
                 "--use-compile 1: there is no torch.compile here; --cuda-graph captures the micro-step and the optimizer step as CUDA graphs instead (CUDA, a binary built with make release-cuda)"
             );
         }
+        if self.eval_data.is_none() {
+            for (name, given) in [
+                ("eval-interval", self.eval_interval.is_some()),
+                ("eval-docs", self.eval_docs.is_some()),
+            ] {
+                if given {
+                    bail!("--{name} applies to the held-out scoring of --eval-data, which is not given");
+                }
+            }
+        }
+        if self.mask_token.is_some() && self.objective != Objective::MaskedLm {
+            bail!("--mask-token applies to --objective mlm only (this run is a causal LM)");
+        }
         let cuda = device.is_cuda();
         let mut notes = Vec::new();
         let mut embedded = None;

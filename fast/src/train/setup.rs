@@ -108,6 +108,13 @@ impl Data {
                 m.skipped_examples.join("; ")
             ));
         }
+        if m.tokens == 0 {
+            bail!(
+                "{}: its {} document(s) have no text (every \"text\" is empty), so there is nothing to train on or score",
+                show_paths(&req.files),
+                m.docs
+            );
+        }
         let source_bytes: u64 = m.sources.iter().map(|s| s.size).sum();
         let cache = Arc::new(cache);
         let specials = SpecialTokens {
