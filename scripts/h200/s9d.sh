@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Issue 18's measurements with one build, on the whole corpus, in one call: fast bench of
+# packed-docs against packed at b128 (rows of the 310k training poems, twice each), then one
+# epoch each of the packed-docs recipe and MiniMind's padded recipe timed as whole commands, and
+# fast eval of both on the held-out poems.
+source "$(dirname "$0")/common.sh"
+PD=(--tokenizer minimind2 --cuda-graph --batch-size 128 --steps 30)
+for round in 1 2; do
+  bench pd_b128_$round "${PD[@]}" --data-mode packed-docs
+  bench packed_b128_$round "${PD[@]}" --data-mode packed
+done
+timed_epoch packed_docs 60 --data-mode packed-docs --batch-size 32 --accumulation-steps 2
+timed_epoch padded 150
+pack s9d
+echo "==== summary"
+cat $S
