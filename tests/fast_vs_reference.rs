@@ -519,7 +519,7 @@ fn cache_rows(
 ) -> Vec<fast::data::rows::Row> {
     let dir = tempfile::tempdir().unwrap();
     let cache =
-        std::sync::Arc::new(fast::data::cache::write_from_ids(dir.path(), docs, 64, 3).unwrap());
+        std::sync::Arc::new(fast::data::token_cache::write_from_ids(dir.path(), docs, 64, 3).unwrap());
     let sp = fast::data::rows::SpecialTokens::default();
     let ds = fast::data::dataset::TokenDataset::new(cache, mode, max_len, sp, 64).unwrap();
     (0..ds.len()).map(|i| ds.item(i, epoch).unwrap()).collect()
@@ -637,7 +637,7 @@ proptest! {
     ) {
         use fast::data::dataset::{DataMode, TokenDataset};
         let dir = tempfile::tempdir().unwrap();
-        let cache = std::sync::Arc::new(fast::data::cache::write_from_ids(dir.path(), &docs, 64, 3).unwrap());
+        let cache = std::sync::Arc::new(fast::data::token_cache::write_from_ids(dir.path(), &docs, 64, 3).unwrap());
         let sp = fast::data::rows::SpecialTokens::default();
         let mode = if chunked { DataMode::Chunked } else { DataMode::Padded };
         let m = fast::data::mlm::MlmMasking::new(0.3, 3, 64, vec![0, 1, 2, 3]);

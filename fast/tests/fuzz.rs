@@ -277,7 +277,7 @@ fn cache_files() -> &'static Vec<(String, Vec<u8>)> {
         let docs: Vec<Vec<u32>> = (0..9u32)
             .map(|k| (0..k % 4 + 1).map(|j| 3 + (k * 7 + j) % 60).collect())
             .collect();
-        fast::data::cache::write_from_ids(dir.path(), &docs, 64, 3).unwrap();
+        fast::data::token_cache::write_from_ids(dir.path(), &docs, 64, 3).unwrap();
         let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap())
@@ -322,7 +322,7 @@ fn the_token_cache_reader_never_panics() {
             };
             write(&dir.path().join(name), &bytes);
         }
-        match fast::data::cache::open_dir(dir.path()) {
+        match fast::data::token_cache::open_dir(dir.path()) {
             Ok(cache) => {
                 opened.set(opened.get() + 1);
                 for k in 0..cache.len() as u64 {

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use fast::data::cache::{open_or_build, read_manifest, CacheRequest, Manifest};
+use fast::data::token_cache::{open_or_build, read_manifest, CacheRequest, Manifest};
 use fast::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
 
 mod common;
@@ -108,7 +108,7 @@ fn a_second_pass_reuses_the_cache_and_pretrain_reads_it_without_tokenizing() {
     let (o, _) = ok(&run(d, &args));
     assert!(o.contains("tokenized into cache: 200 documents"), "{o}");
     let m = manifest(&d.join("cache"));
-    assert!(m.exhausted && m.docs == 200 && m.format == fast::data::cache::FORMAT);
+    assert!(m.exhausted && m.docs == 200 && m.format == fast::data::token_cache::FORMAT);
     assert_eq!(
         m.sources[0].size,
         std::fs::metadata(d.join("c.jsonl")).unwrap().len()

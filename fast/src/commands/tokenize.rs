@@ -1,13 +1,13 @@
 //! `fast tokenize`: the tokenizing pass on its own. Builds (or continues, or checks) the token
 //! cache that `pretrain`, `bench` and `eval` read, so a large corpus can be tokenized once ahead
 //! of training, on every core, with a progress bar. The pass is the one those commands run when
-//! they find no valid cache (`data::pass`, `data::cache`); an interrupted pass continues after
+//! they find no valid cache (`data::pass`, `data::token_cache`); an interrupted pass continues after
 //! its last complete shard when started again with the same options.
 use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::data::cache::{default_dir, open_or_build, CacheRequest};
+use crate::data::token_cache::{default_dir, open_or_build, CacheRequest};
 use crate::data::pass::DEFAULT_SHARD_TOKENS;
 use crate::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
 

@@ -3,7 +3,7 @@
 //! sources (the corpus's files, sorted, plain or compressed, read as one stream of lines) ->
 //! tokenizer (a Hugging Face tokenizer.json and its special tokens; `bpe` encodes MiniMind's
 //! byte-level BPE shape to ids without the tokenizers crate's per-call work) -> pass (the tokenizing pass,
-//! on every core) -> cache (token shards and per-document offsets, memory-mapped; reused by every
+//! on every core) -> token_cache (token shards and per-document offsets, memory-mapped; reused by every
 //! run until the sources or the tokenizer change) -> rows (MiniMind's padded encoding, or packed)
 //! -> dataset (rows by index, from the cache; masked for masked LM by `mlm`) -> order (the seeded epoch permutation, split over
 //! ranks) -> loader (batches built on worker threads) -> batch (`[B, T]` tensors on the device).
@@ -11,7 +11,7 @@
 //! the embedded poems corpus.
 pub mod batch;
 pub mod bpe;
-pub mod cache;
+pub mod token_cache;
 pub mod corpus;
 pub mod dataset;
 pub mod defaults;

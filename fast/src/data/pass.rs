@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::cache::{write_manifest, Manifest, ShardWriter};
+use super::token_cache::{write_manifest, Manifest, ShardWriter};
 use super::corpus::parse_text;
 use super::sources::{Line, Lines, Position};
 use super::tokenizer::TextTokenizer;

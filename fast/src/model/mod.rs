@@ -15,7 +15,7 @@
 //! the model's [`Kernels`].
 
 mod attention;
-mod cache;
+mod kv_cache;
 pub mod config;
 pub mod loss;
 mod mlp;
@@ -28,7 +28,7 @@ pub mod rope;
 pub mod sampling;
 
 pub use attention::{repeat_kv, Attention, Mask, Positions};
-pub use cache::KvCache;
+pub use kv_cache::KvCache;
 pub use config::ModelConfig;
 pub use mlp::Mlp;
 pub use moe::{MoeFeedForward, MoeRouting};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use crate::data::cache::{open_or_build, CacheRequest, TokenCache};
+use crate::data::token_cache::{open_or_build, CacheRequest, TokenCache};
 use crate::data::dataset::{DataMode, TokenDataset};
 use crate::data::mlm::{MlmMasking, MlmSpec};
 use crate::data::pass::DEFAULT_SHARD_TOKENS;
@@ -29,7 +29,7 @@ pub struct DataSpec {
     pub skip_bad_lines: bool,
     /// Only the first N documents.
     pub max_docs: Option<usize>,
-    /// `--token-cache` (None: the default beside the data, see `data::cache::default_dir`).
+    /// `--token-cache` (None: the default beside the data, see `data::token_cache::default_dir`).
     pub token_cache: Option<PathBuf>,
     /// `--rebuild-cache`: rebuild an invalid `--token-cache` instead of refusing it.
     pub rebuild_cache: bool,
