@@ -518,8 +518,9 @@ fn cache_rows(
     epoch: u64,
 ) -> Vec<fast::data::rows::Row> {
     let dir = tempfile::tempdir().unwrap();
-    let cache =
-        std::sync::Arc::new(fast::data::token_cache::write_from_ids(dir.path(), docs, 64, 3).unwrap());
+    let cache = std::sync::Arc::new(
+        fast::data::token_cache::write_from_ids(dir.path(), docs, 64, 3).unwrap(),
+    );
     let sp = fast::data::rows::SpecialTokens::default();
     let ds = fast::data::dataset::TokenDataset::new(cache, mode, max_len, sp, 64).unwrap();
     (0..ds.len()).map(|i| ds.item(i, epoch).unwrap()).collect()

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fast::data::batch::HostBatch;
-use fast::data::token_cache::{open_or_build, CacheRequest, TokenCache};
 use fast::data::dataset::{counted_labels, padded_row, DataMode, TokenDataset};
 use fast::data::loader::Prefetcher;
 use fast::data::rows::SpecialTokens;
+use fast::data::token_cache::{open_or_build, CacheRequest, TokenCache};
 use fast::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
 use reference::dataset as refds;
 

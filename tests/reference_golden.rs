@@ -142,23 +142,36 @@ fn minimind3_fixtures_pass_on_the_reference() {
     assert!(rows.iter().any(|r| r.group.starts_with("pth_import")));
 }
 
+/// `verify --path reference`'s refusal of `dir`, with its causes.
+fn refusal(dir: &Path) -> String {
+    let err = harness::verify::run(dir, &harness::verify::Target::Reference)
+        .map(|_| ())
+        .unwrap_err();
+    format!("{err:#}")
+}
+
+/// The refusal of a folder holding only the fixture `stem` of `src`, its JSON changed by `edit`.
+fn refusal_after_edit(src: &Path, stem: &str, edit: &dyn Fn(&mut serde_json::Value)) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    for ext in ["json", "safetensors"] {
+        let f = format!("{stem}.{ext}");
+        std::fs::copy(src.join(&f), tmp.path().join(&f)).unwrap();
+    }
+    let jp = tmp.path().join(format!("{stem}.json"));
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+    edit(&mut j);
+    std::fs::write(&jp, serde_json::to_string(&j).unwrap()).unwrap();
+    refusal(tmp.path())
+}
+
 /// A fixture whose config does not describe its tensors is refused with one sentence naming the
 /// file and the field, not a shape panic.
 #[test]
 fn a_fixture_whose_config_does_not_fit_its_tensors_names_the_file_and_the_field() {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["dense3_head96.json", "dense3_head96.safetensors"] {
-        std::fs::copy(minimind3().join(f), dir.path().join(f)).unwrap();
-    }
-    let jp = dir.path().join("dense3_head96.json");
-    let mut j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
-    j["config"].as_object_mut().unwrap().remove("head_dim");
-    std::fs::write(&jp, serde_json::to_string(&j).unwrap()).unwrap();
-    let err = harness::verify::run(dir.path(), &harness::verify::Target::Reference)
-        .map(|_| ())
-        .unwrap_err();
-    let msg = format!("{err:#}");
+    let msg = refusal_after_edit(&minimind3(), "dense3_head96", &|j| {
+        j["config"].as_object_mut().unwrap().remove("head_dim");
+    });
     assert!(
         msg.contains("dense3_head96.json") && msg.contains("head_dim"),
         "{msg}"
@@ -170,22 +183,7 @@ fn a_fixture_whose_config_does_not_fit_its_tensors_names_the_file_and_the_field(
 /// reference or a folder that passes by skipping them.
 #[test]
 fn unusable_fixture_configs_and_lone_halves_are_refused_by_file_and_field() {
-    let edit = |stem: &str, f: &dyn Fn(&mut serde_json::Value)| -> String {
-        let tmp = tempfile::tempdir().unwrap();
-        for ext in ["json", "safetensors"] {
-            let f = format!("{stem}.{ext}");
-            std::fs::copy(dir().join(&f), tmp.path().join(&f)).unwrap();
-        }
-        let jp = tmp.path().join(format!("{stem}.json"));
-        let mut j: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
-        f(&mut j);
-        std::fs::write(&jp, serde_json::to_string(&j).unwrap()).unwrap();
-        let err = harness::verify::run(tmp.path(), &harness::verify::Target::Reference)
-            .map(|_| ())
-            .unwrap_err();
-        format!("{err:#}")
-    };
+    let edit = |stem: &str, f: &dyn Fn(&mut serde_json::Value)| refusal_after_edit(&dir(), stem, f);
     let set = |k: &'static str, v: serde_json::Value| {
         move |j: &mut serde_json::Value| j["config"][k] = v.clone()
     };
@@ -214,15 +212,19 @@ fn unusable_fixture_configs_and_lone_halves_are_refused_by_file_and_field() {
             "field accumulation_steps is 0",
         ),
     ] {
-        assert!(case.contains(file) && case.contains(msg), "want {file} and {msg:?} in {case}");
+        assert!(
+            case.contains(file) && case.contains(msg),
+            "want {file} and {msg:?} in {case}"
+        );
     }
     // A model fixture's JSON without its tensors.
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(dir().join("dense_tiny.json"), tmp.path().join("dense_tiny.json")).unwrap();
-    let err = harness::verify::run(tmp.path(), &harness::verify::Target::Reference)
-        .map(|_| ())
-        .unwrap_err();
-    let msg = format!("{err:#}");
+    std::fs::copy(
+        dir().join("dense_tiny.json"),
+        tmp.path().join("dense_tiny.json"),
+    )
+    .unwrap();
+    let msg = refusal(tmp.path());
     assert!(
         msg.contains("dense_tiny.json") && msg.contains("dense_tiny.safetensors are not beside it"),
         "{msg}"

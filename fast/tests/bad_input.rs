@@ -329,7 +329,14 @@ fn bad_tokenizers_options_and_directories_are_refused() {
         "--n-shared-experts with MiniMind-3's MoE",
         pretrain(
             d,
-            &["--architecture", "minimind3", "--use-moe", "1", "--n-shared-experts", "1"],
+            &[
+                "--architecture",
+                "minimind3",
+                "--use-moe",
+                "1",
+                "--n-shared-experts",
+                "1",
+            ],
         ),
         "--n-shared-experts: MiniMind-3's MoE has no shared experts",
     );
@@ -497,5 +504,10 @@ fn a_closed_output_pipe_ends_the_run_without_a_panic() {
     let out = child.wait_with_output().expect("waiting for fast");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}\n{err}", out.status);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}\n{err}",
+        out.status
+    );
 }

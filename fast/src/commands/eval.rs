@@ -271,14 +271,15 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     spec.mlm = mlm;
     let data = Data::load(&spec, &|l| eprintln!("{l}"))?;
     let r = evaluate(&model, &data.dataset, args.batch_size)?;
+    let sources = args
+        .data_path
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
     if r.tokens == 0 {
         bail!(
-            "{}: no label was counted in its {} rows (empty documents{}), so there is no loss to report",
-            args.data_path
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            "{sources}: no label was counted in its {} rows (empty documents{}), so there is no loss to report",
             r.rows,
             if spec.mlm.is_some() { ", or --mlm-probability masking none" } else { "" }
         );
@@ -291,12 +292,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         None => String::new(),
     };
     println!(
-        "eval {}: rows {} counted tokens {} loss {:.6} perplexity {:.4}{what}",
-        args.data_path
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(" "),
+        "eval {sources}: rows {} counted tokens {} loss {:.6} perplexity {:.4}{what}",
         r.rows,
         r.tokens,
         r.loss(),

@@ -95,13 +95,8 @@ fn run_hf(args: &ExportArgs) -> Result<()> {
     eprintln!("model: {from}");
 
     let tok = TextTokenizer::load(&tdir, &SpecialTokenStrings::default())?;
-    if tok.vocab_size() > cfg.vocab_size {
-        eprintln!(
-            "warning: tokenizer {} has {} tokens but the model's vocabulary is {}: text that encodes to ids past it cannot be run (the --tokenizer the model was trained with has none)",
-            tok.path.display(),
-            tok.vocab_size(),
-            cfg.vocab_size
-        );
+    if let Some(w) = tok.vocab_warning(cfg.vocab_size) {
+        eprintln!("{w}");
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("--out {}: creating the folder", args.out.display()))?;

@@ -165,13 +165,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let (model, from) =
         crate::io::weights::load_model(&args.weights, args.config.as_deref(), kind, device)?;
     let cfg = &model.cfg;
-    if tok.vocab_size() > cfg.vocab_size {
-        eprintln!(
-            "warning: tokenizer {} has {} tokens but the model's vocab is {}",
-            tok.path.display(),
-            tok.vocab_size(),
-            cfg.vocab_size
-        );
+    if let Some(w) = tok.vocab_warning(cfg.vocab_size) {
+        eprintln!("{w}");
     }
     eprintln!(
         "model: d {} layers {} heads {}/{} ffn {}{} vocab {} ({from}); {kind:?} on {device:?}",

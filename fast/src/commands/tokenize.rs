@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::data::token_cache::{default_dir, open_or_build, CacheRequest};
 use crate::data::pass::DEFAULT_SHARD_TOKENS;
+use crate::data::token_cache::{default_dir, open_or_build, CacheRequest};
 use crate::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
 
 #[derive(clap::Args, Debug, Clone)]

@@ -30,8 +30,8 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::batch::HostBatch;
-use super::token_cache::TokenCache;
 use super::rows::{Counting, SpecialTokens};
+use super::token_cache::TokenCache;
 
 pub use super::rows::{counted_labels, Row};
 pub use crate::model::loss::IGNORE_INDEX;
@@ -328,7 +328,8 @@ mod tests {
             vec![15],
             vec![16, 17, 18, 19],
         ];
-        let cache = Arc::new(crate::data::token_cache::write_from_ids(dir.path(), &docs, 64, 2).unwrap());
+        let cache =
+            Arc::new(crate::data::token_cache::write_from_ids(dir.path(), &docs, 64, 2).unwrap());
         let sp = SpecialTokens::default();
         for max_len in [2, 3, 4, 7, 40] {
             let ds = TokenDataset::new(cache.clone(), DataMode::Packed, max_len, sp, 64).unwrap();

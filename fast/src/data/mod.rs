@@ -11,7 +11,6 @@
 //! the embedded poems corpus.
 pub mod batch;
 pub mod bpe;
-pub mod token_cache;
 pub mod corpus;
 pub mod dataset;
 pub mod defaults;
@@ -21,4 +20,5 @@ pub mod order;
 pub mod pass;
 pub mod rows;
 pub mod sources;
+pub mod token_cache;
 pub mod tokenizer;

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::token_cache::{write_manifest, Manifest, ShardWriter};
 use super::corpus::parse_text;
 use super::sources::{Line, Lines, Position};
+use super::token_cache::{write_manifest, Manifest, ShardWriter};
 use super::tokenizer::TextTokenizer;
 
 /// Ids per shard by default: 16M (32 MB of u16), so an interrupted pass loses little.

@@ -182,6 +182,19 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// For a model of `model_vocab` embeddings: the warning to print when this tokenizer has
+    /// more tokens (text can encode to ids the model cannot embed), else None.
+    pub fn vocab_warning(&self, model_vocab: usize) -> Option<String> {
+        (self.vocab_size() > model_vocab).then(|| {
+            format!(
+                "warning: tokenizer {} has {} tokens but the model's vocabulary is {}: text that encodes to ids past it cannot be run (the --tokenizer the model was trained with has none)",
+                self.path.display(),
+                self.vocab_size(),
+                model_vocab
+            )
+        })
+    }
 }
 
 /// A string field of a tokenizer_config.json: plain, or older configs' `{"content": "<s>", ...}`.

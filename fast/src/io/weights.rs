@@ -192,6 +192,23 @@ fn config_object(v: &serde_json::Value) -> Option<&serde_json::Map<String, serde
         .find_map(|k| config_object(o.get(*k)?))
 }
 
+/// How many numbered children `prefix` has (`model.layers.` + `0`, `1`, ...: the layers, or a
+/// layer's experts): the distinct numbers after it, which must run 0 .. N-1 without a gap, so
+/// that one stray name cannot size the model from its number.
+fn numbered(weights: &[(String, Tensor)], prefix: &str, src: &str) -> Result<usize> {
+    let ids: std::collections::BTreeSet<usize> = weights
+        .iter()
+        .filter_map(|(n, _)| n.strip_prefix(prefix)?.split('.').next()?.parse().ok())
+        .collect();
+    if let Some(missing) = (0..ids.len()).find(|i| !ids.contains(i)) {
+        bail!(
+            "{src}: has tensors of {prefix}{} but none of {prefix}{missing} (they must be numbered 0 .. N-1)",
+            ids.iter().next_back().expect("a gap means one id at least")
+        );
+    }
+    Ok(ids.len())
+}
+
 /// Work out the model config of `weights` (as loaded by `load_weights`): every size the tensor
 /// shapes fix is taken from them; heads, eps, theta, max positions and MoE routing come from the
 /// config JSON (see `find_config`) or MiniMind's defaults. A JSON value that contradicts the
@@ -221,24 +238,9 @@ pub fn resolve_config(
     let shape = |n: &str| weights.iter().find(|(k, _)| k == n).map(|(_, t)| t.size());
     let embed = shape(EMBED).with_context(|| format!("{src}: no {EMBED}"))?;
     let (vocab, d) = (embed[0] as usize, embed[1] as usize);
-    let layer_of = |n: &str| {
-        n.strip_prefix("model.layers.")?
-            .split('.')
-            .next()?
-            .parse::<usize>()
-            .ok()
-    };
-    let layer_ids: std::collections::BTreeSet<usize> =
-        weights.iter().filter_map(|(n, _)| layer_of(n)).collect();
-    let layers = layer_ids.len();
+    let layers = numbered(weights, "model.layers.", &src.to_string())?;
     if layers == 0 {
         bail!("{src}: no model.layers.* tensors");
-    }
-    if let Some(missing) = (0..layers).find(|i| !layer_ids.contains(i)) {
-        bail!(
-            "{src}: has tensors of model.layers.{} but none of model.layers.{missing} (layers must be numbered 0 .. N-1)",
-            layer_ids.iter().next_back().expect("not empty")
-        );
     }
     let q = shape("model.layers.0.self_attn.q_proj.weight")
         .with_context(|| format!("{src}: no model.layers.0.self_attn.q_proj.weight"))?;
@@ -246,18 +248,6 @@ pub fn resolve_config(
         .with_context(|| format!("{src}: no model.layers.0.self_attn.k_proj.weight"))?;
     let qk_norm = shape("model.layers.0.self_attn.q_norm.weight");
     let is_moe = shape("model.layers.0.mlp.gate.weight");
-    let count = |prefix: &str| {
-        weights
-            .iter()
-            .filter_map(|(n, _)| {
-                n.strip_prefix(prefix)?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .collect::<std::collections::BTreeSet<usize>>()
-    };
     let ffn_name = if is_moe.is_some() {
         "model.layers.0.mlp.experts.0.gate_proj.weight"
     } else {
@@ -286,12 +276,19 @@ pub fn resolve_config(
     if let Some(o) = obj {
         for (key, v) in o.iter().filter(|(_, v)| !v.is_null()) {
             let want = match key.as_str() {
-                "hidden_size" | "vocab_size" | "num_hidden_layers" | "num_attention_heads"
-                | "num_key_value_heads" | "head_dim" | "max_position_embeddings"
-                | "num_experts_per_tok" | "n_routed_experts" | "num_experts"
-                | "n_shared_experts" | "intermediate_size" | "moe_intermediate_size" => {
-                    (v.as_u64().is_some(), "a whole number")
-                }
+                "hidden_size"
+                | "vocab_size"
+                | "num_hidden_layers"
+                | "num_attention_heads"
+                | "num_key_value_heads"
+                | "head_dim"
+                | "max_position_embeddings"
+                | "num_experts_per_tok"
+                | "n_routed_experts"
+                | "num_experts"
+                | "n_shared_experts"
+                | "intermediate_size"
+                | "moe_intermediate_size" => (v.as_u64().is_some(), "a whole number"),
                 "rms_norm_eps" | "rope_theta" | "aux_loss_alpha" | "router_aux_loss_coef" => {
                     (v.as_f64().is_some(), "a number")
                 }
@@ -379,14 +376,11 @@ pub fn resolve_config(
         cfg.num_experts_per_tok =
             get_u("num_experts_per_tok").unwrap_or(defaults.num_experts_per_tok);
         cfg.norm_topk_prob = get_b("norm_topk_prob").unwrap_or(defaults.norm_topk_prob);
-        let shared_ids = count("model.layers.0.mlp.shared_experts.");
-        let shared = shared_ids.len();
-        if let Some(missing) = (0..shared).find(|i| !shared_ids.contains(i)) {
-            bail!(
-                "{src}: has model.layers.0.mlp.shared_experts.{} but not shared_experts.{missing} (experts must be numbered 0 .. N-1)",
-                shared_ids.iter().next_back().expect("not empty")
-            );
-        }
+        let shared = numbered(
+            weights,
+            "model.layers.0.mlp.shared_experts.",
+            &src.to_string(),
+        )?;
         match architecture {
             Architecture::MiniMind2 => {
                 check("n_routed_experts", n_routed)?;
@@ -406,23 +400,6 @@ pub fn resolve_config(
                 cfg.router_aux_loss_coef =
                     get_f("router_aux_loss_coef").unwrap_or(defaults.router_aux_loss_coef);
             }
-        }
-    }
-    if !(cfg.rms_norm_eps.is_finite() && cfg.rms_norm_eps > 0.0) {
-        bail!("{cfg_name}: rms_norm_eps is {}, where a positive number belongs", cfg.rms_norm_eps);
-    }
-    if !(cfg.rope_theta.is_finite() && cfg.rope_theta > 1.0) {
-        bail!("{cfg_name}: rope_theta is {}, where a number above 1 belongs", cfg.rope_theta);
-    }
-    if cfg.max_position_embeddings < 2 {
-        bail!(
-            "{cfg_name}: max_position_embeddings is {}; it must be at least 2",
-            cfg.max_position_embeddings
-        );
-    }
-    for coef in [cfg.aux_loss_alpha, cfg.router_aux_loss_coef] {
-        if !(coef.is_finite() && coef >= 0.0) {
-            bail!("{cfg_name}: the aux-loss coefficient is {coef}, where zero or a positive number belongs");
         }
     }
     cfg.validate()
@@ -514,7 +491,10 @@ mod tests {
                 }
             }
             let e = refused(&w);
-            assert!(e.contains(name) && e.contains("-dimensional tensor belongs"), "{e}");
+            assert!(
+                e.contains(name) && e.contains("-dimensional tensor belongs"),
+                "{e}"
+            );
         }
         let mut w = dense(&cfg);
         w.push((
@@ -536,10 +516,26 @@ mod tests {
         let cfg = tiny();
         let w = dense(&cfg);
         for (field, value, want) in [
-            ("num_attention_heads", serde_json::json!("2"), "num_attention_heads is \"2\", where a whole number belongs"),
-            ("rope_theta", serde_json::json!(-1.0), "rope_theta is -1, where a number above 1 belongs"),
-            ("rms_norm_eps", serde_json::json!(0.0), "rms_norm_eps is 0, where a positive number belongs"),
-            ("max_position_embeddings", serde_json::json!(0), "max_position_embeddings is 0"),
+            (
+                "num_attention_heads",
+                serde_json::json!("2"),
+                "num_attention_heads is \"2\", where a whole number belongs",
+            ),
+            (
+                "rope_theta",
+                serde_json::json!(-1.0),
+                "rope_theta is -1, where a number above 1 belongs",
+            ),
+            (
+                "rms_norm_eps",
+                serde_json::json!(0.0),
+                "rms_norm_eps is 0, where a positive number belongs",
+            ),
+            (
+                "max_position_embeddings",
+                serde_json::json!(0),
+                "max_position_embeddings is 0",
+            ),
         ] {
             let mut j = serde_json::json!({"hidden_size": 16, "num_attention_heads": 2});
             j[field] = value;
@@ -547,9 +543,12 @@ mod tests {
             std::fs::write(&p, j.to_string()).unwrap();
             let e = resolve_config(&w, Path::new("w.safetensors"), Some(&p))
                 .map(|_| ())
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(&format!("{field}.json")) && e.contains(want), "{e}");
+                .unwrap_err();
+            let e = format!("{e:#}");
+            assert!(
+                e.contains(&format!("{field}.json")) && e.contains(want),
+                "{e}"
+            );
         }
     }
 }

@@ -246,6 +246,27 @@ impl ModelConfig {
             self.num_attention_heads,
             self.num_key_value_heads
         );
+        ensure!(
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0,
+            "rms_norm_eps is {}, where a positive number belongs",
+            self.rms_norm_eps
+        );
+        ensure!(
+            self.rope_theta.is_finite() && self.rope_theta > 1.0,
+            "rope_theta is {}, where a number above 1 belongs",
+            self.rope_theta
+        );
+        ensure!(
+            self.max_position_embeddings >= 2,
+            "max_position_embeddings is {}; it must be at least 2",
+            self.max_position_embeddings
+        );
+        for coef in [self.aux_loss_alpha, self.router_aux_loss_coef] {
+            ensure!(
+                coef.is_finite() && coef >= 0.0,
+                "the aux-loss coefficient is {coef}, where zero or a positive number belongs"
+            );
+        }
         let n = self.param_count();
         ensure!(
             n <= MAX_PARAMS,
@@ -329,7 +350,8 @@ impl ModelConfig {
         let (d, hd) = (u(self.hidden_size), u(self.head_dim()));
         let (h, kv) = (u(self.num_attention_heads), u(self.num_key_value_heads));
         let mul = |a: u128, b: u128| a.saturating_mul(b);
-        let attn = mul(mul(2 * (h + kv), hd), d).saturating_add(if self.qk_norm { 2 * hd } else { 0 });
+        let attn =
+            mul(mul(2 * (h + kv), hd), d).saturating_add(if self.qk_norm { 2 * hd } else { 0 });
         let mlp = |f: usize| mul(3 * d, u(f));
         let ffn = if self.use_moe {
             mul(u(self.routed_experts()), d).saturating_add(mul(
@@ -375,7 +397,12 @@ mod tests {
             use_moe: true,
             ..ModelConfig::minimind3()
         };
-        for c in [ModelConfig::minimind_26m(), ModelConfig::minimind3(), moe, m3_moe] {
+        for c in [
+            ModelConfig::minimind_26m(),
+            ModelConfig::minimind3(),
+            moe,
+            m3_moe,
+        ] {
             assert_eq!(c.param_count(), c.num_params() as u128, "{c:?}");
         }
         let huge = ModelConfig {
@@ -383,7 +410,10 @@ mod tests {
             ..ModelConfig::minimind_26m()
         };
         let e = huge.validate().unwrap_err().to_string();
-        assert!(e.contains("more than the 68719476736 this trainer takes"), "{e}");
+        assert!(
+            e.contains("more than the 68719476736 this trainer takes"),
+            "{e}"
+        );
     }
 
     #[test]

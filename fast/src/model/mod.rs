@@ -15,8 +15,8 @@
 //! the model's [`Kernels`].
 
 mod attention;
-mod kv_cache;
 pub mod config;
+mod kv_cache;
 pub mod loss;
 mod mlp;
 mod moe;
@@ -28,8 +28,8 @@ pub mod rope;
 pub mod sampling;
 
 pub use attention::{repeat_kv, Attention, Mask, Positions};
-pub use kv_cache::KvCache;
 pub use config::ModelConfig;
+pub use kv_cache::KvCache;
 pub use mlp::Mlp;
 pub use moe::{MoeFeedForward, MoeRouting};
 pub use norm::{rms_norm, RmsNorm};

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use crate::data::token_cache::{open_or_build, CacheRequest, TokenCache};
 use crate::data::dataset::{DataMode, TokenDataset};
 use crate::data::mlm::{MlmMasking, MlmSpec};
 use crate::data::pass::DEFAULT_SHARD_TOKENS;
 use crate::data::rows::SpecialTokens;
+use crate::data::token_cache::{open_or_build, CacheRequest, TokenCache};
 use crate::data::tokenizer::{SpecialTokenStrings, TextTokenizer};
 
 /// What to read and how to lay it out.
