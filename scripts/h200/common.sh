@@ -1,4 +1,4 @@
-# Sourced by the session scripts: binaries, data split, helpers. Everything under $OUT comes back.
+# Sourced by the scripts of scripts/h200/: binaries, data split, helpers. Everything under $OUT comes back.
 set -uo pipefail
 export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;d=os.path.dirname(torch.__file__);print(d+"/lib:"+d+"/../nvidia/cu13/lib")'):${LD_LIBRARY_PATH:-}
 D=$(pwd)/.device

@@ -26,7 +26,7 @@ use tch::{Kind, Tensor};
 
 use super::safetensors::{raw, serialize, Raw};
 use crate::train::metrics::MetricRow;
-use crate::train::options::RunConfig;
+use crate::train::run_config::RunConfig;
 
 pub const RESUME_FORMAT: &str = "minimind-rs-resume-v1";
 

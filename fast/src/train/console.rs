@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tch::{Kind, Tensor};
 
 use super::metrics::MetricRow;
-use super::options::RunConfig;
+use super::run_config::RunConfig;
 use super::trainer::MicroStep;
 
 /// Rank 0's output. Under torchrun every other rank prints nothing (its lines would repeat rank

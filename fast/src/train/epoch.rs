@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::console::Console;
-use super::options::RunConfig;
 use super::ranks::Ranks;
+use super::run_config::RunConfig;
 use super::setup::Data;
 use crate::data::batch::HostBatch;
 use crate::data::loader::Prefetcher;

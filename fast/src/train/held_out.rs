@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use super::options::RunConfig;
+use super::run_config::RunConfig;
 use super::setup::{Data, DataSpec};
 use super::trainer::Trainer;
 use crate::data::dataset::DataMode;

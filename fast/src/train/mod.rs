@@ -9,7 +9,7 @@
 //!
 //! | file | part of the run |
 //! |---|---|
-//! | `options.rs` | the CLI options and the resolved [`options::RunConfig`] |
+//! | `options.rs`, `run_config.rs` | the CLI options and what they resolve to, [`run_config::RunConfig`] |
 //! | `setup.rs` | the corpus, tokenizer and rows (shared with `bench` and `eval`) |
 //! | `ranks.rs` | this process's rank, device and communicator |
 //! | `trainer.rs`, `head.rs` | the model with its optimizer: micro-step, optimizer step, state dict |
@@ -31,6 +31,7 @@ pub mod options;
 mod profile;
 mod ranks;
 pub mod resume;
+pub mod run_config;
 pub mod setup;
 mod signals;
 mod step;
@@ -55,10 +56,11 @@ use console::{log_line, Console, Interval, IntervalEnd};
 use epoch::EpochBatches;
 use held_out::HeldOut;
 use metrics::MetricRow;
-use options::{PretrainArgs, RunConfig};
+use options::PretrainArgs;
 use profile::ProfileWindow;
 use ranks::Ranks;
 use resume::{Plan, Progress};
+use run_config::RunConfig;
 use setup::Data;
 use signals::Signals;
 use step::{Stepper, WindowCount};

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use tch::Device;
 
-use super::options::RunConfig;
+use super::run_config::RunConfig;
 use super::trainer::Trainer;
 use crate::kernels::OnOff;
 use crate::parallel::{self, Communicator, DistEnv};

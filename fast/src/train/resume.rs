@@ -16,8 +16,8 @@ use serde_json::json;
 
 use super::console::Console;
 use super::metrics::MetricRow;
-use super::options::RunConfig;
 use super::ranks::Ranks;
+use super::run_config::RunConfig;
 use super::trainer::Trainer;
 use crate::data::order::{rescale_step, resume_point};
 use crate::data::tokenizer::TextTokenizer;

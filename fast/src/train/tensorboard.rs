@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use super::metrics::MetricRow;
-use super::options::RunConfig;
+use super::run_config::RunConfig;
 
 /// What each log line puts on TensorBoard: a tag and the row's value (None: nothing logged for
 /// that row). A new `MetricRow` field is one more line here.

@@ -15,6 +15,6 @@ for r in rows: print("  %7.3f ms %5.1f  %-28s %s" % (int(r[0])/3e6, int(r[1])/3,
 PY
 rm -f $O/prof_$p/trace.json
 done
-pack s9a
+pack profile_kernels
 echo "==== summary"
 cat $S

@@ -19,6 +19,6 @@ for MODEL in minimind2-moe minimind3-moe; do
 done
 moe_preset minimind2-moe
 bench minimind2-moe_b128_prof --model minimind2-moe "${TK[@]}" --batch-size 128 --steps 5 --profile $O/prof_m2moe --profile-steps 3
-pack s7a
+pack moe_kernels_ab
 echo "==== summary"
 cat $S

@@ -18,6 +18,6 @@ for MODEL in minimind2-moe minimind3-moe; do
   bench ${MODEL}_b32_again  --model $MODEL "${TK[@]}" --cuda-graph --batch-size 32 --steps 40
   bench ${MODEL}_b128_again --model $MODEL "${TK[@]}" --cuda-graph --batch-size 128 --steps 20
 done
-pack s6c
+pack moe_fixtures_vs_minimind
 echo "==== summary"
 cat $S

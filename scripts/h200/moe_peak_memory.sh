@@ -8,4 +8,4 @@ for MODEL in minimind3-moe minimind2-moe; do
     bench ${MODEL}_b${b}_eager --model $MODEL "${TK[@]}" --batch-size $b --steps 10
   done
 done
-pack s4f
+pack moe_peak_memory

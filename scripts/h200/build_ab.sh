@@ -24,6 +24,6 @@ t0=$(stamp)
 row "pretrain short (600 micro-steps, packed-docs b32 x 2): rc $?, $(took $t0)s; $(grep -E '^(done|stopped)' $O/short.txt | cut -c1-160)"
 grep -E 'Epoch' $O/short.txt | tail -1 | cut -c1-200 | tee -a $S
 grep -E '^sample' $O/short.txt | head -2 | cut -c1-120 | tee -a $S
-pack s9b
+pack build_ab
 echo "==== summary"
 cat $S

@@ -5,6 +5,6 @@
 source "$(dirname "$0")/common.sh"
 timed_epoch packed_docs 60 --data-mode packed-docs --batch-size 32 --accumulation-steps 2
 timed_epoch padded 150
-pack s8b
+pack epochs_packed_docs_padded
 echo "==== summary"
 cat $S

@@ -5,6 +5,6 @@
 source "$(dirname "$0")/common.sh"
 moe_epoch grouped 200 400
 moe_epoch loop 260 400
-pack s6d
+pack moe_epoch
 echo "==== summary"
 cat $S

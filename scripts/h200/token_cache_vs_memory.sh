@@ -20,4 +20,4 @@ for mode in "padded 32 400" "packed 128 200"; do
     grep -E 'Epoch' $O/cmp_${bin}_$1.txt | tail -2 | grep -oE '^Epoch:\[[0-9/]+\]\([0-9/]+\)|[0-9]+ tok/s \([0-9]+ useful\) \| data wait [0-9.]+%' | paste -sd' ' | tee -a $S
   done
 done
-pack s4e
+pack token_cache_vs_memory

@@ -12,4 +12,4 @@ print(sys.argv[1], "total %.2f ms/step" % (sum(int(r[0]) for r in rows)/3e6))
 for r in rows[:16]: print("  %7.3f ms %4s  %s" % (int(r[0])/3e6, r[1], r[3][:110]))
 PY
 done
-pack s4b
+pack profile_packed

@@ -11,6 +11,6 @@ for round in 1 2; do
 done
 timed_epoch packed_docs 60 --data-mode packed-docs --batch-size 32 --accumulation-steps 2
 timed_epoch padded 150
-pack s9d
+pack packed_docs_targets
 echo "==== summary"
 cat $S

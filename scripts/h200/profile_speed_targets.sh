@@ -22,4 +22,4 @@ prof m2_packed_b128     "${M2[@]}" --batch-size 128 --steps 30 --data-mode packe
 prof m3_b128 --model minimind3 --cuda-graph --batch-size 128 --steps 20
 prof m3_b32  --model minimind3 --cuda-graph --batch-size 32 --steps 40
 prof m2moe_b128 --model minimind2-moe --cuda-graph --batch-size 128 --steps 20
-pack s4a
+pack profile_speed_targets

@@ -23,6 +23,6 @@ for MODEL in minimind2-moe minimind3-moe; do
   bench ${MODEL}_b32_again  --model $MODEL "${TK[@]}" --cuda-graph --batch-size 32 --steps 50
   bench ${MODEL}_b128_again --model $MODEL "${TK[@]}" --cuda-graph --batch-size 128 --steps 30
 done
-pack s4c
+pack moe_checks_vs_minimind
 echo "==== summary"
 cat $S

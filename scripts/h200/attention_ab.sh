@@ -28,6 +28,6 @@ print("new packed-docs b128 profile: all kernels %.2f ms/step" % (sum(int(r[0]) 
 att = [r for r in rows if "attn_" in r[3]]
 for r in att: print("  %7.3f ms  %s" % (int(r[0])/3e6, r[3][:60]))
 PY
-pack s8a
+pack attention_ab
 echo "==== summary"
 cat $S

@@ -13,5 +13,5 @@ for r in 1 2; do
 done
 tail -5 $O/bench_tun_pd_1.err | cut -c1-200
 ls -la $W/*.csv* 2>&1 | head; cp $W/tun_*csv* $O/ 2>/dev/null
-pack s9c
+pack gemm_tunableop
 echo "==== summary"; cat $S
