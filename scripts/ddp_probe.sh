@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Where an NP-GPU data-parallel step's time goes at batch 32 per GPU (docs/journal/gpu-runs.md, third
-# and fourth sessions): variants of ddp_check.sh's scaling run, each printed as the median
-# tokens/s over log intervals of 30 steps (300 steps, --cuda-graph, bf16, token-weighted loss).
+# Where an NP-GPU data-parallel step's time goes at batch 32 per GPU: variants of ddp_check.sh's
+# scaling run, each printed as the median tokens/s over log intervals of 30 steps (300 steps, --cuda-graph, bf16, token-weighted loss).
 # `pair` runs two independent one-GPU runs at once, one per card, without NCCL: what a busy
 # neighbour costs. `profile` profiles micro-steps 100-104 of a 1-GPU and an NP-GPU run
 # (`pretrain --profile`) and prints scripts/trace_summary.py's line for each.

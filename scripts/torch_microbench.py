@@ -1,4 +1,4 @@
-"""Microbenchmarks behind docs/journal/perf.md "Next" (third session), in PyTorch on the GPU machine:
+"""Microbenchmarks in PyTorch on the GPU machine:
 SDPA backends (cuDNN, flash, memory-efficient) for the 26M model's attention at batch 128 x 340
 (8 query heads, 2 kv heads of 64), repeated k/v against GQA and against strided views of the merged
 q/k/v projection; embedding backward against index_add_; and a weight-gradient GEMM with a bf16

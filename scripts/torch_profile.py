@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """MiniMind's 26M decoder step in plain PyTorch (autocast bf16, fused AdamW), eager and
-torch.compile'd, timed and profiled: the anchor `docs/journal/perf.md` compares `fast bench` against,
-per kernel class. Synthetic tokens, padded batch B x T. Usage: torch_profile.py B [compile]"""
+torch.compile'd, timed and profiled: an anchor to compare `fast bench --profile` against, per
+kernel class. Synthetic tokens, padded batch B x T. Usage: torch_profile.py B [compile]"""
 import math, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
 

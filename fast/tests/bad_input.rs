@@ -314,6 +314,36 @@ fn bad_tokenizers_options_and_directories_are_refused() {
         ),
         "--special-tokens \"<a>\": given twice",
     );
+    // bench checks the step's options as pretrain does, through the same functions.
+    for (opt, val, want) in [
+        (
+            "--learning-rate",
+            "0",
+            "--learning-rate must be a positive number (got 0)",
+        ),
+        (
+            "--grad-clip",
+            "inf",
+            "--grad-clip must be a positive number (got inf)",
+        ),
+        (
+            "--vocab-size",
+            "3",
+            "--vocab-size must be at least 4 (got 3)",
+        ),
+        (
+            "--num-workers",
+            "0",
+            "--num-workers must be between 1 and 1024",
+        ),
+    ] {
+        let arg = format!("{opt}={val}");
+        t.refused(
+            &format!("bench {opt} {val}"),
+            fast(d, &["bench", "--device", "cpu", &arg]),
+            want,
+        );
+    }
     // Options that apply only with another are refused without it, not ignored.
     t.refused(
         "--eval-interval without --eval-data",

@@ -38,6 +38,6 @@ for p in 春 月 江 山; do
   timeout 60 $FAST generate --weights $WT --tokenizer $TK --device cuda --prompt "$p" --max-new-tokens 48 --temperature 0.8 --top-p 0.9 --seed 1 >>$O/generate_m3.txt 2>&1
 done
 row "generate m3: $(head -c 900 $O/generate_m3.txt | tr '\n' ' ')"
-pack a
+pack checks_dense_mlm_minimind3_epoch
 echo "==== summary"
 cat $S

@@ -19,6 +19,6 @@ anchor m3_b32_eager   $D/minimind3 --hidden 768 --layers 8 --batch 32 --steps 10
 anchor m3_b128_compile $D/minimind3 --hidden 768 --layers 8 --batch 128 --steps 60 --compile
 bench m3_b32_again    "${M3[@]}" --batch-size 32 --steps 60
 bench m3_b128_again   "${M3[@]}" --batch-size 128 --steps 30
-pack a
+pack dense_vs_minimind3
 echo "==== summary"
 cat $S

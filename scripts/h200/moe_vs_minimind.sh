@@ -17,6 +17,6 @@ anchor ${MODEL}_b128_compile $MM "${AH[@]}" --batch 128 --steps 20 --warmup 10 -
 for f in $O/anchor_*.err; do grep -iE 'error|warn|break' $f | tail -3 | cut -c1-200 | tee -a $S; done
 bench ${MODEL}_b32_again  --model $MODEL "${TK[@]}" --cuda-graph --batch-size 32 --steps 50
 bench ${MODEL}_b128_again --model $MODEL "${TK[@]}" --cuda-graph --batch-size 128 --steps 30
-pack c_$MODEL
+pack moe_vs_minimind_$MODEL
 echo "==== summary"
 cat $S

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fast eval of a MiniMind-3 checkpoint on CUDA (bf16 weights through our
+# One epoch of the packed-docs recipe timed as a whole command, then fast eval of a MiniMind-3
+# checkpoint on CUDA (bf16 weights through our
 # attention with q/k norm), then one epoch of MoE pretraining on the whole poems corpus (the 26M
 # config with MiniMind2's MoE, b128 x 2), grouped + --cuda-graph against the per-expert loop.
 source "$(dirname "$0")/common.sh"
@@ -14,6 +15,6 @@ timeout 60 $FAST eval --weights $WT --data-path $W/heldout.jsonl --device cuda >
 row "eval m3 (no --tokenizer: the recorded one): rc $? $(tail -1 $O/eval_m3.txt)"
 moe_epoch grouped 230 200
 moe_epoch loop ${LOOP_LIMIT:-250} 200
-pack e
+pack packed_docs_minimind3_eval_moe_epoch
 echo "==== summary"
 cat $S

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 18's measurements with one build, on the whole corpus, in one call: fast bench of
+# The packed-docs targets (2.2M useful tokens/s at b128; one epoch within 35 s and within 0.01 of
+# the padded recipe's held-out loss) with one build, on the whole corpus, in one call: fast bench of
 # packed-docs against packed at b128 (rows of the 310k training poems, twice each), then one
 # epoch each of the packed-docs recipe and MiniMind's padded recipe timed as whole commands, and
 # fast eval of both on the held-out poems.

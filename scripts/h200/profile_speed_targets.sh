@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Where the time goes (bench --profile) for the three speed targets left.
+# Where the time goes (bench --profile): 26M packed-docs and packed b128, MiniMind-3 b128 and b32,
+# minimind2-moe b128.
 source "$(dirname "$0")/common.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee -a $S
 M2=(--tokenizer minimind2 --cuda-graph)

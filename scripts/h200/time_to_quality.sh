@@ -17,6 +17,6 @@ for p in sorted(glob.glob(sys.argv[1] + "/metrics_*.jsonl")):
     ev = [(r["step"], r.get("elapsed_s"), r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     print(os.path.basename(p), "eval (micro-step, s, loss):", " ".join(f"{s}:{t if t is None else round(t,1)}:{l:.4f}" for s, t, l in ev))
 PY
-pack b
+pack time_to_quality
 echo "==== summary"
 cat $S

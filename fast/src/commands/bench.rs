@@ -164,14 +164,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.data_path.is_empty() && args.vocab_size < 4 {
         bail!("--vocab-size must be at least 4 (got {})", args.vocab_size);
     }
-    for (name, v) in [
-        ("learning-rate", args.learning_rate),
-        ("grad-clip", args.grad_clip),
-    ] {
-        if !(v.is_finite() && v > 0.0) {
-            bail!("--{name} must be a positive number (got {v})");
-        }
-    }
+    crate::train::options::check_positive("learning-rate", args.learning_rate)?;
+    crate::train::options::check_positive("grad-clip", args.grad_clip)?;
     crate::train::options::check_num_workers(args.num_workers)?;
     args.optimizer.validate()?;
     let dtype = args.dtype.unwrap_or(match device {

@@ -1,9 +1,9 @@
 //! `fast pretrain`: MiniMind's trainer/train_pretrain.py, top to bottom in [`train`].
 //!
 //! data -> model -> (weights | resume) -> for each epoch: permutation, SkipBatchSampler, batches
-//! prefetched on worker threads -> per micro-step: cosine lr, forward/backward of
+//! prefetched on worker threads -> per micro-step: lr from `--lr-schedule`, forward/backward of
 //! `(ce + aux) * weight`; at the end of each accumulation window (and the trailing partial one):
-//! unscale (fp16), clip, AdamW, zero grads -> log, metrics.jsonl, weights and resume checkpoint
+//! unscale (fp16), clip, the optimizer step (AdamW or Muon), zero grads -> log, metrics.jsonl, weights and resume checkpoint
 //! every save interval -> loss/lr curve and samples (greedy, and drawn with the run's seed) at
 //! the end.
 //!
@@ -18,6 +18,7 @@
 //! | `resume.rs` | start (fresh, `--from-weight`, `--from-resume`) and every save |
 //! | `console.rs`, `metrics.rs` | log lines, progress bar, metrics.jsonl and the loss curve |
 //! | `tensorboard.rs` | `--tensorboard`: the same rows as TensorBoard event files |
+//! | `held_out.rs` | `--eval-data`: the held-out loss during the run |
 //! | `guard.rs`, `signals.rs`, `profile.rs` | non-finite steps, SIGINT/SIGTERM, `--profile` |
 
 mod console;

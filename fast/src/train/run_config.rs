@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use super::options::{check_num_workers, DType, LossNormalization};
+use super::options::{check_num_workers, check_positive, DType, LossNormalization};
 use crate::data::dataset::DataMode;
 use crate::data::tokenizer::SpecialTokenStrings;
 use crate::kernels::KernelConfig;
@@ -167,24 +167,14 @@ impl RunConfig {
             at_least("profile-at", *at, 1)?;
             at_least("profile-steps", *n, 1)?;
         }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            bail!(
-                "--learning-rate must be a positive number (got {})",
-                self.learning_rate
-            );
-        }
+        check_positive("learning-rate", self.learning_rate)?;
         if !(0.0..=1.0).contains(&self.mlm_probability) {
             bail!(
                 "--mlm-probability must be between 0 and 1 (got {})",
                 self.mlm_probability
             );
         }
-        if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
-            bail!(
-                "--grad-clip must be a positive number (got {})",
-                self.grad_clip
-            );
-        }
+        check_positive("grad-clip", self.grad_clip)?;
         if !(self.sample_temperature.is_finite() && self.sample_temperature >= 0.0) {
             bail!(
                 "--sample-temperature must be zero (greedy only) or positive (got {})",
