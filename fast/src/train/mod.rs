@@ -3,9 +3,9 @@
 //! data -> model -> (weights | resume) -> for each epoch: permutation, SkipBatchSampler, batches
 //! prefetched on worker threads -> per micro-step: lr from `--lr-schedule`, forward/backward of
 //! `(ce + aux) * weight`; at the end of each accumulation window (and the trailing partial one):
-//! unscale (fp16), clip, the optimizer step (AdamW or Muon), zero grads -> log, metrics.jsonl, weights and resume checkpoint
-//! every save interval -> loss/lr curve and samples (greedy, and drawn with the run's seed) at
-//! the end.
+//! unscale (fp16), clip, the optimizer step (AdamW or Muon), zero grads -> log, metrics.jsonl,
+//! weights and resume checkpoint every save interval -> loss/lr curve and samples (greedy, and
+//! drawn with the run's seed) at the end.
 //!
 //! | file | part of the run |
 //! |---|---|

@@ -542,21 +542,21 @@ impl PretrainArgs {
 /// an operating system refuses to start).
 pub const MAX_WORKERS: usize = 1024;
 
-/// An option that must be a finite number above 0 (`--learning-rate`, `--grad-clip`, in pretrain
-/// and bench alike).
-pub fn check_positive(name: &str, v: f64) -> Result<()> {
-    if !(v.is_finite() && v > 0.0) {
-        bail!("--{name} must be a positive number (got {v})");
-    }
-    Ok(())
-}
-
 /// `--num-workers` of every command that reads a corpus: 1 ..= [`MAX_WORKERS`] threads.
 pub fn check_num_workers(n: usize) -> Result<()> {
     if n == 0 || n > MAX_WORKERS {
         bail!(
             "--num-workers must be between 1 and {MAX_WORKERS} (got {n}): each is a thread of the data loader and of the tokenizing pass"
         );
+    }
+    Ok(())
+}
+
+/// An option that must be a finite number above 0 (`--learning-rate`, `--grad-clip`, in pretrain
+/// and bench alike).
+pub fn check_positive(name: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("--{name} must be a positive number (got {v})");
     }
     Ok(())
 }

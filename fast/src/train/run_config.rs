@@ -1,6 +1,4 @@
-//! [`RunConfig`]: everything a run was started with, defaults resolved from `fast pretrain`'s
-//! options (`options.rs`). Printed at start and saved with every checkpoint; a resume compares it
-//! with the saved one.
+//! [`RunConfig`], what `fast pretrain`'s options (`options.rs`) resolve to, and its checks.
 
 use std::path::PathBuf;
 
